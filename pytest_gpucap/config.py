@@ -25,9 +25,34 @@ class MatrixError(ValueError):
 
 @dataclass(frozen=True)
 class SLO:
-    """Budgets a capacity test must meet."""
+    """Budgets a capacity test must meet; None means "not gated"."""
 
     headroom_gib: float = 1.5
+    p95_s: tuple[tuple[str, float], ...] = ()  # per role: E2E turn latency p95 budget
+    min_agg_tps: float | None = None
+    max_error_rate: float | None = None
+    ttft_p95_s: float | None = None
+    ramp_p95_s: float | None = None  # per-step turn p95 budget in the agent-connection ramp
+
+    def role_p95(self) -> dict[str, float]:
+        return dict(self.p95_s)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How long and how large workloads run on a profile (see workload.roles.WorkloadSettings)."""
+
+    duration_s: float = 600.0
+    warmup_s: float = 0.0
+    token_scale: float = 1.0
+    cadence_scale: float = 1.0
+    max_turns: int | None = None
+    seed: int = 0
+    request_timeout_s: float = 900.0
+    ramp_ceiling: int = 2048
+    ramp_max_tokens: int = 16
+    ramp_context_tokens: int = 0
+    rtt_s: float = 0.0  # injected client round-trip per request (remote-agent penalty curve)
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,7 @@ class HostProfile:
     preflight: Preflight = Preflight()
     watchdog: WatchdogLimits = WatchdogLimits()
     slo: SLO = SLO()
+    workload: Workload = Workload()
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,7 @@ class CapacityConfig:
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     name: str | None = None
+    ramp: bool = False  # run the agent-connection ramp on this config
 
     @property
     def total_ctx(self) -> int:
@@ -129,6 +156,9 @@ class Matrix:
     profiles: Mapping[str, HostProfile]
     configs: tuple[CapacityConfig, ...]
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    roles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    workflows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def profile(self, name: str) -> HostProfile:
         return self.profiles[name]
@@ -194,10 +224,11 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
     if isinstance(fa, bool):
         fa = "on" if fa else "off"
     kw["flash_attn"] = _choice(fa, "flash_attn", FLASH_ATTN, where)
-    mmproj = data.get("mmproj", False)
-    if not isinstance(mmproj, bool):
-        raise _fail(where, f"mmproj must be true or false, got {mmproj!r}")
-    kw["mmproj"] = mmproj
+    for key in ("mmproj", "ramp"):
+        flag = data.get(key, False)
+        if not isinstance(flag, bool):
+            raise _fail(where, f"{key} must be true or false, got {flag!r}")
+        kw[key] = flag
     for key in ("threads", "gpu_layers", "cache_ram_mib", "batch_size"):
         if key in data:
             value = data[key]
@@ -232,6 +263,8 @@ def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> Host
     for key in ("memory_gib", "boot_timeout_s", "hold_s"):
         if key in data:
             kw[key] = _number(data[key], key, where, minimum=0.0)
+    if "workload" in data and not isinstance(data["workload"], Mapping):
+        raise _fail(where, "workload must be a table")
     if "gpu_index" in data:
         kw["gpu_index"] = int(_number(data["gpu_index"], "gpu_index", where))
     for key in ("model", "mmproj"):
@@ -241,18 +274,60 @@ def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> Host
             kw[key] = data[key]
     kw["preflight"] = _section(Preflight, data.get("preflight", {}), f"{where}.preflight")
     kw["watchdog"] = _section(WatchdogLimits, data.get("watchdog", {}), f"{where}.watchdog")
-    kw["slo"] = _section(SLO, data.get("slo", {}), f"{where}.slo")
+    kw["slo"] = slo_from_mapping(data.get("slo", {}), f"{where}.slo")
+    kw["workload"] = _workload(data.get("workload", {}), f"{where}.workload")
     return HostProfile(**kw)
+
+
+def slo_from_mapping(data: Any, where: str, base: SLO = SLO()) -> SLO:
+    """Validate SLO budgets (matrix ``[profiles.X.slo]`` table or ``gpucap_slo`` marker kwargs)."""
+    if not isinstance(data, Mapping):
+        raise _fail(where, f"must be a table, got {data!r}")
+    _check_keys(data, {f.name for f in fields(SLO)}, where)
+    kw: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "p95_s":
+            if not isinstance(value, Mapping):
+                raise _fail(where, 'p95_s must be a table of role = seconds, e.g. p95_s = { Dev = 120 }')
+            kw[key] = tuple(sorted((str(r), _number(v, f"p95_s.{r}", where)) for r, v in value.items()))
+        else:
+            kw[key] = _number(value, key, where)
+    return replace(base, **kw)
+
+
+def _workload(data: Any, where: str) -> Workload:
+    if not isinstance(data, Mapping):
+        raise _fail(where, "must be a table")
+    _check_keys(data, {f.name for f in fields(Workload)}, where)
+    kw: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("max_turns", "seed", "ramp_ceiling", "ramp_max_tokens", "ramp_context_tokens"):
+            kw[key] = value if key in ("seed", "ramp_context_tokens") and value == 0 else _positive_int(value, key, where)
+        else:
+            kw[key] = _number(value, key, where)
+    return Workload(**kw)
 
 
 def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
     """Validate a parsed matrix document."""
     label = str(path) if path else "<matrix>"
-    _check_keys(data, {"profiles", "models"}, label)
+    _check_keys(data, {"profiles", "models", "roles", "workflows"}, label)
+    roles = data.get("roles", {})
+    if not isinstance(roles, Mapping) or not all(isinstance(r, Mapping) for r in roles.values()):
+        raise _fail(f"{label}: roles", "each [roles.NAME] must be a table: cadence_s, max_tokens, tool_tokens, thinking")
+    for rname, role in roles.items():
+        _check_keys(role, {"cadence_s", "max_tokens", "tool_tokens", "thinking"}, f"{label}: roles.{rname}")
+        for key in ("max_tokens", "tool_tokens"):
+            _positive_int(role.get(key), key, f"{label}: roles.{rname}")
+    workflows = data.get("workflows", {})
+    if not isinstance(workflows, Mapping) or not all(
+            isinstance(w, list) and all(isinstance(x, str) for x in w) for w in workflows.values()):
+        raise _fail(f"{label}: workflows", 'each workflow is a list of role names, e.g. A = ["TL", "Dev", "QA"]')
     models = data.get("models", {})
     if not isinstance(models, Mapping) or not all(isinstance(m, Mapping) for m in models.values()):
         raise _fail(f"{label}: models", "each [models.NAME] must be a table of model shape fields")
     profiles: dict[str, HostProfile] = {}
+    all_defaults: dict[str, Mapping[str, Any]] = {}
     configs: list[CapacityConfig] = []
     raw_profiles = data.get("profiles", {})
     if not isinstance(raw_profiles, Mapping):
@@ -268,6 +343,7 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
         if not isinstance(defaults, Mapping):
             raise _fail(f"{where}.defaults", "must be a table")
         _check_keys(defaults, _CONFIG_KEYS - {"n", "ctx", "name"}, f"{where}.defaults")
+        all_defaults[name] = dict(defaults)
         entries = raw.get("configs", [])
         if not isinstance(entries, list):
             raise _fail(where, "configs must be an array of tables: [[profiles.NAME.configs]]")
@@ -283,7 +359,9 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
         if cfg.id in seen:
             raise _fail(label, f"two configurations share the id {cfg.id!r}; give one a distinct name = \"...\"")
         seen[cfg.id] = 1
-    return Matrix(path=path, profiles=profiles, configs=tuple(configs), models=dict(models))
+    return Matrix(path=path, profiles=profiles, configs=tuple(configs), models=dict(models),
+                  defaults=all_defaults, roles=dict(roles),
+                  workflows={k: tuple(v) for k, v in workflows.items()})
 
 
 def _check_model_ref(model: str | None, models: Mapping[str, Any], where: str) -> None:

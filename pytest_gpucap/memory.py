@@ -32,7 +32,7 @@ class DeviceMemory:
 class MemorySnapshot:
     """One reading of host and device memory."""
 
-    t: float
+    t: float  # time.monotonic(), the clock request records use
     host_total_mib: float
     host_available_mib: float
     server_rss_mib: float | None
@@ -170,7 +170,7 @@ class NvmlProbe:
 def take_snapshot(probe: MemoryProbe, server_pid: int | None) -> MemorySnapshot:
     vm = psutil.virtual_memory()
     return MemorySnapshot(
-        t=time.time(), host_total_mib=vm.total / MIB, host_available_mib=vm.available / MIB,
+        t=time.monotonic(), host_total_mib=vm.total / MIB, host_available_mib=vm.available / MIB,
         server_rss_mib=process_tree_rss_mib(server_pid), device=probe.device(tree_pids(server_pid)),
     )
 

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from . import results
 from .config import (
     BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
-    config_from_mapping, load_matrix,
+    config_from_mapping, load_matrix, slo_from_mapping,
 )
 from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe
 from .servers import LaunchSpec, PreflightSkip, ServerHandle
 from .servers import llamacpp
 from .servers.process import sweep_leftovers
 from .slo import Verdict, assert_slos
+from .workload.harness import Harness
+from .workload.roles import roles_from_matrix
 
 DEFAULT_MATRIX_PATH = Path("capacity_tests") / "gpucap.toml"
 
@@ -38,6 +41,9 @@ class Settings:
     hold_s: float | None
     log_dir: Path | None
     report_dir: Path | None
+    duration_s: float | None
+    rtt_s: float | None
+    ramp_ceiling: int | None
     preflight: bool
     sweep: bool
 
@@ -76,7 +82,11 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("hold", "gpucap_hold", "GPUCAP_HOLD", "seconds the ceiling test samples memory after load (overrides profiles)"),
     ("log-dir", "gpucap_log_dir", "GPUCAP_LOG_DIR", "where server logs go (default: the session's basetemp)"),
     ("report", "gpucap_report", "GPUCAP_REPORT",
-     "directory for results.jsonl, written as each config finishes"),
+     "directory for results.jsonl (written as each config finishes) and the capacity write-up"),
+    ("duration", "gpucap_duration", "GPUCAP_DURATION", "seconds each workload runs (overrides profiles)"),
+    ("rtt", "gpucap_rtt", "GPUCAP_RTT", "injected client round-trip seconds per request (default 0)"),
+    ("ramp-ceiling", "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING",
+     "largest N of the agent-connection ramp (overrides profiles; default 2048)"),
 ]
 
 
@@ -101,17 +111,22 @@ def _setting(config: pytest.Config, ini: str, env: str | None) -> str | None:
     return value
 
 
-def _float_setting(config: pytest.Config, ini: str, env: str | None, flag: str) -> float | None:
+def _float_setting(config: pytest.Config, ini: str, env: str | None, flag: str,
+                   allow_zero: bool = False) -> float | None:
     raw = _setting(config, ini, env)
     if raw is None:
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise pytest.UsageError(f"--gpucap-{flag} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise pytest.UsageError(f"--gpucap-{flag} must be > 0, got {raw!r}")
+        raise pytest.UsageError(f"--gpucap-{flag} must be a number, got {raw!r}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise pytest.UsageError(f"--gpucap-{flag} must be {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
     return value
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else max(1, int(value))
 
 
 def resolve_settings(config: pytest.Config) -> Settings:
@@ -141,6 +156,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         boot_timeout_s=_float_setting(config, "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "boot-timeout"),
         hold_s=_float_setting(config, "gpucap_hold", "GPUCAP_HOLD", "hold"),
         log_dir=path("gpucap_log_dir"), report_dir=path("gpucap_report"),
+        duration_s=_float_setting(config, "gpucap_duration", "GPUCAP_DURATION", "duration"),
+        rtt_s=_float_setting(config, "gpucap_rtt", "GPUCAP_RTT", "rtt", allow_zero=True),
+        ramp_ceiling=_int_or_none(_float_setting(config, "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING", "ramp-ceiling")),
         preflight=not config.getoption("gpucap_no_preflight"),
         sweep=not config.getoption("gpucap_no_sweep"),
     )
@@ -151,7 +169,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpucap(**config): declare a capacity configuration for this test "
                             "(keys as in a matrix entry plus profile=NAME); repeat for several")
-    config.addinivalue_line("markers", "gpucap_slo(**budgets): override SLO budgets, e.g. headroom_gib=2.0")
+    config.addinivalue_line("markers", "gpucap_slo(**budgets): override SLO budgets, e.g. headroom_gib=2.0, "
+                            "p95_s={'Dev': 120}, min_agg_tps=100, max_error_rate=0.01")
+    config.addinivalue_line("markers", "gpucap_ramp: parametrize only over configs with ramp = true")
     settings = resolve_settings(config)
     try:
         matrix = load_matrix(settings.matrix_path) if settings.matrix_path else DEFAULT_MATRIX
@@ -184,7 +204,8 @@ def _marker_configs(metafunc: pytest.Metafunc, matrix: Matrix) -> list[CapacityC
         profile = kwargs.pop("profile", next(iter(matrix.profiles), "cpu"))
         if profile not in matrix.profiles:
             raise MatrixError(f"{where}: unknown profile {profile!r} (known: {', '.join(matrix.profiles)})")
-        configs.append(config_from_mapping(profile, kwargs, where))
+        defaults = dict(matrix.defaults.get(profile, {}))
+        configs.append(config_from_mapping(profile, {**defaults, **kwargs}, where))
     return configs
 
 
@@ -196,6 +217,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         configs = _marker_configs(metafunc, state.matrix) or list(state.matrix.configs)
     except MatrixError as exc:
         pytest.fail(str(exc), pytrace=False)
+    if metafunc.definition.get_closest_marker("gpucap_ramp"):
+        configs = [c for c in configs if c.ramp]
     params = [pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.profile)) for c in configs]
     metafunc.parametrize("gpucap_config", params, indirect=True, scope="session")
 
@@ -317,9 +340,9 @@ def gpucap_slo(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) ->
     slo = state.matrix.profile(gpucap_config.profile).slo
     for mark in reversed(list(request.node.iter_markers("gpucap_slo"))):
         try:
-            slo = replace(slo, **mark.kwargs)
-        except TypeError as exc:
-            pytest.fail(f"@pytest.mark.gpucap_slo: {exc}", pytrace=False)
+            slo = slo_from_mapping(mark.kwargs, "@pytest.mark.gpucap_slo", base=slo)
+        except MatrixError as exc:
+            pytest.fail(str(exc), pytrace=False)
     return slo
 
 
@@ -346,6 +369,52 @@ def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, 
     return Ceiling(record, verdicts)
 
 
+def _progress_sink(config: pytest.Config) -> Callable[[str], None] | None:
+    """One updating line per running config on a terminal; plain lines otherwise."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or config.get_verbosity() < 0:
+        return None
+    tty = bool(getattr(reporter, "isatty", False))
+    capman = config.pluginmanager.get_plugin("capturemanager")
+
+    def sink(line: str) -> None:
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            if tty:
+                reporter.write(f"\r{line:<110}", flush=True)
+            else:
+                reporter.write_line(f"gpucap: {line}")
+    return sink
+
+
+@pytest.fixture
+def gpucap_workload(request: pytest.FixtureRequest, gpucap_server: ServerHandle, gpucap_slo: SLO) -> Harness:
+    """Runs agent workflows, fixed-concurrency, Poisson and ramp loads on this config's server.
+
+    Each run is recorded on the test report. Skips when free memory after boot is under the
+    profile's post-boot floor.
+    """
+    reason = gpucap_server.post_boot_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    state = request.config.stash[STATE]
+    settings = state.settings
+    workload = gpucap_server.profile.workload
+    changes: dict[str, Any] = {}
+    if settings.duration_s is not None:
+        changes["duration_s"] = settings.duration_s
+    if settings.rtt_s is not None:
+        changes["rtt_s"] = settings.rtt_s
+    if settings.ramp_ceiling is not None:
+        changes["ramp_ceiling"] = settings.ramp_ceiling
+    node = request.node
+
+    def record(rec: dict[str, Any]) -> None:
+        node.user_properties.append((results.PROPERTY_KEY, rec))
+
+    return Harness(gpucap_server, gpucap_slo, replace(workload, **changes), roles_from_matrix(state.matrix.roles),
+                   dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config))
+
+
 # ---------------------------------------------------------------- reporting
 
 @pytest.hookimpl(wrapper=True)
@@ -355,6 +424,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and isinstance(handle, ServerHandle) and handle.process is not None:
         report.sections.append(("gpucap server log (tail)", handle.process.log_tail(30)))
     return report
+
+
+def summary_line(rec: dict[str, Any]) -> str:
+    """One terminal line per record: the figures and the verdict."""
+    head = f"{rec['config_id']:<28} {rec['kind']:<8} {rec['outcome']:<7}"
+    if rec["kind"] == "ceiling":
+        mem = rec["memory"]
+        return (f"{head} used {mem['used_after_load_mib']:>8.0f} MiB  free {mem['free_mib']:>8.0f} MiB  "
+                f"boot {rec['boot_s']:>5.2f} s  {rec['headroom_class']}")
+    if rec["kind"] == "workload":
+        m = rec["metrics"]
+        roles = "  ".join(f"{r} p50/p95 {v['p50_s'] or 0:.1f}/{v['p95_s'] or 0:.1f} s" for r, v in m["roles"].items())
+        return (f"{head} {rec['workload']['name']}: {m['agg_tps']:.1f} tok/s agg, {m['per_call_tps']:.1f} per call, "
+                f"turns {m['turns_ok']} ok/{m['turns_failed']} failed  {roles}")
+    if rec["kind"] == "ramp":
+        return f"{head} max clean N {rec['max_clean_n']}, knee {rec['knee_n'] or '-'} (ceiling {rec['ceiling']})"
+    return head
 
 
 class Recorder:
@@ -388,9 +474,6 @@ class Recorder:
             return
         terminalreporter.section("gpucap capacity")
         for rec in state.records:
-            mem = rec["memory"]
-            terminalreporter.write_line(
-                f"{rec['config_id']:<32} {rec['outcome']:<7} used {mem['used_after_load_mib']:>9.0f} MiB  "
-                f"free {mem['free_mib']:>9.0f} MiB  boot {rec['boot_s']:>6.2f} s  {rec['headroom_class']}")
+            terminalreporter.write_line(summary_line(rec))
         if self.results_path is not None:
             terminalreporter.write_line(f"results: {self.results_path}")

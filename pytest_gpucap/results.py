@@ -23,6 +23,31 @@ def _mib(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
+def header(handle: ServerHandle, test_id: str, kind: str) -> dict[str, Any]:
+    """Fields every record carries: what ran, where, and on which server."""
+    cfg = handle.config
+    return {
+        "schema": SCHEMA_VERSION,
+        "kind": kind,
+        "test": test_id,
+        "config_id": cfg.id,
+        "config": asdict(cfg),
+        "profile": handle.profile.name,
+        "host": {"python": platform.python_version(), **handle.probe.describe()},
+        "server": {
+            "backend": cfg.backend, "binary": str(handle.spec.binary or ""),
+            "version": handle.spec.binary_version, "argv": handle.argv, "url": handle.url,
+            "model": str(handle.spec.model or ""),
+            "total_slots": handle.props.get("total_slots"), "n_ctx_slot": handle.report.n_ctx_slot,
+        },
+        "boot_s": None if handle.boot_s is None else round(handle.boot_s, 3),
+    }
+
+
+def verdict_dicts(verdicts: list[Verdict]) -> list[dict[str, Any]]:
+    return [asdict(v) | {"ok": v.ok, "margin": v.margin} for v in verdicts]
+
+
 def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], list[Verdict]]:
     """The Phase-1 record for one booted config, and its headroom verdict.
 
@@ -35,21 +60,8 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
     after = handle.after_load.device
     free_mib = min(after.free_mib, tl.min_free_mib if tl.min_free_mib is not None else after.free_mib)
     verdict = headroom(free_mib, prof.slo)
-    record: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "kind": "ceiling",
-        "test": test_id,
-        "config_id": cfg.id,
-        "config": asdict(cfg),
-        "profile": prof.name,
-        "host": {"python": platform.python_version(), **handle.probe.describe()},
-        "server": {
-            "backend": cfg.backend, "binary": str(handle.spec.binary or ""),
-            "version": handle.spec.binary_version, "argv": handle.argv, "url": handle.url,
-            "model": str(handle.spec.model or ""),
-            "total_slots": handle.props.get("total_slots"), "n_ctx_slot": handle.report.n_ctx_slot,
-        },
-        "boot_s": None if handle.boot_s is None else round(handle.boot_s, 3),
+    record = header(handle, test_id, "ceiling")
+    record |= {
         "memory": {
             "probe": handle.probe.kind,
             "device_total_mib": _mib(after.total_mib),
@@ -65,7 +77,7 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
             "kv_per_slot_mib": handle.report.kv_per_slot_mib(cfg.n),
         },
         "slo": {"headroom_gib": prof.slo.headroom_gib},
-        "verdicts": [asdict(verdict) | {"ok": verdict.ok, "margin": verdict.margin}],
+        "verdicts": verdict_dicts([verdict]),
         "headroom_class": headroom_class(free_mib / 1024, prof.slo),
     }
     return record, [verdict]

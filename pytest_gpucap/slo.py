@@ -30,8 +30,9 @@ class Verdict:
     def line(self) -> str:
         op = ">=" if self.higher_is_better else "<="
         state = "ok" if self.ok else "BREACH"
-        return (f"{self.name}: measured {self.measured:.2f} {self.unit}, budget {op} {self.budget:.2f} "
-                f"{self.unit}, margin {self.margin:+.2f} {self.unit} [{state}]")
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.name}: measured {self.measured:.3g}{unit}, budget {op} {self.budget:.3g}{unit}, "
+                f"margin {self.margin:+.3g}{unit} [{state}]")
 
 
 def headroom(free_mib: float, slo: SLO) -> Verdict:
@@ -54,3 +55,21 @@ def assert_slos(verdicts: list[Verdict], context: str = "") -> None:
     if breaches:
         head = f"SLO breached{' for ' + context if context else ''}:"
         pytest.fail("\n".join([head, *("  " + b for b in breaches)]), pytrace=False)
+
+
+def workload_verdicts(metrics: dict, slo: SLO) -> list[Verdict]:
+    """Per-role p95 turn latency, TTFT p95, aggregate tokens/s and error rate against their budgets."""
+    out: list[Verdict] = []
+    for role, budget in slo.role_p95().items():
+        measured = (metrics["roles"].get(role) or {}).get("p95_s")
+        if measured is not None:
+            out.append(Verdict(f"{role} p95 turn latency", measured, budget, "s", higher_is_better=False))
+        elif role in metrics["roles"]:
+            out.append(Verdict(f"{role} p95 turn latency (no turn finished)", float("inf"), budget, "s", False))
+    if slo.ttft_p95_s is not None and metrics["ttft_s"]["p95"] is not None:
+        out.append(Verdict("TTFT p95", metrics["ttft_s"]["p95"], slo.ttft_p95_s, "s", higher_is_better=False))
+    if slo.min_agg_tps is not None:
+        out.append(Verdict("aggregate tokens/s", metrics["agg_tps"], slo.min_agg_tps, "tok/s"))
+    if slo.max_error_rate is not None:
+        out.append(Verdict("error rate", metrics["error_rate"], slo.max_error_rate, "", higher_is_better=False))
+    return out

@@ -1,0 +1,160 @@
+"""What capacity tests call: run a load shape on a booted server, get metrics, verdicts and a record.
+
+Tests never talk HTTP themselves: they ask this harness for a workflow, a fixed-concurrency run, a
+shared-prefix run or the ramp, and assert on the returned result objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from ..config import SLO, Workload
+from ..results import header, verdict_dicts
+from ..servers import ServerHandle
+from ..slo import Verdict, assert_slos, workload_verdicts
+from . import runner
+from .metrics import server_crosscheck
+from .prompts import calibrate
+from .roles import BUILTIN_WORKFLOWS, Role, resolve_workflow, scale
+
+
+@dataclass
+class WorkloadResult:
+    """Metrics, verdicts and the record of one load run."""
+
+    record: dict[str, Any]
+    verdicts: list[Verdict]
+    run: runner.RunResult
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.record["metrics"]
+
+    def assert_slos(self) -> None:
+        assert_slos(self.verdicts, f"{self.record['config_id']} {self.record['workload']['name']}")
+
+
+class Harness:
+    """Runs workloads against one server handle and records what they measured."""
+
+    def __init__(self, handle: ServerHandle, slo: SLO, workload: Workload, roles: dict[str, Role],
+                 workflows: dict[str, tuple[str, ...]], test_id: str,
+                 record: Callable[[dict[str, Any]], None], progress: runner.ProgressSink | None = None) -> None:
+        self.handle = handle
+        self.slo = slo
+        self.settings = workload
+        self.roles = roles
+        self.workflows = {**BUILTIN_WORKFLOWS, **workflows}
+        self.test_id = test_id
+        self._record = record
+        self.progress = progress
+        self._cpt: tuple[float, str] | None = None
+
+    @property
+    def chars_per_token(self) -> float:
+        if self._cpt is None:
+            self._cpt = calibrate(self.handle.url)
+        return self._cpt[0]
+
+    def _abort(self) -> str | None:
+        try:
+            self.handle.check_alive()
+        except BaseException as exc:  # ServerError is pytest's Failed outcome
+            return str(exc)
+        return None
+
+    def _free_mib(self) -> float | None:
+        tl = self.handle.sampler.timeline if self.handle.sampler else None
+        return tl.samples[-1].device.free_mib if tl and tl.samples else None
+
+    def _finish(self, name: str, agents: list[str], res: runner.RunResult, verdicts_extra: list[Verdict] = (),
+                **extra: Any) -> WorkloadResult:
+        metrics = res.summary()
+        metrics["crosscheck"] = server_crosscheck(res.records, res.measure_from, res.server_metrics_before,
+                                                  res.server_metrics_after)
+        metrics["compactions"], metrics["clipped_turns"] = res.compactions, res.clipped_turns
+        verdicts = workload_verdicts(metrics, self.slo) + list(verdicts_extra)
+        tl = self.handle.sampler.timeline if self.handle.sampler else None
+        window = [s for s in (tl.samples if tl else []) if res.started <= s.t <= res.ended]
+        record = header(self.handle, self.test_id, "workload") | {
+            "workload": {"name": name, "agents": agents, "duration_s": self.settings.duration_s,
+                         "warmup_s": self.settings.warmup_s, "token_scale": self.settings.token_scale,
+                         "cadence_scale": self.settings.cadence_scale, "rtt_s": self.settings.rtt_s,
+                         "seed": self.settings.seed, "chars_per_token": self.chars_per_token,
+                         "calibration": self._cpt[1] if self._cpt else None, **extra},
+            "metrics": metrics,
+            "memory": {
+                "free_at_boot_mib": self.handle.after_load.device.free_mib if self.handle.after_load else None,
+                "min_free_mib": min((s.device.free_mib for s in window), default=None),
+                "peak_server_rss_mib": max((s.server_rss_mib or 0 for s in window), default=None),
+            },
+            "aborted": res.aborted,
+            "tokens_from": "server usage" if metrics["usage_missing"] == 0 else
+                           f"server usage missing on {metrics['usage_missing']} turns",
+            "slo": _slo_dict(self.slo),
+            "verdicts": verdict_dicts(verdicts),
+        }
+        self._record(record)
+        result = WorkloadResult(record, verdicts, res)
+        if res.aborted:
+            from ..servers import ServerError
+
+            raise ServerError(f"workload {name} on {self.handle.config.id} stopped: {res.aborted} "
+                              f"({metrics['turns_ok']} turns ok were recorded)")
+        return result
+
+    def workflow(self, name: str) -> WorkloadResult:
+        """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration."""
+        roles = [scale(r, self.settings) for r in resolve_workflow(name, self.roles, self.workflows)]
+        res = runner.run(runner.run_agents(
+            self.handle.url, roles, self.settings, self.handle.config.ctx, self.chars_per_token,
+            abort=self._abort, progress=self.progress, free_mib=self._free_mib,
+            label=f"{self.handle.config.id} workflow {name}"))
+        return self._finish(name, [r.name for r in roles], res)
+
+    def fixed(self, concurrency: int, n_requests: int, prompt_tokens: int = 64, max_tokens: int = 32,
+              shared_prefix_tokens: int = 0, name: str | None = None) -> WorkloadResult:
+        """Fixed concurrency (optionally with a shared system prompt to exercise the prefix cache)."""
+        res = runner.run(runner.run_fixed(
+            self.handle.url, concurrency, n_requests, prompt_tokens, max_tokens, self.chars_per_token,
+            self.settings, shared_prefix_tokens, abort=self._abort))
+        label = name or f"fixed-c{concurrency}" + (f"-prefix{shared_prefix_tokens}" if shared_prefix_tokens else "")
+        return self._finish(label, [f"fixed x{concurrency}"], res, concurrency=concurrency,
+                            shared_prefix_tokens=shared_prefix_tokens)
+
+    def poisson(self, rate_per_s: float, n_requests: int, prompt_tokens: int = 64,
+                max_tokens: int = 32) -> WorkloadResult:
+        """Open-loop Poisson arrivals: TTFT p50/p99 at an offered rate."""
+        res = runner.run(runner.run_poisson(self.handle.url, rate_per_s, n_requests, prompt_tokens, max_tokens,
+                                            self.chars_per_token, self.settings, abort=self._abort))
+        return self._finish(f"poisson-{rate_per_s:g}rps", ["poisson"], res, rate_per_s=rate_per_s)
+
+    def ramp(self) -> dict[str, Any]:
+        """The agent-connection ramp: N agents doubling to the ceiling; returns (and records) the steps."""
+        def memory() -> tuple[float | None, float | None]:
+            snap = self.handle.sampler.sample() if self.handle.sampler else None
+            return (snap.server_rss_mib, snap.device.used_mib) if snap else (None, None)
+
+        result = runner.run(runner.run_ramp(self.handle.url, self.settings, self.chars_per_token, memory,
+                                            self.slo.ramp_p95_s, abort=self._abort, progress=self.progress))
+        record = header(self.handle, self.test_id, "ramp") | result | {
+            "ceiling": self.settings.ramp_ceiling, "context_tokens": self.settings.ramp_context_tokens,
+            "max_tokens": self.settings.ramp_max_tokens, "rtt_s": self.settings.rtt_s,
+            "slo": _slo_dict(self.slo),
+        }
+        self._record(record)
+        return record
+
+    def with_settings(self, **changes: Any) -> "Harness":
+        """A harness with some workload settings changed (e.g. a different RTT or duration)."""
+        other = Harness(self.handle, self.slo, replace(self.settings, **changes), self.roles, {},
+                        self.test_id, self._record, self.progress)
+        other.workflows, other._cpt = self.workflows, self._cpt
+        return other
+
+
+def _slo_dict(slo: SLO) -> dict[str, Any]:
+    return {"headroom_gib": slo.headroom_gib, "p95_s": dict(slo.p95_s), "min_agg_tps": slo.min_agg_tps,
+            "max_error_rate": slo.max_error_rate, "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s}
+

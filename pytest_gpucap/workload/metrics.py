@@ -1,0 +1,113 @@
+"""Per-request records to the numbers people quote: tokens/s, TTFT, TPOT, E2E percentiles per role.
+
+Rates are computed over the run's active window (first send to last end), not over the whole
+command, so start-up cost never inflates or deflates them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+from .client import ErrorClass, RequestRecord
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default method); None for no values."""
+    if not values:
+        return None
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def pcts(values: Iterable[float | None]) -> dict[str, float | None]:
+    vals = [v for v in values if v is not None]
+    return {"p50": percentile(vals, 50), "p95": percentile(vals, 95), "p99": percentile(vals, 99), "n": len(vals)}
+
+
+def _rate(tokens: float, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def summarize(records: Sequence[RequestRecord], since: float = 0.0) -> dict[str, Any]:
+    """Headline metrics of the records scheduled at or after ``since`` (warm-up excluded)."""
+    recs = [r for r in records if r.scheduled >= since]
+    finished = [r for r in recs if r.error is not ErrorClass.CANCELLED]
+    ok = [r for r in finished if r.ok]
+    failed = [r for r in finished if not r.ok]
+    tokens = sum(r.completion_tokens or 0 for r in ok)
+    start = min((r.sent for r in recs if r.sent), default=0.0)
+    end = max((r.end for r in recs if r.end), default=start)
+    window = end - start
+    per_call = [_rate(r.completion_tokens or 0, r.decode_s or 0) for r in ok if r.decode_s]
+    gaps = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    roles: dict[str, Any] = {}
+    for role in sorted({r.role for r in recs}):
+        mine_ok = [r for r in ok if r.role == role]
+        e2e = pcts(r.e2e_s for r in mine_ok)
+        roles[role] = {
+            "p50_s": e2e["p50"], "p95_s": e2e["p95"], "p99_s": e2e["p99"],
+            "turns_ok": len(mine_ok), "turns_failed": sum(1 for r in failed if r.role == role),
+            "tps": _rate(sum(r.completion_tokens or 0 for r in mine_ok), window),
+        }
+    cached = sum(r.cached_tokens or 0 for r in ok)
+    prompt = sum(r.prompt_tokens or 0 for r in ok)
+    return {
+        "agg_tps": _rate(tokens, window),
+        "per_call_tps": sum(per_call) / len(per_call) if per_call else 0.0,
+        "completion_tokens": tokens,
+        "window_s": window,
+        "ttft_s": pcts(r.ttft_s for r in ok),
+        "e2e_s": pcts(r.e2e_s for r in ok),
+        "tpot_s": pcts(r.tpot_s for r in ok),
+        "itl_chunk_s": pcts(gaps),
+        "roles": roles,
+        "turns_ok": len(ok),
+        "turns_failed": len(failed),
+        "error_rate": len(failed) / len(finished) if finished else 0.0,
+        "errors": dict(Counter(r.error.value for r in failed if r.error)),
+        "cut_at_deadline": len(recs) - len(finished),
+        "usage_missing": sum(1 for r in ok if r.completion_tokens is None),
+        "prefix_cache_hit_rate": cached / prompt if prompt else None,
+    }
+
+
+def server_crosscheck(records: Sequence[RequestRecord], since: float,
+                      before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The harness's token count and decode rate against the server's own counters."""
+    ok = [r for r in records if r.scheduled >= since and r.ok]
+    client_tokens = sum(r.completion_tokens or 0 for r in ok)
+    timing_tokens = sum((r.timings or {}).get("predicted_n", 0) for r in ok)
+    server_rates = [r.timings["predicted_per_second"] for r in ok
+                    if r.timings and r.timings.get("predicted_per_second")]
+    client_rates = [_rate(r.completion_tokens or 0, r.decode_s or 0) for r in ok
+                    if r.decode_s and r.timings and r.timings.get("predicted_per_second")]
+    key = "llamacpp:tokens_predicted_total"
+    metric_delta = after.get(key, 0.0) - before.get(key, 0.0) if key in after else None
+    out: dict[str, Any] = {
+        "client_tokens": client_tokens, "server_timing_tokens": timing_tokens,
+        "server_metrics_tokens": metric_delta,
+        "token_ratio": client_tokens / timing_tokens if timing_tokens else None,
+        "decode_rate_ratio": (sum(client_rates) / sum(server_rates)) if server_rates else None,
+    }
+    ratio = out["decode_rate_ratio"]
+    out["client_behind"] = ratio is not None and ratio < 0.9
+    return out
+
+
+_METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? ([-+0-9.eEinfNa]+)$", re.M)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum of samples per metric name from Prometheus text exposition."""
+    out: dict[str, float] = {}
+    for name, value in _METRIC_RE.findall(text):
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,61 @@
+"""Deterministic synthetic prompts: tool-result blobs sized in tokens, seeded per agent and turn.
+
+Prompts never depend on what the model answered, so a seed reproduces the exact request stream.
+"""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+
+_WORDS = (
+    "def", "return", "self", "import", "class", "for", "in", "if", "else", "None", "True", "False",
+    "value", "result", "config", "request", "response", "buffer", "index", "count", "error", "path",
+    "print", "yield", "async", "await", "with", "open", "data", "items", "key", "len", "range", "dict",
+    "list", "str", "int", "float", "raise", "except", "try", "lambda", "assert", "cache", "slot", "token",
+)
+_PUNCT = ("(", ")", ":", ",", ".", "=", "[", "]", "{", "}", "\n", "    ", " ", " ", " ", " ")
+
+DEFAULT_CHARS_PER_TOKEN = 3.5
+
+
+def filler(rng: random.Random, n_chars: int) -> str:
+    """Code-like text of about ``n_chars`` characters."""
+    parts: list[str] = []
+    size = 0
+    while size < n_chars:
+        piece = rng.choice(_WORDS) + rng.choice(_PUNCT)
+        parts.append(piece)
+        size += len(piece)
+    return "".join(parts)[:n_chars]
+
+
+def tool_blob(seed: int, agent: int, turn: int, n_tokens: int, chars_per_token: float) -> str:
+    """The synthetic ``[TOOL RESULT]`` block an agent reads before a turn."""
+    rng = random.Random(f"{seed}:{agent}:{turn}")
+    return f"[TOOL RESULT {agent}.{turn}]\n" + filler(rng, int(n_tokens * chars_per_token))
+
+
+def reply_stub(seed: int, agent: int, turn: int, n_tokens: int, chars_per_token: float) -> str:
+    """Stands in for the model's answer in the history: same size, but independent of sampling."""
+    rng = random.Random(f"reply:{seed}:{agent}:{turn}")
+    return filler(rng, int(n_tokens * chars_per_token))
+
+
+def calibrate(base_url: str, timeout_s: float = 10.0) -> tuple[float, str]:
+    """Characters per token of this server's tokenizer, via ``/tokenize`` (``{"content": ...}``).
+
+    Returns the ratio and where it came from; falls back to a typical value when the server has no
+    tokenizer endpoint.
+    """
+    sample = filler(random.Random(0), 4000)
+    try:
+        resp = httpx.post(f"{base_url}/tokenize", json={"content": sample}, timeout=timeout_s)
+        resp.raise_for_status()
+        tokens = resp.json().get("tokens", [])
+        if tokens:
+            return len(sample) / len(tokens), "/tokenize"
+    except (httpx.HTTPError, ValueError):
+        pass
+    return DEFAULT_CHARS_PER_TOKEN, "default (no /tokenize)"

@@ -1,0 +1,66 @@
+"""Role profiles and workflows from the reference study, and how a host profile scales them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from ..config import Workload
+
+
+@dataclass(frozen=True)
+class Role:
+    """One kind of agent: how often it calls, how long it answers, how much tool output it reads."""
+
+    name: str
+    cadence_s: float | None  # None: continuous (next turn as soon as the last one ends)
+    max_tokens: int
+    tool_tokens: int
+    thinking: bool = True
+
+
+BUILTIN_ROLES: dict[str, Role] = {
+    "TL": Role("TL", 120.0, 1500, 400),
+    "Dev": Role("Dev", None, 8000, 15000),
+    "QA": Role("QA", 60.0, 2500, 5000),
+    "Research": Role("Research", None, 5000, 8000),
+    "ToolStorm": Role("ToolStorm", None, 500, 800, thinking=False),
+}
+
+BUILTIN_WORKFLOWS: dict[str, tuple[str, ...]] = {
+    "A": ("TL", "Dev", "QA"),
+    "B": ("Research", "Research", "Research"),
+    "ToolStorm": ("ToolStorm", "ToolStorm", "ToolStorm"),
+}
+
+
+def scale(role: Role, workload: Workload) -> Role:
+    """A role shrunk to a profile: the study's 8,000-token Dev turns take hours on a CPU, so a
+    profile scales tokens and cadences with ``token_scale`` / ``cadence_scale`` and keeps the shape."""
+    return replace(
+        role,
+        max_tokens=max(1, round(role.max_tokens * workload.token_scale)),
+        tool_tokens=max(1, round(role.tool_tokens * workload.token_scale)),
+        cadence_s=None if role.cadence_s is None else role.cadence_s * workload.cadence_scale,
+    )
+
+
+def roles_from_matrix(user: Mapping[str, Mapping[str, Any]]) -> dict[str, Role]:
+    """Built-in roles plus (or overridden by) the matrix file's ``[roles.NAME]`` tables."""
+    roles = dict(BUILTIN_ROLES)
+    for name, data in user.items():
+        roles[name] = Role(name, data.get("cadence_s"), int(data["max_tokens"]), int(data["tool_tokens"]),
+                           bool(data.get("thinking", True)))
+    return roles
+
+
+def resolve_workflow(name: str, roles: dict[str, Role], workflows: dict[str, tuple[str, ...]]) -> list[Role]:
+    """The agents of a workflow, one Role each; KeyError names what is missing."""
+    try:
+        names = workflows[name]
+    except KeyError:
+        raise KeyError(f"unknown workflow {name!r} (known: {', '.join(sorted(workflows))})") from None
+    missing = [n for n in names if n not in roles]
+    if missing:
+        raise KeyError(f"workflow {name!r} names unknown roles {missing} (known: {', '.join(sorted(roles))})")
+    return [roles[n] for n in names]
