@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from . import results
+from . import benchmarks, environment, results
 from .config import (
     BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, slo_from_mapping,
@@ -182,7 +182,7 @@ def pytest_configure(config: pytest.Config) -> None:
     state = State(settings=settings, matrix=matrix)
     config.stash[STATE] = state
     if not hasattr(config, "workerinput"):
-        config.pluginmanager.register(Recorder(state), "gpucap-recorder")
+        config.pluginmanager.register(Recorder(state, config), "gpucap-recorder")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -365,8 +365,16 @@ def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, 
     if gpucap_slo != handle.profile.slo:
         handle = replace(handle, spec=replace(handle.spec, profile=replace(handle.profile, slo=gpucap_slo)))
     record, verdicts = results.ceiling_record(handle, request.node.nodeid)
-    request.node.user_properties.append((results.PROPERTY_KEY, record))
+    _attach(request.node, record)
     return Ceiling(record, verdicts)
+
+
+def _attach(node: pytest.Item, record: dict[str, Any]) -> None:
+    """Put a record on the test report (reaches the xdist controller) plus flat JUnit properties."""
+    node.user_properties.append((results.PROPERTY_KEY, record))
+    prefix = results.record_name(record)
+    for key, value in results.headline(record).items():
+        node.user_properties.append((f"gpucap:{prefix}:{key}", round(value, 4)))
 
 
 def _progress_sink(config: pytest.Config) -> Callable[[str], None] | None:
@@ -409,7 +417,7 @@ def gpucap_workload(request: pytest.FixtureRequest, gpucap_server: ServerHandle,
     node = request.node
 
     def record(rec: dict[str, Any]) -> None:
-        node.user_properties.append((results.PROPERTY_KEY, rec))
+        _attach(node, rec)
 
     return Harness(gpucap_server, gpucap_slo, replace(workload, **changes), roles_from_matrix(state.matrix.roles),
                    dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config))
@@ -446,8 +454,11 @@ def summary_line(rec: dict[str, Any]) -> str:
 class Recorder:
     """Collects result records on the controller (xdist-safe) and writes them as they arrive."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, config: pytest.Config) -> None:
         self.state = state
+        self.config = config
+        self.rendered: list[Path] = []
+        self.render_error: str | None = None
         self.results_path = state.settings.report_dir / "results.jsonl" if state.settings.report_dir else None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -465,6 +476,20 @@ class Recorder:
             self.state.records.append(record)
             if self.results_path is not None:
                 results.append_jsonl(self.results_path, record)
+            benchmarks.add_record(self.config, record)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        report_dir = self.state.settings.report_dir
+        if report_dir is not None:
+            environment.write_session(report_dir / "session.json", session.config, self.state.binary_version)
+            if self.state.records:
+                from .report import render_report
+
+                try:
+                    self.rendered = render_report(report_dir)
+                except Exception as exc:  # the records are safe on disk; say why rendering failed
+                    self.render_error = f"{type(exc).__name__}: {exc}"
+        environment.github_step_summary(self.state.records, getattr(self, "rendered", []))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         state = self.state
@@ -477,3 +502,8 @@ class Recorder:
             terminalreporter.write_line(summary_line(rec))
         if self.results_path is not None:
             terminalreporter.write_line(f"results: {self.results_path}")
+        for path in self.rendered:
+            terminalreporter.write_line(f"report: {path}")
+        if self.render_error:
+            terminalreporter.write_line(f"gpucap: report not rendered ({self.render_error}); "
+                                        f"re-render with: python -m pytest_gpucap report {self.state.settings.report_dir}")

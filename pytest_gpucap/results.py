@@ -100,3 +100,27 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def headline(record: dict[str, Any]) -> dict[str, float]:
+    """The few figures people track across runs (JUnit properties, benchmark entries, summaries)."""
+    out: dict[str, float | None] = {}
+    if record["kind"] == "ceiling":
+        mem = record["memory"]
+        out = {"boot_s": record.get("boot_s"), "used_after_load_mib": mem.get("used_after_load_mib"),
+               "free_mib": mem.get("free_mib"), "kv_per_slot_mib": mem.get("kv_per_slot_mib")}
+    elif record["kind"] == "workload":
+        m = record["metrics"]
+        out = {"agg_tps": m["agg_tps"], "per_call_tps": m["per_call_tps"], "ttft_p95_s": m["ttft_s"]["p95"],
+               "e2e_p95_s": m["e2e_s"]["p95"], "turns_ok": m["turns_ok"], "turns_failed": m["turns_failed"]}
+        out |= {f"{role}_p95_s": v["p95_s"] for role, v in m["roles"].items()}
+    elif record["kind"] == "ramp":
+        out = {"max_clean_n": record.get("max_clean_n"), "knee_n": record.get("knee_n")}
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+
+
+def record_name(record: dict[str, Any]) -> str:
+    """A stable name for one record: config id, kind, and workload name when there is one."""
+    name = f"{record['config_id']}::{record['kind']}"
+    workload = (record.get("workload") or {}).get("name")
+    return f"{name}::{workload}" if workload else name
