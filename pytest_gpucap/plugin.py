@@ -219,7 +219,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         pytest.fail(str(exc), pytrace=False)
     if metafunc.definition.get_closest_marker("gpucap_ramp"):
         configs = [c for c in configs if c.ramp]
-    params = [pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.profile)) for c in configs]
+    params = [pytest.param(c, id=c.id, marks=[getattr(pytest.mark, c.profile), pytest.mark.xdist_group(c.id)])
+              for c in configs]
     metafunc.parametrize("gpucap_config", params, indirect=True, scope="session")
 
 
