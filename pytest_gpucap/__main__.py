@@ -1,21 +1,59 @@
-"""Command line: ``python -m pytest_gpucap genmodel OUT.gguf [shape options]``."""
+"""Command line: ``python -m pytest_gpucap COMMAND``: genmodel, report, compare."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+COMMANDS = {
+    "genmodel": "generate a small random-weight GGUF model",
+    "report": "re-render DIR/capacity.md and DIR/capacity.html from DIR/results.jsonl",
+    "compare": "per-config deltas between two runs (OLD NEW [--fail-on-regression PCT])",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m pytest_gpucap COMMAND ...", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def report_main(argv: list[str]) -> int:
+    """``report DIR``: exit 2 with one line when there is nothing to render."""
+    import argparse
+
+    from .report import ReportError, render_report
+
+    p = argparse.ArgumentParser(prog="python -m pytest_gpucap report", description=COMMANDS["report"])
+    p.add_argument("dir", type=Path, help="report directory holding results.jsonl")
+    args = p.parse_args(argv)
+    try:
+        written = render_report(args.dir)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written[:2]:
+        print(path)
+    if len(written) > 2:
+        print(f"{len(written) - 2} chart(s) in {written[2].parent}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = {"genmodel": "generate a small random-weight GGUF model"}
-    if not args or args[0] not in commands:
-        print("usage: python -m pytest_gpucap COMMAND ...\n\ncommands:")
-        for name, text in commands.items():
-            print(f"  {name:<10} {text}")
+    if not args or args[0] not in COMMANDS:
+        print(_usage())
         return 0 if args and args[0] in ("-h", "--help") else 2
+    command, rest = args[0], args[1:]
+    if command == "report":
+        return report_main(rest)
+    if command == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(rest)
     from .modelgen import main as genmodel
 
-    return genmodel(args[1:])
+    return genmodel(rest)
 
 
 if __name__ == "__main__":

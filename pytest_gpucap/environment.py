@@ -53,14 +53,15 @@ def write_session(path: Path, config: pytest.Config, server_version: str) -> dic
     return data
 
 
-def github_step_summary(records: list[dict[str, Any]], rendered: list[Path]) -> bool:
-    """Append the Markdown write-up (or a headline table) to ``$GITHUB_STEP_SUMMARY`` when set."""
+def github_step_summary(records: list[dict[str, Any]], report_dir: Path | None) -> bool:
+    """Append the Markdown tables (or a headline list) to ``$GITHUB_STEP_SUMMARY`` when it is set."""
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if not target or not records:
         return False
-    markdown = next((p for p in rendered if p.suffix == ".md"), None)
-    if markdown is not None:
-        text = markdown.read_text(encoding="utf-8")
+    if report_dir is not None:
+        from .report import render_summary
+
+        text = render_summary(report_dir)
     else:
         from .plugin import summary_line
 

@@ -490,7 +490,7 @@ class Recorder:
                     self.rendered = render_report(report_dir)
                 except Exception as exc:  # the records are safe on disk; say why rendering failed
                     self.render_error = f"{type(exc).__name__}: {exc}"
-        environment.github_step_summary(self.state.records, getattr(self, "rendered", []))
+        environment.github_step_summary(self.state.records, report_dir if self.rendered else None)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         state = self.state

@@ -1,0 +1,202 @@
+"""Run-to-run comparison of two results.jsonl files: per-config deltas of the headline figures.
+
+Regressions are judged per metric direction (less free memory, more used memory, slower boot,
+lower TPS, higher latency are worse) so ``--fail-on-regression`` can gate a CI run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import results
+
+DEFAULT_THRESHOLD_PCT = 5.0
+
+# kind -> (metric name, record path, higher is better)
+TRACKED: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "ceiling": (("used_after_load_mib", "memory.used_after_load_mib", False),
+                ("free_mib", "memory.free_mib", True),
+                ("boot_s", "boot_s", False)),
+    "workload": (("agg_tps", "metrics.agg_tps", True),
+                 ("per_call_tps", "metrics.per_call_tps", True),
+                 ("e2e_p95_s", "metrics.e2e_s.p95", False)),
+    "ramp": (("max_clean_n", "max_clean_n", True),),
+}
+
+
+class CompareError(Exception):
+    """An input cannot be compared (missing or empty); the message is one line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One metric of one config in both runs (``old``/``new`` None when a side lacks it)."""
+
+    kind: str
+    config_id: str
+    workload: str
+    metric: str
+    old: float | None
+    new: float | None
+    higher_is_better: bool
+    threshold_pct: float
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.old is None or self.new is None else self.new - self.old
+
+    @property
+    def delta_pct(self) -> float | None:
+        """Change relative to the old value; ``inf`` when the old value was 0 and it changed."""
+        d = self.delta
+        if d is None:
+            return None
+        if self.old == 0:
+            return 0.0 if d == 0 else math.copysign(math.inf, d)
+        return d / abs(self.old) * 100
+
+    @property
+    def worse(self) -> bool:
+        d = self.delta
+        return bool(d) and ((d < 0) if self.higher_is_better else (d > 0))
+
+    @property
+    def regression(self) -> bool:
+        pct = self.delta_pct
+        return self.worse and pct is not None and abs(pct) > self.threshold_pct
+
+    @property
+    def marker(self) -> str:
+        if self.old is None and self.new is None:
+            return "no value"
+        if self.old is None:
+            return "only in new"
+        if self.new is None:
+            return "only in old"
+        if self.regression:
+            return "REGRESSION"
+        if self.worse:
+            return "worse (within threshold)"
+        return "better" if self.delta else ""
+
+
+def _get(record: dict[str, Any], path: str) -> float | None:
+    cur: Any = record
+    for key in path.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(key)
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)) or math.isnan(cur):
+        return None
+    return float(cur)
+
+
+def _key(record: dict[str, Any]) -> tuple[str, str, str]:
+    workload = record.get("workload")
+    name = workload.get("name", "") if isinstance(workload, dict) else ""
+    return str(record.get("kind")), str(record.get("config_id")), str(name or "")
+
+
+def _latest(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Last record per (kind, config, workload): a re-run appended later supersedes the earlier one."""
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in records:
+        if isinstance(r, dict) and r.get("kind") in TRACKED:
+            out[_key(r)] = r
+    return out
+
+
+def compare_records(old: list[dict[str, Any]], new: list[dict[str, Any]],
+                    threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> tuple[list[Row], list[Row]]:
+    """All metric rows (old order, then configs only in new) and the rows that regressed past the threshold."""
+    a, b = _latest(old), _latest(new)
+    rows: list[Row] = []
+    for key in [*a, *(k for k in b if k not in a)]:
+        kind, cid, workload = key
+        ra, rb = a.get(key), b.get(key)
+        for metric, path, higher in TRACKED[kind]:
+            rows.append(Row(kind, cid, workload, metric, _get(ra, path) if ra else None,
+                            _get(rb, path) if rb else None, higher, threshold_pct))
+    return rows, [r for r in rows if r.regression]
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    """Records from a results.jsonl, or from DIR/results.jsonl when given a directory."""
+    path = Path(path)
+    file = path / "results.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise CompareError(f"{file}: no such file (pass a results.jsonl or the report directory holding one)")
+    records = [r for r in results.read_jsonl(file) if isinstance(r, dict)]
+    if not records:
+        raise CompareError(f"{file}: no result records in the file")
+    return records
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _fmt_pct(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if math.isinf(value):
+        return "+∞%" if value > 0 else "−∞%"
+    return f"{value:+.1f}%"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table (readable as plain text) with a marker column for regressions."""
+    lines = ["| kind | config | workload | metric | old | new | Δ | Δ% | |", "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        delta = r.delta
+        lines.append("| " + " | ".join(_cell(x) for x in (
+            r.kind, r.config_id, r.workload or "—", r.metric + (" ↑" if r.higher_is_better else " ↓"),
+            _fmt(r.old), _fmt(r.new), "—" if delta is None else f"{delta:+,.2f}", _fmt_pct(r.delta_pct),
+            f"**{r.marker}**" if r.regression else r.marker)) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pytest_gpucap compare OLD NEW [--fail-on-regression PCT] [--threshold PCT]``."""
+    p = argparse.ArgumentParser(prog="python -m pytest_gpucap compare",
+                                description="Per-config deltas of headline figures between two runs.")
+    p.add_argument("old", type=Path, help="results.jsonl (or its directory) of the baseline run")
+    p.add_argument("new", type=Path, help="results.jsonl (or its directory) of the run to check")
+    p.add_argument("--fail-on-regression", type=float, metavar="PCT", default=None,
+                   help="exit 1 when a tracked metric regresses by more than PCT percent")
+    p.add_argument("--threshold", type=float, metavar="PCT", default=None,
+                   help=f"mark regressions beyond PCT percent (default: the --fail-on-regression value, "
+                        f"else {DEFAULT_THRESHOLD_PCT:g})")
+    args = p.parse_args(argv)
+    for name in ("fail_on_regression", "threshold"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or math.isnan(value)):
+            p.error(f"--{name.replace('_', '-')} must be a percentage >= 0, got {value:g}")
+    threshold = args.threshold if args.threshold is not None else (
+        args.fail_on_regression if args.fail_on_regression is not None else DEFAULT_THRESHOLD_PCT)
+    try:
+        old, new = load(args.old), load(args.new)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows, _ = compare_records(old, new, threshold)
+    print(format_table(rows))
+    gate = args.fail_on_regression
+    failing = [r for r in rows if r.worse and r.delta_pct is not None and gate is not None and abs(r.delta_pct) > gate]
+    marked = sum(r.regression for r in rows)
+    print(f"\n{marked} regression(s) beyond {threshold:g}% "
+          "(↑ higher is better, ↓ lower is better; Δ = new − old, Δ% relative to old).")
+    if failing:
+        print(f"FAIL: {len(failing)} tracked metric(s) regressed by more than {gate:g}%: "
+              + ", ".join(f"{r.config_id} {r.metric} {_fmt_pct(r.delta_pct)}" for r in failing), file=sys.stderr)
+        return 1
+    return 0

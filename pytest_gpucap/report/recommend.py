@@ -1,0 +1,114 @@
+"""Recommended configurations: per use case, the largest config meeting every SLO, and why the rest lost.
+
+"Largest" is N×ctx first, then N (more agents at the same total context). A workload candidate must
+pass its workload verdicts and, when the same config has a ceiling record, its memory verdicts too:
+a config that is fast but leaves no headroom is not a recommendation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import fmt
+from .tables import failed_verdicts, get, of_kind, workload_label
+
+
+@dataclass(frozen=True)
+class Candidate:
+    config_id: str
+    n: int | None
+    ctx: int | None
+    failures: tuple[str, ...]
+    tiebreak: float | None
+
+    @property
+    def total_ctx(self) -> int:
+        return (self.n or 0) * (self.ctx or 0)
+
+    @property
+    def size(self) -> str:
+        return f"N={fmt.integer(self.n)} × {fmt.short_ctx(self.ctx)} = {fmt.short_ctx(self.total_ctx)}"
+
+    def key(self) -> tuple[int, int, float]:
+        return self.total_ctx, self.n or 0, self.tiebreak if self.tiebreak is not None else float("-inf")
+
+
+@dataclass
+class Recommendation:
+    use_case: str
+    rule: str
+    pick: Candidate | None
+    losers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def latest(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The last record per (config, workload): a re-run appended later supersedes the earlier one."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in of_kind(records, kind):
+        out[(str(r.get("config_id")), str(get(r, "workload.name", "")))] = r
+    return list(out.values())
+
+
+def _failures(rec: dict[str, Any], prefix: str = "") -> list[str]:
+    fails = [prefix + f for f in failed_verdicts(rec)]
+    outcome = rec.get("outcome")
+    if not fails and outcome not in (None, "passed"):
+        reason = rec.get("reason") or rec.get("skip_reason") or rec.get("error")
+        fails.append(f"{prefix}test {outcome}" + (f" ({reason})" if reason else ""))
+    return fails
+
+
+def _candidate(rec: dict[str, Any], failures: list[str], tiebreak: Any) -> Candidate:
+    return Candidate(str(rec.get("config_id", "?")), fmt.as_int(get(rec, "config.n")),
+                     fmt.as_int(get(rec, "config.ctx")), tuple(failures),
+                     None if fmt.missing(tiebreak) else float(tiebreak))
+
+
+def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str) -> Recommendation:
+    passing = [c for c in cands if not c.failures]
+    pick = max(passing, key=Candidate.key) if passing else None
+    rec = Recommendation(use_case, rule, pick)
+    for c in sorted(cands, key=Candidate.key, reverse=True):
+        if c is pick:
+            continue
+        if c.failures:
+            reason = "; ".join(c.failures)
+        elif pick is not None and c.total_ctx < pick.total_ctx:
+            reason = f"smaller than the pick ({c.size} vs {pick.size})"
+        elif pick is not None and (c.n or 0) < (pick.n or 0):
+            reason = f"same N×ctx as the pick with fewer slots ({c.size})"
+        else:
+            reason = (f"same size as the pick; lower {tiebreak_name} "
+                      f"({fmt.num(c.tiebreak)} vs {fmt.num(pick.tiebreak if pick else None)})")
+        rec.losers.append((c.config_id, reason))
+    return rec
+
+
+def recommendations(records: list[dict[str, Any]]) -> list[Recommendation]:
+    out: list[Recommendation] = []
+    ceilings = {str(r.get("config_id")): r for r in latest(records, "ceiling")}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in latest(records, "workload"):
+        label = workload_label(str(get(r, "workload.name", "") or ""), fmt.agents(get(r, "workload.agents")))
+        groups.setdefault((str(r.get("profile", "")), label), []).append(r)
+    for (profile, label), recs in groups.items():
+        cands = []
+        for r in recs:
+            fails = _failures(r)
+            ceiling = ceilings.get(str(r.get("config_id")))
+            if ceiling is not None:
+                fails += _failures(ceiling, "ceiling: ")
+            cands.append(_candidate(r, fails, get(r, "metrics.agg_tps")))
+        out.append(_choose(f"Workload {label} (profile {profile})",
+                           "largest N×ctx (then N) whose workload verdicts and memory ceiling verdicts all pass",
+                           cands, "aggregate TPS"))
+    by_profile: dict[str, list[Candidate]] = {}
+    for r in ceilings.values():
+        cand = _candidate(r, _failures(r), get(r, "memory.free_mib"))
+        by_profile.setdefault(str(r.get("profile", "")), []).append(cand)
+    for profile, cands in by_profile.items():
+        out.append(_choose(f"Memory ceiling only (profile {profile})",
+                           "largest N×ctx (then N) whose ceiling verdicts (headroom SLO) pass; "
+                           "says nothing about speed", cands, "free memory (MiB)"))
+    return out

@@ -1,0 +1,218 @@
+"""Render ``capacity.md`` and ``capacity.html`` (plus ``charts/*.svg``) from a saved ``results.jsonl``.
+
+Reports are built from saved records only, so a crashed session can still be rendered and a
+re-render gives the same files. Record strings are untrusted: HTML goes through jinja2 autoescaping
+and the Markdown through ``md_escape`` (applied to every ``{{ }}`` by ``finalize``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+
+from .. import results
+from . import fmt
+from .charts import Chart, to_svg
+from .recommend import recommendations
+from .scaling import memory_chart, ramp_charts, workload_charts
+from .tables import (
+    ceiling_table, get, kv_table, of_kind, ramp_table, roles_table, scaling_tables, verdicts_table,
+    workload_table,
+)
+
+RESULTS_NAME = "results.jsonl"
+SESSION_NAME = "session.json"
+CHART_DIR = "charts"
+
+
+class ReportError(Exception):
+    """Nothing to render (missing or empty results file); the message is one line."""
+
+
+class MdRaw(str):
+    """Markdown that is already safe (built by a filter here) and must not be escaped again."""
+
+
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|])")
+
+
+def md_escape(value: Any) -> str:
+    """Make untrusted text inert in Markdown: no raw HTML, no links, no table breaks."""
+    if isinstance(value, MdRaw):
+        return value
+    text = "" if value is None else str(value)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    return re.sub(r"[\r\n]+", " ", text)
+
+
+def md_codeblock(text: Any) -> MdRaw:
+    """A fenced block longer than any backtick run in the text, so the text cannot close it."""
+    text = str(text)
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return MdRaw(f"{fence}text\n{text}\n{fence}")
+
+
+def _environments() -> tuple[Environment, Environment]:
+    loader = PackageLoader("pytest_gpucap.report", "templates")
+    common: dict[str, Any] = {"loader": loader, "trim_blocks": True, "lstrip_blocks": True,
+                              "undefined": StrictUndefined, "keep_trailing_newline": True}
+    html = Environment(autoescape=True, **common)
+    md = Environment(autoescape=False, finalize=md_escape, **common)
+    md.filters["codeblock"] = md_codeblock
+    md.filters["raw"] = MdRaw
+    return md, html
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """Records from ``results.jsonl`` (torn last line tolerated); ReportError when there are none."""
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file (run pytest with --gpucap-report DIR first)")
+    records = [r for r in results.read_jsonl(path) if isinstance(r, dict)]
+    if not records:
+        raise ReportError(f"{path}: no result records in the file")
+    return records
+
+
+def load_session(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """Optional ``session.json`` written by the plugin; a note says why it is absent."""
+    if not path.is_file():
+        return None, f"{SESSION_NAME} not found: the command line, package versions and git revision were not recorded."
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, f"{SESSION_NAME} could not be read ({exc.__class__.__name__}); reproduction details are missing."
+    if not isinstance(data, dict):
+        return None, f"{SESSION_NAME} is not a JSON object; reproduction details are missing."
+    return data, ""
+
+
+def _slo_rules(records: list[dict[str, Any]]) -> list[str]:
+    seen: dict[tuple[str, Any], None] = {}
+    for r in of_kind(records, "ceiling"):
+        seen[(str(r.get("profile", "")), get(r, "slo.headroom_gib"))] = None
+    rules = []
+    for profile, slo in seen:
+        if fmt.missing(slo):
+            rules.append(f"profile {profile}: no headroom SLO recorded")
+            continue
+        rules.append(f"profile {profile}: SLO {fmt.gib(slo)} GiB — Comfortable ≥ {fmt.gib(2 * float(slo))} GiB free, "
+                     f"Marginal ≥ {fmt.gib(slo)} GiB, Risky below")
+    return rules
+
+
+def _environment(records: list[dict[str, Any]], session: dict[str, Any] | None) -> dict[str, Any]:
+    hosts: dict[str, dict[str, Any]] = {}
+    for r in records:
+        host = r.get("host")
+        if isinstance(host, dict):
+            key = json.dumps(host, sort_keys=True, default=str)
+            entry = hosts.setdefault(key, {"profiles": [], "facts": sorted((str(k), str(v)) for k, v in host.items())})
+            if str(r.get("profile", "")) not in entry["profiles"]:
+                entry["profiles"].append(str(r.get("profile", "")))
+    servers = []
+    seen: set[str] = set()
+    for r in records:
+        srv = r.get("server")
+        cid = str(r.get("config_id", "?"))
+        if not isinstance(srv, dict) or cid in seen:
+            continue
+        seen.add(cid)
+        argv = srv.get("argv") or []
+        servers.append({
+            "config_id": cid, "backend": fmt.text(srv.get("backend")), "version": fmt.text(srv.get("version")),
+            "binary": fmt.text(srv.get("binary")), "model": fmt.text(srv.get("model")),
+            "slots": fmt.integer(srv.get("total_slots")), "n_ctx_slot": fmt.integer(srv.get("n_ctx_slot")),
+            "argv": shlex.join(str(a) for a in argv) if isinstance(argv, list) else str(argv),
+        })
+    sess: dict[str, Any] = {}
+    if session:
+        versions = session.get("versions")
+        sess = {
+            "command": session.get("command") if isinstance(session.get("command"), str)
+            else shlex.join(str(a) for a in session.get("command") or []),
+            "git": fmt.text(session.get("git")),
+            "versions": sorted((str(k), str(v)) for k, v in versions.items()) if isinstance(versions, dict) else [],
+            "extra": sorted((str(k), str(v)) for k, v in session.items()
+                            if k not in ("command", "git", "versions") and not isinstance(v, (dict, list))),
+        }
+    return {"hosts": list(hosts.values()), "servers": servers, "session": sess}
+
+
+def build_context(records: list[dict[str, Any]], session: dict[str, Any] | None = None,
+                  session_note: str = "") -> tuple[dict[str, Any], list[Chart]]:
+    """Everything both templates show, computed once so the Markdown and HTML cannot disagree."""
+    charts: list[Chart] = []
+    mem = memory_chart(records)
+    if mem:
+        charts.append(mem)
+    wl_charts = workload_charts(records)
+    charts += wl_charts
+    ramps = []
+    for i, r in enumerate(of_kind(records, "ramp"), start=1):
+        rc = ramp_charts(r, i)
+        charts += rc
+        ramps.append({"config_id": str(r.get("config_id", "?")), "table": ramp_table(r),
+                      "workload": fmt.text(get(r, "workload.name")), "max_clean_n": fmt.integer(r.get("max_clean_n")),
+                      "knee_n": fmt.integer(r.get("knee_n")), "charts": rc, "outcome": fmt.text(r.get("outcome"))})
+    kinds: dict[str, int] = {}
+    for r in records:
+        kinds[str(r.get("kind"))] = kinds.get(str(r.get("kind")), 0) + 1
+    profiles = sorted({str(r.get("profile", "")) for r in records if r.get("profile")})
+    context = {
+        "profiles": profiles, "n_records": len(records), "kinds": sorted(kinds.items()),
+        "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in ("ceiling", "workload", "ramp")),
+        "rounding_note": fmt.ROUNDING_NOTE,
+        "ceiling": ceiling_table(records), "slo_rules": _slo_rules(records), "kv": kv_table(records),
+        "workload": workload_table(records), "roles": roles_table(records), "verdicts": verdicts_table(records), "scaling": scaling_tables(records),
+        "memory_chart": mem, "workload_charts": wl_charts, "ramps": ramps,
+        "recommendations": recommendations(records), "env": _environment(records, session),
+        "session_note": session_note, "chart_dir": CHART_DIR, "summary": False,
+    }
+    return context, charts
+
+
+def render_report(report_dir: Path) -> list[Path]:
+    """Render DIR/capacity.md, DIR/capacity.html and DIR/charts/*.svg from DIR/results.jsonl.
+
+    Returns the written paths. Raises ReportError when results.jsonl is missing or holds no records.
+    """
+    report_dir = Path(report_dir)
+    records = load_records(report_dir / RESULTS_NAME)
+    session, note = load_session(report_dir / SESSION_NAME)
+    context, charts = build_context(records, session, note)
+    svgs = {c.slug: to_svg(c) for c in charts}
+    chart_dir = report_dir / CHART_DIR
+    chart_dir.mkdir(parents=True, exist_ok=True)
+    for stale in chart_dir.glob("*.svg"):
+        stale.unlink()
+    written: list[Path] = []
+    md_env, html_env = _environments()
+    md_path = report_dir / "capacity.md"
+    md_path.write_text(md_env.get_template("capacity.md.j2").render(**context), encoding="utf-8")
+    written.append(md_path)
+    html_path = report_dir / "capacity.html"
+    inline = {slug: Markup(svg) for slug, svg in svgs.items()}  # escaped inside to_svg
+    html_path.write_text(html_env.get_template("capacity.html.j2").render(**context, svg=inline), encoding="utf-8")
+    written.append(html_path)
+    for chart in charts:
+        path = chart_dir / chart.filename
+        path.write_text('<?xml version="1.0" encoding="UTF-8"?>\n' + svgs[chart.slug] + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def render_summary(report_dir: Path) -> str:
+    """The Markdown tables without images or environment: for ``$GITHUB_STEP_SUMMARY``, where the
+    chart files beside capacity.md cannot be shown. Raises ReportError like ``render_report``."""
+    report_dir = Path(report_dir)
+    context, _ = build_context(load_records(report_dir / RESULTS_NAME))
+    md_env, _ = _environments()
+    return md_env.get_template("capacity.md.j2").render(**context | {"summary": True})

@@ -1,0 +1,77 @@
+"""The scaling views as charts: which records feed which chart, grouped into series."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import fmt
+from .charts import Chart, Series, slugify
+from .tables import ceiling_frame, workload_frame, workload_label
+
+
+def _points(frame: Any, x: str, y: str) -> list[tuple[float, float]]:
+    pts = []
+    for xv, yv in zip(frame[x], frame[y]):
+        if not fmt.missing(xv) and not fmt.missing(yv):
+            pts.append((float(xv), float(yv)))
+    return pts
+
+
+def memory_chart(records: list[dict[str, Any]]) -> Chart | None:
+    """Used memory after load vs N×ctx, one series per profile and KV type (the slope is KV cost)."""
+    df = ceiling_frame(records)
+    if df.empty:
+        return None
+    chart = Chart("memory-vs-total-ctx", "Memory used after load vs N × ctx", "total context (N × ctx per slot)",
+                  "MiB", x_kind="ctx",
+                  caption="Solid: used after load (memory.used_after_load_mib). Dashed: server-reported "
+                          "model + KV + compute buffers.")
+    df = df.assign(kv=[fmt.text(k) if k == v else f"{fmt.text(k)}/{fmt.text(v)}"
+                       for k, v in zip(df["cache_k"], df["cache_v"])])
+    df["server_total"] = [sum(float(x) for m in maps if isinstance(m, dict) for x in m.values() if x is not None)
+                          or None for maps in zip(df["model_map"], df["kv_map"], df["compute_map"])]
+    for (profile, kv, mmproj), group in df.groupby(["profile", "kv", "mmproj"], sort=False):
+        name = f"{profile} {kv}{' +mmproj' if mmproj else ''}"
+        chart.series.append(Series(f"{name} used", _points(group, "total_ctx", "used")))
+        chart.series.append(Series(f"{name} server buffers", _points(group, "total_ctx", "server_total"), True))
+    return chart if chart.has_points() else None
+
+
+def workload_charts(records: list[dict[str, Any]]) -> list[Chart]:
+    """TPS and latency vs per-slot context at fixed N: one series per (profile, N, workload)."""
+    df = workload_frame(records)
+    if df.empty:
+        return []
+    tps = Chart("tps-vs-ctx", "Throughput vs context per slot (fixed N)", "context per slot (tokens)",
+                "tokens/s", x_kind="ctx", caption="Solid: aggregate TPS (metrics.agg_tps). "
+                "Dashed: per-call TPS (metrics.per_call_tps).")
+    lat = Chart("latency-vs-ctx", "Turn latency vs context per slot (fixed N)", "context per slot (tokens)",
+                "seconds", x_kind="ctx", caption="Solid: end-to-end p95 (metrics.e2e_s.p95). "
+                "Dashed: end-to-end p50.")
+    for (profile, n, workload), group in df.groupby(["profile", "n", "workload"], sort=False, dropna=False):
+        name = f"N={fmt.integer(n)} {workload_label(str(workload), group['agents'].iloc[0])}"
+        if df["profile"].nunique() > 1:
+            name = f"{profile} {name}"
+        tps.series.append(Series(f"{name} agg", _points(group, "ctx", "agg_tps")))
+        tps.series.append(Series(f"{name} per-call", _points(group, "ctx", "per_call_tps"), True))
+        lat.series.append(Series(f"{name} p95", _points(group, "ctx", "e2e_p95")))
+        lat.series.append(Series(f"{name} p50", _points(group, "ctx", "e2e_p50"), True))
+    return [c for c in (tps, lat) if c.has_points()]
+
+
+def ramp_charts(record: dict[str, Any], index: int) -> list[Chart]:
+    """Latency and memory vs N for one ramp record."""
+    steps = [s for s in record.get("steps") or [] if isinstance(s, dict)]
+    cid = str(record.get("config_id", "?"))
+    slug = f"ramp-{index}-{slugify(cid)}"
+
+    def series(name: str, key: str, dashed: bool = False) -> Series:
+        return Series(name, [(float(s["n"]), float(s[key])) for s in steps
+                             if not fmt.missing(s.get("n")) and not fmt.missing(s.get(key))], dashed)
+
+    lat = Chart(f"{slug}-latency", f"Ramp latency vs N — {cid}", "concurrent agents (N)", "seconds", x_kind="int",
+                series=[series("turn p95", "turn_p95_s"), series("turn p50", "turn_p50_s", True),
+                        series("TTFT p95", "ttft_p95_s"), series("TTFT p50", "ttft_p50_s", True)])
+    mem = Chart(f"{slug}-memory", f"Ramp memory vs N — {cid}", "concurrent agents (N)", "MiB", x_kind="int",
+                series=[series("server RSS", "server_rss_mib"), series("device used", "device_used_mib")])
+    return [c for c in (lat, mem) if c.has_points()]

@@ -1,0 +1,439 @@
+"""The capacity write-up: rendered from saved records only, numbers equal to the records, hostile
+strings escaped, torn files still renderable, the CLI, and the HTML checked in real headless Chromium.
+
+Record fixtures follow ``results.ceiling_record``'s key layout (the reference 4090 study's Phase-1
+figures) plus the planned workload and ramp record shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_gpucap import results
+from pytest_gpucap.config import SLO, CapacityConfig
+from pytest_gpucap.report import ReportError, render_report
+from pytest_gpucap.slo import Verdict, headroom, headroom_class
+
+HOSTILE = "<script>alert(1)</script>"
+MODEL = "/models/gemma4-26b-a4b-q4.gguf"
+HOST_4090 = {"device": "cuda", "gpu": "NVIDIA GeForce RTX 4090", "driver": "570.86.15", "gpu_index": "0",
+             "gpu_total_gib": "24.0", "python": "3.11.7"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- record fixtures
+
+def _verdict(v: Verdict) -> dict[str, Any]:
+    return asdict(v) | {"ok": v.ok, "margin": v.margin}
+
+
+def ceiling(n: int, ctx: int, used: float, free: float, boot: float, *, mmproj: bool = True,
+            name: str | None = None, model: str = MODEL, argv_extra: tuple[str, ...] = (),
+            outcome: str = "passed", host: dict[str, str] | None = None, predicted: float | None = None,
+            slo: SLO = SLO(headroom_gib=1.5)) -> dict[str, Any]:
+    """A ceiling record laid out exactly as ``results.ceiling_record`` writes it (then ``outcome``)."""
+    cfg = CapacityConfig(profile="4090", n=n, ctx=ctx, mmproj=mmproj, cache_type_k="q8_0", cache_type_v="q8_0",
+                         flash_attn="on", threads=16, name=name)
+    kv_mib = n * ctx / 1024 * 17.0
+    verdict = headroom(free, slo)
+    argv = ["/opt/llama.cpp/build/bin/llama-server", "--model", model, "--host", "127.0.0.1", "--port", "41001",
+            "--parallel", str(n), "--ctx-size", str(n * ctx), "--cache-type-k", "q8_0", "--cache-type-v", "q8_0",
+            "--flash-attn", "on", "--threads", "16", *argv_extra]
+    record: dict[str, Any] = {
+        "schema": results.SCHEMA_VERSION, "kind": "ceiling",
+        "test": f"capacity_tests/test_ceiling.py::test_ceiling[{cfg.id}]",
+        "config_id": cfg.id, "config": asdict(cfg), "profile": "4090",
+        "host": dict(host or HOST_4090),
+        "server": {"backend": "llamacpp", "binary": argv[0], "version": "version: 9500 (b9500)", "argv": argv,
+                   "url": "http://127.0.0.1:41001", "model": model, "total_slots": n, "n_ctx_slot": ctx},
+        "boot_s": boot,
+        "memory": {
+            "probe": "nvml", "device_total_mib": 24082.0, "baseline_used_mib": 3400.0,
+            "used_after_load_mib": used, "free_after_load_mib": free + 12.5, "free_mib": free,
+            "peak_used_mib": used + 12.5, "server_rss_mib": 2311.4, "host_available_min_mib": 14336.0,
+            "samples": 11,
+            "server_report": {
+                "kv_mib": kv_mib, "model_mib": {"CUDA0": 12970.0, "CPU": 525.0},
+                "kv_buffer_mib": {"CUDA0": kv_mib}, "compute_mib": {"CUDA0": 522.0, "CUDA0_Host": 40.0},
+                "output_mib": {"CPU": 3.9}, "kv_lines": [], "breakdown": [], "prompt_cache_limit_mib": 8192,
+                "n_slots": n, "n_ctx_slot": ctx,
+            },
+            "kv_per_slot_mib": kv_mib / n,
+        },
+        "slo": {"headroom_gib": slo.headroom_gib},
+        "verdicts": [_verdict(verdict)],
+        "headroom_class": headroom_class(free / 1024, slo),
+    }
+    if predicted is not None:
+        record["memory"]["predicted_kv_per_slot_mib"] = predicted
+    return record | {"outcome": outcome}
+
+
+def workload(cfg_id: str, n: int, ctx: int, name: str, agents: list[str], agg: float, per_call: float,
+             dev: tuple[float | None, float | None], free_at_boot: float, turns: tuple[int, int],
+             mmproj: bool = False, e2e_p95: float | None = None) -> dict[str, Any]:
+    """A workload record in the planned shape, with verdicts: agg TPS ≥ 100, Dev p95 ≤ 150 s, min free ≥ 0.4 GiB."""
+    cfg = CapacityConfig(profile="4090", n=n, ctx=ctx, mmproj=mmproj, cache_type_k="q8_0", cache_type_v="q8_0")
+    min_free = free_at_boot - 310.0
+    roles: dict[str, Any] = {}
+    for role in dict.fromkeys(agents):
+        roles[role] = {"p50_s": None, "p95_s": None, "turns_ok": 4, "turns_failed": 0, "tps": per_call}
+    if "Dev" in roles:
+        roles["Dev"].update(p50_s=dev[0], p95_s=dev[1], turns_ok=turns[0] // 3, turns_failed=turns[1])
+    verdicts = [Verdict("agg_tps", agg, 100.0, "tok/s"), Verdict("headroom_min", min_free / 1024, 0.4, "GiB")]
+    if dev[1] is not None:
+        verdicts.append(Verdict("Dev p95", dev[1], 150.0, "s", higher_is_better=False))
+    elif "Dev" in roles:
+        verdicts.append(Verdict("Dev turns ok", 0, 1, "turns"))
+    ok = all(v.ok for v in verdicts)
+    return {
+        "schema": 1, "kind": "workload", "test": f"capacity_tests/test_workload.py::test_workload[{cfg_id}]",
+        "config_id": cfg_id, "config": asdict(cfg), "profile": "4090", "host": dict(HOST_4090),
+        "workload": {"name": name, "agents": agents, "duration_s": 600.0},
+        "metrics": {"agg_tps": agg, "per_call_tps": per_call, "ttft_s": {"p50": 0.41, "p95": 1.37, "p99": 2.05},
+                    "e2e_s": {"p50": (dev[0] or 30.0) * 0.8, "p95": e2e_p95 or (dev[1] or 60.0), "p99": 300.0},
+                    "roles": roles, "turns_ok": turns[0], "turns_failed": turns[1],
+                    "errors": {"timeout": turns[1]} if turns[1] else {}},
+        "memory": {"free_at_boot_mib": free_at_boot, "min_free_mib": min_free},
+        "verdicts": [_verdict(v) for v in verdicts], "outcome": "passed" if ok else "failed",
+    }
+
+
+def ramp() -> dict[str, Any]:
+    cfg = CapacityConfig(profile="4090", n=6, ctx=32768, cache_type_k="q8_0", cache_type_v="q8_0")
+    steps = []
+    for n, (p50, p95, rss, used, errors) in enumerate(
+            [(8.2, 9.9, 2301.0, 19012.0, 0), (9.1, 11.4, 2312.5, 19140.0, 0), (10.3, 13.8, 2330.0, 19260.0, 0),
+             (14.9, 21.7, 2351.0, 19410.0, 0), (19.6, 33.2, 2372.2, 19555.0, 0), (41.0, 97.5, 2398.0, 19701.0, 2)],
+            start=1):
+        steps.append({"n": n, "ok": 12 * n - errors, "errors": errors, "ttft_p50_s": 0.3 * n, "ttft_p95_s": 0.55 * n,
+                      "turn_p50_s": p50, "turn_p95_s": p95, "server_rss_mib": rss, "device_used_mib": used})
+    return {"schema": 1, "kind": "ramp", "config_id": cfg.id, "config": asdict(cfg), "profile": "4090",
+            "host": dict(HOST_4090), "workload": {"name": "ramp-Research", "agents": ["Research"]},
+            "steps": steps, "max_clean_n": 5, "knee_n": 4, "verdicts": [], "outcome": "passed"}
+
+
+def study_records() -> list[dict[str, Any]]:
+    """The reference study's Phase 1 and Phase 2 figures, as records."""
+    return [
+        ceiling(3, 131072, 22980.0, 1102.0, 20.0),
+        ceiling(3, 65536, 21110.0, 2972.0, 10.0, predicted=1024.0),
+        ceiling(5, 65536, 23038.0, 1044.0, 15.0, outcome="failed"),
+        ceiling(5, 32768, 20928.0, 3154.0, 10.0),
+        ceiling(7, 32768, 22184.0, 1898.0, 6.0),
+        workload("4090-n3-ctx64k-mmproj-q8", 3, 65536, "A", ["TL", "Dev", "QA"], 142.3, 69.7, (93.0, 114.0),
+                 2972.0, (42, 0), mmproj=True),
+        workload("4090-n3-ctx64k-mmproj-q8", 3, 65536, "B", ["Research"] * 3, 180.2, 58.7, (None, None),
+                 2972.0, (61, 0), mmproj=True, e2e_p95=88.5),
+        workload("4090-n3-ctx128k-q8", 3, 131072, "A", ["TL", "Dev", "QA"], 132.1, 68.6, (96.0, 122.0),
+                 1823.0, (39, 0)),
+        workload("4090-n3-ctx200k-q8", 3, 204800, "A", ["TL", "Dev", "QA"], 78.9, 29.2, (293.0, 293.0),
+                 971.0, (12, 1)),
+        workload("4090-n3-ctx256k-q8", 3, 262144, "A", ["TL", "Dev", "QA"], 10.5, 10.1, (None, None),
+                 1077.0, (3, 2)),
+        ramp(),
+    ]
+
+
+def write_results(directory: Path, records: list[dict[str, Any]]) -> Path:
+    for r in records:
+        results.append_jsonl(directory / "results.jsonl", r)
+    return directory / "results.jsonl"
+
+
+@pytest.fixture
+def study_dir(tmp_path: Path) -> Path:
+    write_results(tmp_path, study_records())
+    (tmp_path / "session.json").write_text(json.dumps({
+        "command": "pytest capacity_tests -m 4090 --gpucap-report reports/",
+        "versions": {"pytest-gpucap": "0.1.0", "pytest": "9.2.0", "llama-server": "b9500"},
+        "git": "e1d1589c0ffee"}))
+    return tmp_path
+
+
+def _section(md: str, heading: str) -> str:
+    """The Markdown from ``heading`` to the next heading of the same or a higher level."""
+    level = heading.split(" ")[0]
+    body = md.split(heading + "\n", 1)[1]
+    return re.split(rf"^#{{1,{len(level)}}} ", body, maxsplit=1, flags=re.M)[0]
+
+
+def _rows(md: str, first_cell: str) -> list[list[str]]:
+    """Markdown table rows whose first cell is ``first_cell``, split into cells."""
+    out = []
+    for line in md.splitlines():
+        if line.startswith(f"| {first_cell} |"):
+            out.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return out
+
+
+# ---------------------------------------------------------------- content
+
+def test_markdown_tables_equal_the_records(study_dir: Path) -> None:
+    written = render_report(study_dir)
+    md = (study_dir / "capacity.md").read_text()
+    assert written[:2] == [study_dir / "capacity.md", study_dir / "capacity.html"]
+    assert {p.name for p in written[2:]} >= {"memory-vs-total-ctx.svg", "tps-vs-ctx.svg", "latency-vs-ctx.svg"}
+    assert all(p.is_file() for p in written)
+
+    # Phase 1 ceiling: every figure of the N3 ctx128K row, in order, with its verdict word.
+    phase1 = _section(md, "## Phase 1 — memory ceiling")
+    ceiling_md, kv_md = phase1.split("### Per-slot KV cost")
+    row = _rows(ceiling_md, "4090-n3-ctx128k-mmproj-q8")[0]
+    assert row == ["4090-n3-ctx128k-mmproj-q8", "3", "131,072", "393,216", "22,980.0", "1,102.0", "20.00", "1.50",
+                   "Risky", "passed"]
+    assert _rows(ceiling_md, "4090-n3-ctx64k-mmproj-q8")[0][4:9] == ["21,110.0", "2,972.0", "10.00", "1.50", "Marginal"]
+    assert _rows(ceiling_md, "4090-n5-ctx32k-mmproj-q8")[0][8] == "Comfortable"
+    assert _rows(ceiling_md, "4090-n5-ctx64k-mmproj-q8")[0][9] == "failed"
+    assert "Comfortable ≥ 2× the headroom SLO, Marginal ≥ the SLO, Risky below" in md
+    assert "SLO 1.50 GiB — Comfortable ≥ 3.00 GiB free" in md
+
+    # Per-slot KV: theoretical (when recorded), server-reported, measured (NVML), server breakdown.
+    kv = _rows(kv_md, "4090-n3-ctx64k-mmproj-q8")[0]
+    measured = (21110.0 - 3400.0 - 12970.0 - 522.0) / 3
+    assert kv[4:8] == ["1,024.0", "1,088.0", f"{measured:,.1f}", f"{measured - 1088.0:,.1f}"]
+    assert kv[8] == "13,495.0 (CPU 525.0 + CUDA0 12,970.0)"
+    assert _rows(kv_md, "4090-n3-ctx128k-mmproj-q8")[0][4] == "—"
+
+    # Phase 2 workload: the reference's columns.
+    phase2 = _section(md, "## Phase 2 — workload")
+    wl = _rows(phase2, "4090-n3-ctx128k-q8")[0]
+    assert wl == ["4090-n3-ctx128k-q8", "3", "131,072", "A (TL, Dev, QA)", "132.1", "68.6", "96.00", "122.00",
+                  "122.00", "1.37", "1,823.0", "1,513.0", "39 / 0", "passed"]
+    assert "B (3×Research)" in md and "180.2" in md
+    assert _rows(phase2, "4090-n3-ctx200k-q8")[0][12:] == ["12 / 1 (timeout 1)", "failed"]
+    verdicts = _rows(_section(md, "### SLO verdicts"), "4090-n3-ctx200k-q8")
+    assert verdicts[0] == ["4090-n3-ctx200k-q8", "A", "agg_tps", "78.90", "≥ 100.00", "-21.10", "tok/s", "BREACH"]
+    assert verdicts[2] == ["4090-n3-ctx200k-q8", "A", "Dev p95", "293.00", "≤ 150.00", "-143.00", "s", "BREACH"]
+
+    # Ramp table and its markers.
+    ramp_rows = _rows(_section(md, "## Ramp"), "4")
+    assert ramp_rows[0][5:9] == ["14.90", "21.70", "2,351.0", "19,410.0"] and ramp_rows[0][9] == "knee"
+    assert "Max clean N: **5**; knee at N = **4**" in md
+
+    # Scaling at fixed N: the reference's "N=3 Workflow A" curve, ordered by ctx.
+    assert "Scaling at fixed N: N=3, workload A (TL, Dev, QA), profile 4090" in md
+    curve = [r[0] for r in _rows(md, "64k") + _rows(md, "128k") + _rows(md, "200k") + _rows(md, "256k")]
+    assert curve == ["64k", "128k", "200k", "256k"]
+    assert _rows(md, "256k")[0][6] == f"{(10.5 / 142.3 - 1) * 100:+.1f}%"
+
+    # Charts next to the Markdown.
+    for name in ("memory-vs-total-ctx", "tps-vs-ctx", "latency-vs-ctx", "ramp-1-4090-n6-ctx32k-q8-latency"):
+        assert f"](charts/{name}.svg)" in md
+
+
+def test_recommendations_pick_largest_passing_config(study_dir: Path) -> None:
+    render_report(study_dir)
+    md = (study_dir / "capacity.md").read_text()
+    wl_a = _section(md, "### Workload A (TL, Dev, QA) (profile 4090)")
+    assert "**Pick: 4090-n3-ctx128k-q8** (N=3 × 128k = 384k)" in wl_a
+    assert "| 4090-n3-ctx256k-q8 | agg\\_tps" not in wl_a
+    assert re.search(r"\| 4090-n3-ctx256k-q8 \| agg_tps 10\.50 tok/s below budget 100\.00 tok/s;.*Dev turns ok", wl_a)
+    assert "| 4090-n3-ctx200k-q8 | agg_tps 78.90 tok/s below budget 100.00 tok/s" in wl_a
+    assert "Dev p95 293.00 s above budget 150.00 s" in wl_a
+    assert "| 4090-n3-ctx64k-mmproj-q8 | smaller than the pick (N=3 × 64k = 192k vs N=3 × 128k = 384k) |" in wl_a
+    ceiling_only = _section(md, "### Memory ceiling only (profile 4090)")
+    # N5 ctx64K is the largest but failed; N3 ctx128K and N7 ctx32K are Risky/Marginal: Risky fails the SLO.
+    assert "**Pick: 4090-n7-ctx32k-mmproj-q8** (N=7 × 32k = 224k)" in ceiling_only
+    assert "| 4090-n3-ctx128k-mmproj-q8 | headroom 1.08 GiB below budget 1.50 GiB |" in ceiling_only
+    assert "| 4090-n5-ctx64k-mmproj-q8 | headroom 1.02 GiB below budget 1.50 GiB |" in ceiling_only
+
+
+def test_environment_and_reproduction(study_dir: Path) -> None:
+    render_report(study_dir)
+    md = (study_dir / "capacity.md").read_text()
+    assert "```text\npytest capacity_tests -m 4090 --gpucap-report reports/\n```" in md
+    assert "Git revision: e1d1589c0ffee" in md
+    assert "| pytest-gpucap | 0.1.0 |" in md
+    assert "gpu NVIDIA GeForce RTX 4090" in md and "driver 570.86.15" in md
+    assert "--parallel 3 --ctx-size 393216" in md
+    (study_dir / "session.json").unlink()
+    render_report(study_dir)
+    assert "session.json not found" in (study_dir / "capacity.md").read_text()
+
+
+def test_html_has_the_same_cells(study_dir: Path) -> None:
+    render_report(study_dir)
+    html = (study_dir / "capacity.html").read_text()
+    assert "<td>4090-n3-ctx128k-mmproj-q8</td>" in html
+    assert '<td class="num">22,980.0</td><td class="num">1,102.0</td><td class="num">20.00</td>' in html
+    assert '<td class="bad">Risky</td>' in html and '<td class="ok">Comfortable</td>' in html
+    assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="chart"') == 5
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "").replace(
+        "http://127.0.0.1:41001", "")  # nothing to fetch: self-contained
+    assert "<script" not in html and "<link" not in html
+
+
+def test_ceiling_only_run_renders_no_workload_note(tmp_path: Path) -> None:
+    write_results(tmp_path, [ceiling(3, 65536, 21110.0, 2972.0, 10.0)])
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    assert "No workload records" in md and "No ramp records." in md
+    assert "**Pick: 4090-n3-ctx64k-mmproj-q8**" in md
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == ["memory-vs-total-ctx.svg"]
+
+
+def test_hostile_strings_render_escaped(tmp_path: Path) -> None:
+    evil = ceiling(2, 8192, 5000.0, 4000.0, 1.5, name=f"n2 {HOSTILE} a|b`[link](javascript:alert(1))",
+                   model=f"/m/{HOSTILE}.gguf", argv_extra=("--alias", HOSTILE, "--x", "a`b"),
+                   host={**HOST_4090, "gpu": '<img src=x onerror="alert(2)">'})
+    wl = workload(f"n2 {HOSTILE}", 2, 8192, HOSTILE, ["Dev", HOSTILE], 120.0, 60.0, (10.0, 20.0), 4000.0, (9, 0))
+    evil["reason"] = f"log line: {HOSTILE}"
+    write_results(tmp_path, [evil, wl, ramp() | {"config_id": HOSTILE}])
+    (tmp_path / "session.json").write_text(json.dumps({"command": f"pytest -k '{HOSTILE}' ```", "git": HOSTILE}))
+    written = render_report(tmp_path)
+    html = (tmp_path / "capacity.html").read_text()
+    assert "<script" not in html and "<img" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=&#34;alert(2)&#34;&gt;" in html
+    md = (tmp_path / "capacity.md").read_text()
+    outside_code = re.sub(r"(`{3,})text\n.*?\n\1", "", md, flags=re.S)
+    assert "<script" not in outside_code and "<img" not in outside_code
+    assert "&lt;script&gt;" in outside_code
+    assert "a\\|b\\`\\[link\\](javascript" in outside_code  # no table break, code span or link
+    assert "````text\npytest -k '<script>alert(1)</script>' ```\n````" in md  # fence longer than the data's
+    svgs = {p.name: p.read_text() for p in written[2:]}
+    assert not [name for name, text in svgs.items() if "<script" in text]
+    assert [name for name, text in svgs.items() if "&lt;script&gt;" in text] == [
+        "tps-vs-ctx.svg", "latency-vs-ctx.svg", "ramp-1-script-alert-1-script-latency.svg",
+        "ramp-1-script-alert-1-script-memory.svg"]
+
+
+def test_truncated_last_line_still_renders(tmp_path: Path) -> None:
+    path = write_results(tmp_path, study_records()[:3])
+    with open(path, "a") as fh:
+        fh.write(json.dumps(ceiling(7, 32768, 22184.0, 1898.0, 6.0))[:150])  # crash mid-write
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    assert "Rendered from 3 records" in md
+    assert "4090-n5-ctx64k-mmproj-q8" in md and "4090-n7-ctx32k" not in md
+
+
+def test_missing_or_empty_results_raise(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="no such file"):
+        render_report(tmp_path)
+    (tmp_path / "results.jsonl").write_text('{"kind": "ceil')
+    with pytest.raises(ReportError, match="no result records"):
+        render_report(tmp_path)
+
+
+def test_rerender_is_stable_and_drops_stale_charts(study_dir: Path) -> None:
+    render_report(study_dir)
+    first = (study_dir / "capacity.html").read_text()
+    (study_dir / "charts" / "stale.svg").write_text("<svg/>")
+    render_report(study_dir)
+    assert (study_dir / "capacity.html").read_text() == first
+    assert not (study_dir / "charts" / "stale.svg").exists()
+
+
+# ---------------------------------------------------------------- CLI
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest_gpucap", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def test_cli_report(study_dir: Path) -> None:
+    (study_dir / "capacity.md").write_text("old")
+    proc = _cli("report", str(study_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert str(study_dir / "capacity.html") in proc.stdout
+    assert (study_dir / "capacity.md").read_text().startswith("# Capacity report — 4090")
+
+
+def test_cli_report_errors(tmp_path: Path) -> None:
+    proc = _cli("report", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "results.jsonl: no such file" in proc.stderr
+    (tmp_path / "results.jsonl").write_text("")
+    proc = _cli("report", str(tmp_path))
+    assert proc.returncode == 2 and "no result records" in proc.stderr and "Traceback" not in proc.stderr
+    assert _cli("report").returncode == 2
+
+
+def test_cli_usage_and_genmodel_still_listed() -> None:
+    proc = _cli()
+    assert proc.returncode == 2
+    assert all(cmd in proc.stdout for cmd in ("genmodel", "report", "compare"))
+    assert _cli("--help").returncode == 0
+    proc = _cli("genmodel", "--help")
+    assert proc.returncode == 0 and "--layers" in proc.stdout
+
+
+# ---------------------------------------------------------------- real browser
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("GPUCAP_REQUIRE_BROWSER"):
+            pytest.fail("chromium required (GPUCAP_REQUIRE_BROWSER=1): apt-get install -y chromium")
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    return found
+
+
+def _run_chromium(binary: str, profile: Path, page: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--window-size=1280,2000",
+           *args, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _page_errors(stderr: str) -> list[str]:
+    """Lines where the page itself logged to the console or threw (Chromium's own dbus noise is not the page)."""
+    return [line for line in stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+
+
+def test_html_in_headless_chromium(study_dir: Path, tmp_path: Path) -> None:
+    binary = _chromium()
+    render_report(study_dir)
+    page = study_dir / "capacity.html"
+    shot = tmp_path / "capacity.png"
+    proc = _run_chromium(binary, tmp_path / "profile-shot", page, f"--screenshot={shot}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    assert _page_errors(proc.stderr) == []
+
+    dom = _run_chromium(binary, tmp_path / "profile-dom", page, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert _page_errors(dom.stderr) == []
+    out = dom.stdout
+    assert '<table id="ceiling-table">' in out and '<table id="workload-table">' in out
+    assert '<td class="num">22,980.0</td><td class="num">1,102.0</td>' in out
+    assert '<td class="bad">Risky</td>' in out
+    assert '<strong class="pick-id">4090-n3-ctx128k-q8</strong>' in out
+    assert len(re.findall(r'<svg[^>]*class="chart"', out)) == 5
+    assert len(re.findall(r"<polyline ", out)) >= 8 and len(re.findall(r"<circle ", out)) >= 20
+    if os.environ.get("GPUCAP_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["GPUCAP_KEEP_SCREENSHOT"])
+
+
+def test_console_error_detection_works(tmp_path: Path) -> None:
+    """Guard for the check above: a page that throws must be caught by ``_page_errors``."""
+    binary = _chromium()
+    page = tmp_path / "broken.html"
+    page.write_text("<!DOCTYPE html><html><body><p>x</p><script>console.error('gpucap-probe'); "
+                    "throw new Error('boom')</script></body></html>")
+    proc = _run_chromium(binary, tmp_path / "profile", page, "--dump-dom")
+    errors = _page_errors(proc.stderr)
+    assert any("gpucap-probe" in e for e in errors) and any("Uncaught" in e for e in errors), proc.stderr[-2000:]
+
+
+def test_step_summary_has_tables_without_images(study_dir: Path) -> None:
+    from pytest_gpucap.report import render_summary
+
+    text = render_summary(study_dir)
+    assert "| 4090-n3-ctx128k-mmproj-q8 | 3 | 131,072 | 393,216 | 22,980.0 | 1,102.0 |" in text
+    assert "**Pick: 4090-n3-ctx128k-q8**" in text
+    assert "](charts/" not in text and "## Environment" not in text
+    assert not (study_dir / "capacity.md").exists()  # nothing written
