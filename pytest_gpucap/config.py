@@ -274,6 +274,8 @@ def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> Host
             kw[key] = data[key]
     kw["preflight"] = _section(Preflight, data.get("preflight", {}), f"{where}.preflight")
     kw["watchdog"] = _section(WatchdogLimits, data.get("watchdog", {}), f"{where}.watchdog")
+    if kw["watchdog"].interval_s <= 0:
+        raise _fail(f"{where}.watchdog", "interval_s must be > 0 (seconds between memory samples)")
     kw["slo"] = slo_from_mapping(data.get("slo", {}), f"{where}.slo")
     kw["workload"] = _workload(data.get("workload", {}), f"{where}.workload")
     return HostProfile(**kw)

@@ -431,7 +431,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     handle = getattr(item, "funcargs", {}).get("gpucap_server")
     if report.failed and isinstance(handle, ServerHandle) and handle.process is not None:
-        report.sections.append(("gpucap server log (tail)", handle.process.log_tail(30)))
+        tail = handle.process.log_tail(30)
+        if tail.splitlines()[-1:] and tail.splitlines()[-1] not in report.longreprtext:
+            report.sections.append(("gpucap server log (tail)", tail))
     return report
 
 

@@ -23,7 +23,6 @@ from .process import ManagedProcess, ServerError, free_port, wait_healthy
 
 RECLAIM_TIMEOUT_S = 30.0
 RECLAIM_TOLERANCE_MIB = 64.0
-HOST_RECLAIM_TOLERANCE_MIB = 256.0
 
 
 class PreflightSkip(Exception):
@@ -129,7 +128,7 @@ class ServerHandle:
         self.url = f"http://127.0.0.1:{port}"
         self.argv = llamacpp.build_argv(spec.binary, cfg, spec.model, port, spec.mmproj)
         env = llamacpp.server_env(cfg, cuda=self.is_gpu)
-        log = spec.log_dir / f"{cfg.id}-{int(time.time())}.log"
+        log = _fresh_log_path(spec.log_dir, cfg.id)
         self.process = ManagedProcess(self.argv, log, env={**_base_env(), **env},
                                       owner_token=spec.owner_token)
         self.process.start()
@@ -186,8 +185,9 @@ class ServerHandle:
 
     def check_alive(self) -> None:
         """Fail with the log tail when the server died or the watchdog stopped it."""
-        self._check_watchdog()
-        if self.process is not None and not self.process.alive():
+        dead = self.process is not None and not self.process.alive()
+        self._check_watchdog()  # after reading liveness: a server the watchdog ended is reported as such
+        if dead and self.process is not None:
             if self.process.stop_info is not None and self.teardown is not None:
                 raise ServerError(f"server for {self.config.id} was already torn down")
             raise ServerError(
@@ -239,11 +239,27 @@ class ServerHandle:
             if self.is_gpu:
                 back = snap.device.used_mib <= baseline.device.used_mib + RECLAIM_TOLERANCE_MIB
             else:
-                back = snap.host_available_mib >= baseline.host_available_mib - HOST_RECLAIM_TOLERANCE_MIB
+                # The stand-in device memory is the server's RSS: it is back once the group is gone.
+                # Machine-wide MemAvailable moves with other processes, so it only informs.
+                back = not (self.process and self.process.group_alive())
             elapsed = time.monotonic() - t0
             if back or elapsed > RECLAIM_TIMEOUT_S:
                 return elapsed, back
             time.sleep(0.1)
+
+
+def _fresh_log_path(log_dir: Path, config_id: str) -> Path:
+    """A log file no other boot uses: xdist workers (or a re-boot of the same config in the same
+    second) sharing a log dir would otherwise append to one file, and the memory report parsed from
+    it would count every server's KV cache."""
+    import os
+
+    stem = f"{config_id}-{int(time.time())}-{os.getpid()}"
+    path, n = log_dir / f"{stem}.log", 1
+    while path.exists():
+        n += 1
+        path = log_dir / f"{stem}-{n}.log"
+    return path
 
 
 def _base_env() -> dict[str, str]:

@@ -39,13 +39,13 @@ def find_binary(explicit: str | None) -> BinaryLookup:
         path = Path(explicit).expanduser()
         if path.is_file() and os.access(path, os.X_OK):
             return BinaryLookup(path, "--gpucap-server-bin")
-        return BinaryLookup(None, f"--gpucap-server-bin {explicit} is not an executable file")
+        return BinaryLookup(None, f"--gpucap-server-bin {explicit} is not an executable file; {HOW_TO_GET}")
     env = os.environ.get(BINARY_ENV)
     if env:
         path = Path(env).expanduser()
         if path.is_file() and os.access(path, os.X_OK):
             return BinaryLookup(path, BINARY_ENV)
-        return BinaryLookup(None, f"{BINARY_ENV}={env} is not an executable file")
+        return BinaryLookup(None, f"{BINARY_ENV}={env} is not an executable file; {HOW_TO_GET}")
     on_path = shutil.which("llama-server")
     if on_path:
         return BinaryLookup(Path(on_path), "PATH")

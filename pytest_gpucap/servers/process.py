@@ -39,14 +39,23 @@ class ServerError(pytest.fail.Exception):  # type: ignore[name-defined,misc]
         super().__init__(msg, pytrace=False)
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once in the parent: the child of a threaded parent (the sampler runs while the next
+# config boots) should do as little as possible between fork and exec — no dlopen there.
+_PRCTL = _load_prctl()
+
+
 def _child_setup() -> None:
     """Runs in the child before exec: new session, and SIGTERM if the parent dies (Linux)."""
     os.setsid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -173,12 +182,13 @@ def wait_healthy(proc: ManagedProcess, url: str, timeout_s: float,
     with httpx.Client(timeout=2.0) as client:
         while True:
             code = proc.exit_code()
-            if code is not None:
-                raise ServerError(
-                    f"{what} exited with code {code} during boot (log {proc.log_path}):\n{proc.log_tail()}")
+            # Read after the exit code: an abort (the watchdog) that ended the child is named as such.
             reason = abort()
             if reason:
                 raise ServerError(f"{reason} (during boot; log {proc.log_path})")
+            if code is not None:
+                raise ServerError(
+                    f"{what} exited with code {code} during boot (log {proc.log_path}):\n{proc.log_tail()}")
             try:
                 if client.get(url).status_code == 200:
                     return time.monotonic() - t0
@@ -204,6 +214,7 @@ def sweep_leftovers() -> list[int]:
     Servers of a live session (another xdist worker, another terminal) are left alone.
     """
     swept: list[int] = []
+    killed: list[psutil.Process] = []
     for proc in psutil.process_iter(["pid"]):
         tag = _owner_of(proc)
         if not tag:
@@ -218,9 +229,28 @@ def sweep_leftovers() -> list[int]:
             else:
                 proc.kill()
             swept.append(proc.pid)
+            killed.append(proc)
         except (ProcessLookupError, PermissionError, psutil.Error):
             pass
+    _wait_gone(killed, timeout_s=10.0)
     return swept
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> None:
+    """Wait until killed processes have exited (zombies count as gone: their memory is freed), so
+    the next baseline and preflight do not count a dying leftover's memory as in use."""
+    deadline = time.monotonic() + timeout_s
+    while procs and time.monotonic() < deadline:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        procs = alive
+        if procs:
+            time.sleep(0.05)
 
 
 def free_port() -> int:

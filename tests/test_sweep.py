@@ -1,0 +1,101 @@
+"""The leftover sweep: servers tagged by a dead pytest-gpucap session are removed, live ones are not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from conftest import CapacityRun, matrix_toml
+from pytest_gpucap.servers.process import OWNER_ENV, free_port
+
+ONE_CONFIG = """
+    [[profiles.cpu.configs]]
+    n = 1
+    ctx = 1024
+"""
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen(["true"])
+    child.wait(timeout=10)
+    assert not psutil.pid_exists(child.pid)
+    return child.pid
+
+
+class Servers:
+    """Real llama-servers started by this test with a chosen owner tag; all killed at the end."""
+
+    def __init__(self, binary: Path, model: Path, log_dir: Path) -> None:
+        self.binary, self.model, self.log_dir = binary, model, log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, owner_tag: str) -> subprocess.Popen[bytes]:
+        port = free_port()
+        argv = [str(self.binary), "--model", str(self.model), "--host", "127.0.0.1", "--port", str(port),
+                "-np", "1", "-c", "1024", "-fit", "off", "--threads", "1", "--cache-ram", "0", "--no-webui"]
+        env = {**os.environ, OWNER_ENV: owner_tag}
+        with open(self.log_dir / f"server-{len(self.procs)}.log", "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "llama-server exited at boot"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama-server did not become healthy"
+            time.sleep(0.1)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def servers(llama_server_bin: Path, tiny_model: Path, tmp_path: Path) -> Iterator[Servers]:
+    own = Servers(llama_server_bin, tiny_model, tmp_path)
+    try:
+        yield own
+    finally:
+        own.kill_all()
+
+
+def test_sweep_removes_only_servers_of_dead_sessions(capacity_run: CapacityRun, tiny_model: Path,
+                                                     servers: Servers) -> None:
+    """A capacity session kills servers whose owner process is gone and leaves a live owner's alone."""
+    live = servers.start(f"{os.getpid()}:y")
+    orphan = servers.start(f"{_dead_pid()}:x")
+    result = capacity_run.run(matrix_toml(tiny_model, ONE_CONFIG))
+    result.assert_outcomes(passed=1)
+    try:
+        code = orphan.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the leftover server of a dead session was not swept")
+    assert code == -signal.SIGKILL
+    assert live.poll() is None, "the sweep killed a server whose owner is alive"
+    result.stdout.fnmatch_lines([f"gpucap: removed leftover servers of an earlier session: [[]*{orphan.pid}*]"])
+
+
+def test_no_sweep_option_leaves_leftovers(capacity_run: CapacityRun, tiny_model: Path, servers: Servers) -> None:
+    orphan = servers.start(f"{_dead_pid()}:x")
+    result = capacity_run.run(matrix_toml(tiny_model, ONE_CONFIG), "--gpucap-no-sweep")
+    result.assert_outcomes(passed=1)
+    assert orphan.poll() is None
+    result.stdout.no_fnmatch_line("*removed leftover servers*")
