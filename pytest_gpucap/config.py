@@ -91,6 +91,7 @@ class HostProfile:
     mmproj: str | None = None
     boot_timeout_s: float = 120.0
     hold_s: float = 2.0
+    bandwidth_gbps: float | None = None  # memory bandwidth for the decode roofline (GPU: looked up by name)
     preflight: Preflight = Preflight()
     watchdog: WatchdogLimits = WatchdogLimits()
     slo: SLO = SLO()
@@ -260,7 +261,7 @@ def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> Host
     kw: dict[str, Any] = {"name": name}
     if "device" in data:
         kw["device"] = _choice(data["device"], "device", DEVICES, where)
-    for key in ("memory_gib", "boot_timeout_s", "hold_s"):
+    for key in ("memory_gib", "boot_timeout_s", "hold_s", "bandwidth_gbps"):
         if key in data:
             kw[key] = _number(data[key], key, where, minimum=0.0)
     if "workload" in data and not isinstance(data["workload"], Mapping):

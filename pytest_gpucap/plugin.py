@@ -17,7 +17,8 @@ from .config import (
     BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, slo_from_mapping,
 )
-from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe
+from . import memory_model
+from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .servers import LaunchSpec, PreflightSkip, ServerHandle
 from .servers import llamacpp
 from .servers.process import sweep_leftovers
@@ -46,6 +47,8 @@ class Settings:
     ramp_ceiling: int | None
     preflight: bool
     sweep: bool
+    predict_skip: bool
+    calibration_path: Path | None
 
 
 @dataclass
@@ -61,6 +64,13 @@ class State:
     swept: list[int] | None = None
     binary: llamacpp.BinaryLookup | None = None
     binary_version: str = ""
+    _calibration: Any = None
+
+    @property
+    def calibration(self) -> Any:
+        if self._calibration is None and self.settings.calibration_path is not None:
+            self._calibration = memory_model.load_calibration(self.settings.calibration_path)
+        return self._calibration
 
 
 STATE = pytest.StashKey[State]()
@@ -87,6 +97,8 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("rtt", "gpucap_rtt", "GPUCAP_RTT", "injected client round-trip seconds per request (default 0)"),
     ("ramp-ceiling", "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING",
      "largest N of the agent-connection ramp (overrides profiles; default 2048)"),
+    ("calibration", "gpucap_calibration", "GPUCAP_CALIBRATION",
+     "JSON file of per-profile memory-model corrections: read before, updated after the session"),
 ]
 
 
@@ -98,6 +110,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(ini, help=help_text, default=None)
     group.addoption("--gpucap-no-preflight", action="store_true", dest="gpucap_no_preflight",
                     help="boot even when preflight floors say the host cannot hold the config")
+    group.addoption("--gpucap-predict", action="store_true", dest="gpucap_predict",
+                    help="print the predicted memory fit of the selected configs and exit (boots nothing)")
+    group.addoption("--gpucap-no-predict-skip", action="store_true", dest="gpucap_no_predict_skip",
+                    help="boot configs the memory model predicts will not fit (to confirm the prediction)")
     group.addoption("--gpucap-no-sweep", action="store_true", dest="gpucap_no_sweep",
                     help="do not remove servers left by an earlier crashed pytest-gpucap session")
 
@@ -161,6 +177,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
         ramp_ceiling=_int_or_none(_float_setting(config, "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING", "ramp-ceiling")),
         preflight=not config.getoption("gpucap_no_preflight"),
         sweep=not config.getoption("gpucap_no_sweep"),
+        predict_skip=not config.getoption("gpucap_no_predict_skip"),
+        calibration_path=path("gpucap_calibration"),
     )
 
 
@@ -183,6 +201,31 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE] = state
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Recorder(state, config), "gpucap-recorder")
+
+
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    if config.getoption("gpucap_predict"):
+        from _pytest.main import wrap_session
+
+        return wrap_session(config, _predict_main)
+    return None
+
+
+def _predict_main(config: pytest.Config, session: pytest.Session) -> int:
+    """``--gpucap-predict``: collect (so ``-m``/``-k`` apply), predict each selected config, boot nothing."""
+    session.perform_collect()
+    state = config.stash[STATE]
+    selected = {item.callspec.params["gpucap_config"].id for item in session.items
+                if hasattr(item, "callspec") and "gpucap_config" in item.callspec.params}
+    preds, missing = memory_model.predict_matrix(state.matrix, state.settings.model, state.settings.mmproj,
+                                                 state.calibration)
+    rows = [p for p in preds if p.config_id in selected]
+    writer = config.get_terminal_writer()
+    writer.line(memory_model.fit_table(rows) if rows else "gpucap: no capacity configuration selected")
+    for line in missing:
+        if line.split(":", 1)[0] in selected:
+            writer.line(line)
+    return 0
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -303,6 +346,32 @@ def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSp
 
 # ---------------------------------------------------------------- fixtures
 
+def _predict(state: State, handle: ServerHandle) -> Any:
+    """The memory model's prediction for a config about to boot (None when it cannot be made)."""
+    spec = handle.spec
+    if spec.model is None or spec.config.backend != "llamacpp" or spec.endpoint:
+        return None
+    baseline = take_snapshot(handle.probe, None).device.used_mib if handle.is_gpu else 0.0
+    try:
+        return memory_model.predict_for(spec.config, spec.profile, spec.model, spec.mmproj,
+                                        state.calibration, baseline_used_mib=baseline)
+    except (OSError, ValueError, KeyError) as exc:  # an unreadable or unusual GGUF: boot to find out
+        return _Unpredictable(str(exc))
+
+
+@dataclass(frozen=True)
+class _Unpredictable:
+    """Stands in for a prediction the memory model could not make; never skips."""
+
+    why: str
+
+    def skip_reason(self) -> None:
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": self.why}
+
+
 @pytest.fixture(scope="session")
 def gpucap_config(request: pytest.FixtureRequest) -> CapacityConfig:
     """The capacity configuration of this test case (parametrized from the matrix or markers)."""
@@ -319,6 +388,11 @@ def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig)
         state.swept = sweep_leftovers() if state.settings.sweep else []
     spec = launch_spec(request, gpucap_config)
     handle = ServerHandle(spec, _probe(state, spec.profile))
+    handle.prediction = _predict(state, handle)
+    if handle.prediction is not None and state.settings.predict_skip:
+        reason = handle.prediction.skip_reason()
+        if reason:
+            pytest.skip(reason)
     state.handles.append(handle)
     try:
         handle.boot()
@@ -493,6 +567,15 @@ class Recorder:
                 except Exception as exc:  # the records are safe on disk; say why rendering failed
                     self.render_error = f"{type(exc).__name__}: {exc}"
         environment.github_step_summary(self.state.records, report_dir if self.rendered else None)
+        self._save_calibration()
+
+    def _save_calibration(self) -> None:
+        path = self.state.settings.calibration_path
+        ceilings = [r for r in self.state.records if r.get("kind") == "ceiling" and r.get("memory")]
+        if path is None or not ceilings:
+            return
+        learned = memory_model.calibrate(ceilings)
+        memory_model.save_calibration(self.state.calibration.merged(learned), path)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         state = self.state

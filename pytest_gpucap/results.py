@@ -80,6 +80,12 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
         "verdicts": verdict_dicts([verdict]),
         "headroom_class": headroom_class(free_mib / 1024, prof.slo),
     }
+    if handle.prediction is not None:
+        from .memory_model import prediction_error
+
+        record["memory"]["predicted"] = handle.prediction.as_dict()
+        record["memory"]["predicted_kv_per_slot_mib"] = record["memory"]["predicted"].get("kv_per_slot_mib")
+        record["memory"]["prediction_error"] = prediction_error(handle.prediction, record)
     return record, [verdict]
 
 

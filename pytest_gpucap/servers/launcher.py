@@ -76,6 +76,7 @@ class ServerHandle:
     props: dict[str, Any] = field(default_factory=dict)
     teardown: Teardown | None = None
     external_pid: int | None = None
+    prediction: Any = None  # memory_model.Prediction made before boot, when the model could be read
 
     @property
     def config(self) -> CapacityConfig:

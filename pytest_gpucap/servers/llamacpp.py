@@ -201,7 +201,14 @@ def parse_memory_report(text: str) -> ServerMemoryReport:
 
 
 def verify_running(cfg: CapacityConfig, props: Mapping[str, Any], slots: list[Mapping[str, Any]]) -> list[str]:
-    """Differences between what the config asked for and what ``/props`` and ``/slots`` report."""
+    """Differences between what the config asked for and what ``/props`` and ``/slots`` report.
+
+    llama.cpp pads each slot's context to a multiple of 256 cells; a requested ``ctx`` that is not a
+    multiple comes back padded, and that (and only that) is accepted.
+    """
+    from ..memory_model import slot_ctx
+
+    expected = slot_ctx(cfg)
     problems: list[str] = []
     total = props.get("total_slots")
     if total != cfg.n:
@@ -209,7 +216,8 @@ def verify_running(cfg: CapacityConfig, props: Mapping[str, Any], slots: list[Ma
     ctxs = sorted({s.get("n_ctx") for s in slots})
     if len(slots) != cfg.n:
         problems.append(f"/slots lists {len(slots)} slots, config asks n = {cfg.n}")
-    if ctxs != [cfg.ctx]:
-        problems.append(f"/slots n_ctx = {ctxs}, config asks ctx = {cfg.ctx} per slot "
-                        "(llama.cpp may round or fit the context; check the model's n_ctx_train)")
+    if ctxs != [expected]:
+        padded = f" (padded by llama.cpp to {expected})" if expected != cfg.ctx else ""
+        problems.append(f"/slots n_ctx = {ctxs}, config asks ctx = {cfg.ctx} per slot{padded} "
+                        "(llama.cpp may have fitted the context to memory; check -fit and n_ctx_train)")
     return problems

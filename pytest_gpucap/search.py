@@ -1,0 +1,474 @@
+"""Capacity search: the largest configuration that meets every SLO, with few boots.
+
+The objective orders configurations by total context ``N x ctx``, then by ``N`` (then mmproj on
+before off, then cache types in the order given). A full grid boots every point; this search boots
+only the points that can still change the answer:
+
+1. **Predict** every point (cheap, no server). Points predicted not to fit (or, with
+   ``prune="slo"``, predicted to miss the headroom SLO) are never booted.
+2. **Reuse** outcomes already known (records from ``results.jsonl``, keyed by config id).
+3. **Monotonicity assumption**: within one (cache type, mmproj) family, if ``(N, ctx)`` fails then
+   every ``(N' >= N, ctx' >= ctx)`` fails, and if it passes every ``(N' <= N, ctx' <= ctx)``
+   passes: more slots or more context per slot never need less memory or make turns faster. Known
+   outcomes are propagated this way ("inferred-pass" / "inferred-fail").
+4. **Branch and bound**: only points whose objective beats the best pass so far are candidates; a
+   pass makes everything ranked below it irrelevant. Two ways to pick the next boot:
+
+   - ``strategy="split"`` (default): the candidate whose outcome settles the most other candidates
+     (a pass settles what it dominates and what ranks below it; a fail settles what dominates it) —
+     a 2-D bisection of the frontier. The prediction weights the two outcomes by how often it has
+     agreed with the boots so far, so a good prediction leads straight to the knee and a bad one
+     degrades to plain bisection instead of wasting boots.
+   - ``strategy="columns"``: per ctx column, start at the predicted frontier (largest N predicted to
+     meet the SLO), *double* the step up after each pass, *bisect* after a fail; columns in order of
+     their best candidate.
+
+   On random monotone grids (tests/test_search.py) both find the grid's knee every time; "split"
+   used 11-20% of the grid's boots on average and at most 38%, "columns" 9-26% on average but up to
+   75% when the prediction misses a constraint it does not model (e.g. a latency SLO on N).
+
+Pruning on "fit" is safe while the prediction errs by less than the headroom SLO: a config predicted
+not to fit at all but measured with at least the SLO's headroom free would be missed.
+
+``evaluate(cfg) -> Outcome`` is the only thing that boots; :func:`boot_and_check` is a real one
+(boot ``llama-server`` with ``ServerHandle``, read free memory, judge the headroom SLO and any extra
+checks). The plugin can pass its own (boot + workload + SLO verdicts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .config import CapacityConfig, SLO
+from .memory_model import Prediction
+
+MONOTONICITY = ("within one cache type and mmproj setting, a config that fails makes every config with "
+                "at least as many slots and at least as much context per slot fail; one that passes makes "
+                "every smaller one pass")
+
+STATUSES = ("booted-pass", "booted-fail", "known-pass", "known-fail", "predicted-no-fit",
+            "predicted-slo-miss", "inferred-pass", "inferred-fail", "not-needed")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The grid: slots, context per slot, KV cache types, projector on/off."""
+
+    ns: tuple[int, ...]
+    ctxs: tuple[int, ...]
+    cache_types: tuple[str, ...] = ("f16",)
+    mmproj: tuple[bool, ...] = (False,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ns", tuple(sorted(set(self.ns))))
+        object.__setattr__(self, "ctxs", tuple(sorted(set(self.ctxs))))
+        if not self.ns or not self.ctxs or not self.cache_types or not self.mmproj:
+            raise ValueError("a search space needs at least one N, ctx, cache type and mmproj setting")
+
+    @property
+    def size(self) -> int:
+        return len(self.ns) * len(self.ctxs) * len(self.cache_types) * len(self.mmproj)
+
+    def families(self) -> list[tuple[str, bool]]:
+        return [(c, m) for m in self.mmproj for c in self.cache_types]
+
+    def config(self, base: CapacityConfig, n: int, ctx: int, cache_type: str, mmproj: bool) -> CapacityConfig:
+        return replace(base, n=n, ctx=ctx, cache_type_k=cache_type, cache_type_v=cache_type, mmproj=mmproj,
+                       name=None)
+
+    def configs(self, base: CapacityConfig) -> list[CapacityConfig]:
+        return [self.config(base, n, ctx, c, m) for c, m in self.families() for ctx in self.ctxs for n in self.ns]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Whether one booted (or known) config met its SLOs, and why."""
+
+    passed: bool
+    reason: str = ""
+    verdicts: tuple[str, ...] = ()  # Verdict.line() texts
+    record: Mapping[str, Any] | None = None  # e.g. the ceiling record, to append to results.jsonl
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One grid point and what the search knows about it."""
+
+    config: CapacityConfig
+    status: str  # one of STATUSES
+    reason: str = ""
+    prediction: Prediction | None = None
+    boot_order: int | None = None  # 1-based order of the boots this search made
+    outcome: Outcome | None = None
+
+    @property
+    def passed(self) -> bool | None:
+        if self.status.endswith("pass"):
+            return True
+        if self.status == "not-needed":
+            return None
+        return False
+
+
+@dataclass
+class SearchResult:
+    """The knee and the evidence for it."""
+
+    knee: CapacityConfig | None
+    probes: list[Probe]
+    boots: int
+    grid_size: int
+    known_used: int = 0
+    assumption: str = MONOTONICITY
+    seconds: float = 0.0
+
+    @property
+    def boot_fraction(self) -> float:
+        return self.boots / self.grid_size if self.grid_size else 0.0
+
+    def probe(self, config_id: str) -> Probe | None:
+        return next((p for p in self.probes if p.config.id == config_id), None)
+
+    def booted(self) -> list[Probe]:
+        return sorted((p for p in self.probes if p.boot_order is not None), key=lambda p: p.boot_order or 0)
+
+    def table(self) -> str:
+        """Evidence, one line per grid point: status and reason (booted points first, in boot order)."""
+        rows = self.booted() + [p for p in self.probes if p.boot_order is None]
+        w = max([len(p.config.id) for p in rows] + [6])
+        lines = [f"knee: {self.knee.id if self.knee else 'none'} — {self.boots} boots of a {self.grid_size}-point "
+                 f"grid ({100 * self.boot_fraction:.0f}%), {self.known_used} known results reused",
+                 f"assumption: {self.assumption}", ""]
+        for p in rows:
+            order = f"#{p.boot_order}" if p.boot_order else "  "
+            mark = " <- knee" if self.knee and p.config.id == self.knee.id else ""
+            lines.append(f"{order:>4} {p.config.id.ljust(w)}  {p.status:<18} {p.reason}{mark}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "knee": self.knee.id if self.knee else None, "boots": self.boots, "grid_size": self.grid_size,
+            "boot_fraction": round(self.boot_fraction, 3), "known_used": self.known_used,
+            "assumption": self.assumption, "seconds": round(self.seconds, 2),
+            "probes": [{"config_id": p.config.id, "n": p.config.n, "ctx": p.config.ctx,
+                        "cache_type": p.config.cache_type_k, "mmproj": p.config.mmproj, "status": p.status,
+                        "reason": p.reason, "boot_order": p.boot_order,
+                        "predicted_free_mib": None if p.prediction is None or p.prediction.free_mib is None
+                        else round(p.prediction.free_mib, 1)} for p in self.probes],
+        }
+
+
+# ---------------------------------------------------------------- known results
+
+def known_outcomes(records: Iterable[Mapping[str, Any]], slo: SLO | None = None) -> dict[str, Outcome]:
+    """Outcomes from saved result records (``results.read_jsonl``), keyed by config id.
+
+    A config passes when every verdict of every record for it passed. With ``slo``, ceiling records
+    are judged again against its headroom (``free_mib``) instead of the budget they were run with.
+    """
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for rec in records:
+        if "config_id" in rec:
+            grouped.setdefault(rec["config_id"], []).append(rec)
+    out: dict[str, Outcome] = {}
+    for cid, recs in grouped.items():
+        lines: list[str] = []
+        ok = True
+        for rec in recs:
+            free_mib = (rec.get("memory") or {}).get("free_mib")
+            if slo is not None and rec.get("kind") == "ceiling" and free_mib is not None:
+                free_gib = free_mib / 1024
+                good = free_gib >= slo.headroom_gib
+                lines.append(f"headroom: measured {free_gib:.3g} GiB, budget >= {slo.headroom_gib:.3g} GiB "
+                             f"[{'ok' if good else 'BREACH'}] (re-judged)")
+                ok &= good
+                continue
+            for v in rec.get("verdicts") or []:
+                good = bool(v.get("ok"))
+                ok &= good
+                lines.append(f"{v.get('name')}: measured {v.get('measured')}, budget {v.get('budget')} "
+                             f"[{'ok' if good else 'BREACH'}]")
+        out[cid] = Outcome(ok, reason="; ".join(lines) or "no verdicts recorded", verdicts=tuple(lines),
+                           record=recs[-1])
+    return out
+
+
+# ---------------------------------------------------------------- search
+
+def _objective(cfg: CapacityConfig, cache_rank: int) -> tuple[int, int, int, int]:
+    return (cfg.n * cfg.ctx, cfg.n, int(cfg.mmproj), -cache_rank)
+
+
+def default_predicted_ok(pred: Prediction) -> bool:
+    """Predicted to meet the headroom SLO (or, without a budget, predicted to boot)."""
+    ok = pred.meets_headroom
+    return pred.fits if ok is None else ok
+
+
+def search_capacity(base: CapacityConfig, space: SearchSpace, evaluate: Callable[[CapacityConfig], Outcome],
+                    predict: Callable[[CapacityConfig], Prediction] | None = None,
+                    known: Mapping[str, Outcome] | None = None, prune: str = "fit",
+                    predicted_ok: Callable[[Prediction], bool] = default_predicted_ok,
+                    max_boots: int | None = None, log: Callable[[str], None] | None = None,
+                    strategy: str = "split") -> SearchResult:
+    """Find the knee of ``space`` around ``base`` (profile, model, flags), booting as little as possible.
+
+    ``prune``: ``"fit"`` never boots configs predicted not to fit (or that llama-server would refuse),
+    ``"slo"`` also skips those predicted to miss the headroom SLO, ``"none"`` uses the prediction only
+    to choose where to start. ``known`` maps config ids to outcomes already measured.
+    ``max_boots`` stops early (the knee is then the best pass found so far).
+    """
+    if prune not in ("fit", "slo", "none"):
+        raise ValueError("prune must be 'fit', 'slo' or 'none'")
+    if strategy not in ("split", "columns"):
+        raise ValueError("strategy must be 'split' or 'columns'")
+    t0 = time.monotonic()
+    known = dict(known or {})
+    fams = space.families()
+    ns, ctxs = space.ns, space.ctxs
+    cfgs: dict[tuple[int, int, int], CapacityConfig] = {}
+    preds: dict[tuple[int, int, int], Prediction | None] = {}
+    state: dict[tuple[int, int, int], bool | None] = {}
+    status: dict[tuple[int, int, int], tuple[str, str]] = {}
+    outcomes: dict[tuple[int, int, int], Outcome] = {}
+    order: dict[tuple[int, int, int], int] = {}
+    known_used = 0
+    for f, (cache, mm) in enumerate(fams):
+        for j, ctx in enumerate(ctxs):
+            for i, n in enumerate(ns):
+                key = (f, j, i)
+                cfg = space.config(base, n, ctx, cache, mm)
+                cfgs[key] = cfg
+                pred = predict(cfg) if predict else None
+                preds[key] = pred
+                state[key] = None
+                if cfg.id in known:
+                    o = known[cfg.id]
+                    state[key] = o.passed
+                    status[key] = ("known-pass" if o.passed else "known-fail", o.reason)
+                    outcomes[key] = o
+                    known_used += 1
+                elif pred is not None and prune != "none" and not pred.fits:
+                    state[key] = False
+                    status[key] = ("predicted-no-fit", pred.skip_reason() or "")
+                elif pred is not None and prune == "slo" and not predicted_ok(pred):
+                    state[key] = False
+                    status[key] = ("predicted-slo-miss",
+                                   f"predicted free {pred.free_mib:.0f} MiB < headroom {pred.headroom_gib} GiB")
+
+    def rank(key: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        return _objective(cfgs[key], space.cache_types.index(fams[key[0]][0]))
+
+    def infer() -> None:
+        """Propagate passes down-left and fails up-right within each family (monotonicity)."""
+        for f in range(len(fams)):
+            for j in range(len(ctxs)):
+                # the largest passing N in any column with at least this ctx, the smallest failing N
+                # in any column with at most this ctx (and where they were seen)
+                top = max(((i, (f, jj, i)) for (ff, jj, i), v in state.items()
+                           if ff == f and v and jj >= j and status[(ff, jj, i)][0] != "inferred-pass"),
+                          default=None)
+                bottom = min(((i, (f, jj, i)) for (ff, jj, i), v in state.items()
+                              if ff == f and v is False and jj <= j and status[(ff, jj, i)][0] != "inferred-fail"),
+                             default=None)
+                for i in range(len(ns)):
+                    key = (f, j, i)
+                    if state[key] is not None:
+                        continue
+                    if top is not None and i <= top[0]:
+                        state[key] = True
+                        status[key] = ("inferred-pass", f"{cfgs[top[1]].id} passed (monotonicity)")
+                    elif bottom is not None and i >= bottom[0]:
+                        state[key] = False
+                        status[key] = ("inferred-fail", f"{cfgs[bottom[1]].id} failed (monotonicity)")
+
+    def best() -> tuple[int, int, int] | None:
+        passes = [k for k, v in state.items() if v]
+        return max(passes, key=rank) if passes else None
+
+    def choose_column(cands: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+        """Doubling then bisection on N in the column (ctx) holding the best candidate."""
+        top = max(cands, key=rank)
+        f, j = top[0], top[1]
+        col = sorted(k[2] for k in cands if k[0] == f and k[1] == j)
+        lo, hi = col[0], col[-1]
+        colkey = (f, j)
+        if colkey not in started:
+            started.add(colkey)
+            guess = [i for i in col if preds[(f, j, i)] is not None and predicted_ok(preds[(f, j, i)])]
+            i = guess[-1] if guess else lo  # start at the predicted frontier, else the smallest candidate
+            step[colkey] = 1
+        elif colkey not in bisecting and col_last[colkey] < lo:
+            step[colkey] *= 2  # the last probe here passed and nothing failed yet: double the step up
+            i = min(hi, col_last[colkey] + step[colkey] // 2)
+        else:
+            bisecting.add(colkey)  # a fail bounds the column: bisect what is left
+            i = (lo + hi) // 2
+        col_last[colkey] = i
+        return f, j, i
+
+    def choose_split(cands: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+        """The probe that settles the most candidates: a pass settles every candidate it dominates
+        and every candidate ranked below it (it becomes the best); a fail settles every candidate
+        that dominates it. Weighted by the prediction (80/20) when there is one, else the worse of
+        the two outcomes (a 2-D bisection)."""
+        ranks = {k: rank(k) for k in cands}
+        # trust in the prediction: how often it agreed with the boots so far (Laplace-smoothed)
+        checked = [(predicted_ok(preds[k]), state[k]) for k in order if preds[k] is not None]
+        trust = (sum(a == b for a, b in checked) + 1) / (len(checked) + 2)
+        weight = max(0.0, min(0.8, 2 * (trust - 0.5)))
+        best_key, best_score = None, None
+        for x in cands:
+            fx, jx, ix = x
+            rx = ranks[x]
+            on_pass = sum(1 for k in cands if ranks[k] <= rx or (k[0] == fx and k[1] <= jx and k[2] <= ix))
+            on_fail = sum(1 for k in cands if k[0] == fx and k[1] >= jx and k[2] >= ix)
+            pred = preds[x]
+            balanced = min(on_pass, on_fail)
+            if pred is None or weight == 0:
+                score: tuple[float, ...] = (balanced, max(on_pass, on_fail), rx)
+            else:
+                p = 0.5 + weight / 2 if predicted_ok(pred) else 0.5 - weight / 2
+                score = (weight * (p * on_pass + (1 - p) * on_fail) + (1 - weight) * balanced, rx)
+            if best_score is None or score > best_score:
+                best_key, best_score = x, score
+        assert best_key is not None
+        return best_key
+
+    boots = 0
+    step: dict[tuple[int, int], int] = {}  # per (family, column): the doubling step after passes
+    started: set[tuple[int, int]] = set()
+    bisecting: set[tuple[int, int]] = set()
+    col_last: dict[tuple[int, int], int] = {}
+    while True:
+        infer()
+        b = best()
+        cands = [k for k, v in state.items() if v is None and (b is None or rank(k) > rank(b))]
+        if not cands or (max_boots is not None and boots >= max_boots):
+            break
+        if strategy == "split":
+            f, j, i = choose_split(cands)
+        else:
+            f, j, i = choose_column(cands)
+        key = (f, j, i)
+        cfg = cfgs[key]
+        t = time.monotonic()
+        try:
+            o = evaluate(cfg)
+        except Exception as exc:  # a crash of the evaluation is a fail of this config, with the reason
+            o = Outcome(False, reason=f"evaluation error: {type(exc).__name__}: {exc}")
+        if not o.seconds:
+            o = replace(o, seconds=time.monotonic() - t)
+        boots += 1
+        order[key] = boots
+        outcomes[key] = o
+        state[key] = o.passed
+        status[key] = ("booted-pass" if o.passed else "booted-fail", o.reason)
+        if log:
+            log(f"search boot #{boots}: {cfg.id} {'pass' if o.passed else 'FAIL'} ({o.reason})")
+    infer()
+    b = best()
+    probes = []
+    for key, cfg in cfgs.items():
+        st, reason = status.get(key, ("not-needed", "cannot beat the knee (objective bound)"))
+        probes.append(Probe(cfg, st, reason, preds[key], order.get(key), outcomes.get(key)))
+    return SearchResult(cfgs[b] if b else None, probes, boots, space.size, known_used, seconds=time.monotonic() - t0)
+
+
+def grid_search(base: CapacityConfig, space: SearchSpace, evaluate: Callable[[CapacityConfig], Outcome],
+                log: Callable[[str], None] | None = None) -> SearchResult:
+    """Boot every grid point (the reference the search is measured against); knee = best pass."""
+    t0 = time.monotonic()
+    probes = []
+    best: tuple[tuple[int, int, int, int], CapacityConfig] | None = None
+    for k, cfg in enumerate(space.configs(base), start=1):
+        t = time.monotonic()
+        try:
+            o = evaluate(cfg)
+        except Exception as exc:
+            o = Outcome(False, reason=f"evaluation error: {type(exc).__name__}: {exc}")
+        if not o.seconds:
+            o = replace(o, seconds=time.monotonic() - t)
+        probes.append(Probe(cfg, "booted-pass" if o.passed else "booted-fail", o.reason, None, k, o))
+        if log:
+            log(f"grid boot #{k}: {cfg.id} {'pass' if o.passed else 'FAIL'}")
+        if o.passed:
+            r = _objective(cfg, space.cache_types.index(cfg.cache_type_k))
+            if best is None or r > best[0]:
+                best = (r, cfg)
+    return SearchResult(best[1] if best else None, probes, len(probes), space.size, seconds=time.monotonic() - t0)
+
+
+def monotonicity_violations(result: SearchResult) -> list[str]:
+    """Pairs of booted points that contradict the monotonicity assumption (a check on a full grid)."""
+    booted = [p for p in result.probes if p.status.startswith("booted")]
+    out = []
+    for a in booted:
+        for b in booted:
+            same = (a.config.cache_type_k, a.config.mmproj) == (b.config.cache_type_k, b.config.mmproj)
+            if same and a.passed is False and b.passed and b.config.n >= a.config.n and b.config.ctx >= a.config.ctx \
+                    and a.config.id != b.config.id:
+                out.append(f"{a.config.id} failed but larger {b.config.id} passed")
+    return out
+
+
+# ---------------------------------------------------------------- a real evaluation
+
+def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig], Any], probe: Any = None,
+                   checks: Callable[[Any], Sequence[Any]] | None = None, slo: SLO | None = None) -> Outcome:
+    """Boot ``llama-server`` for ``cfg``, hold it, and judge the headroom SLO (+ ``checks``).
+
+    ``spec_factory(cfg) -> LaunchSpec`` resolves binary, model and limits (the plugin has
+    ``launch_spec``). ``probe`` defaults to a ``HostProbe`` over the profile budget on host profiles
+    and an ``NvmlProbe`` on cuda ones. ``checks(handle) -> [Verdict]`` adds verdicts (e.g. a short
+    workload's latency). ``slo`` overrides the profile's SLO. The server is always torn down; a boot
+    failure or preflight refusal is a fail with its reason. ``Outcome.record`` is the ceiling record
+    (with ``server_report``), ready for results.jsonl and :func:`memory_model.calibrate`.
+    """
+    from .memory import HostProbe, NvmlProbe
+    from .results import ceiling_record
+    from .servers import PreflightSkip, ServerError, ServerHandle
+
+    spec = spec_factory(cfg)
+    profile = spec.profile if slo is None else replace(spec.profile, slo=slo)
+    spec = replace(spec, profile=profile)
+    own_probe = probe is None
+    if probe is None:
+        probe = (NvmlProbe(profile.gpu_index, profile.memory_gib * 1024) if profile.device == "cuda"
+                 else HostProbe(profile.memory_gib * 1024))
+    handle = ServerHandle(spec, probe)
+    t0 = time.monotonic()
+    try:
+        try:
+            handle.boot()
+            handle.hold()
+        except PreflightSkip as exc:
+            return Outcome(False, reason=f"preflight refused: {exc}", seconds=time.monotonic() - t0)
+        except (Exception, ServerError) as exc:  # ServerError is pytest's Failed outcome (a BaseException)
+            tail = ""
+            if handle.process is not None:
+                tail = " | " + " / ".join(handle.process.log_tail().strip().splitlines()[-3:])
+            return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0)
+        record, verdicts = ceiling_record(handle, cfg.id)
+        verdicts = list(verdicts)
+        if checks is not None:
+            verdicts += list(checks(handle))
+        ok = all(v.ok for v in verdicts)
+        lines = tuple(v.line() for v in verdicts)
+        free = record["memory"]["free_mib"]
+        reason = f"free {free:.0f} MiB ({record['headroom_class']})"
+        bad = [v.line() for v in verdicts if not v.ok]
+        if bad:
+            reason += "; " + "; ".join(bad)
+        return Outcome(ok, reason=reason, verdicts=lines, record=record, seconds=time.monotonic() - t0)
+    finally:
+        handle.stop()
+        if own_probe:
+            probe.close()
+
+
+__all__ = ["MONOTONICITY", "Outcome", "Probe", "SearchResult", "SearchSpace", "boot_and_check",
+           "default_predicted_ok", "grid_search", "known_outcomes", "monotonicity_violations", "search_capacity"]
