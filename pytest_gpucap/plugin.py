@@ -22,6 +22,7 @@ from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .servers import LaunchSpec, PreflightSkip, ServerHandle
 from .servers import llamacpp
 from .servers.process import sweep_leftovers
+from .search import Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, search_capacity
 from .slo import Verdict, assert_slos
 from .workload.harness import Harness
 from .workload.roles import roles_from_matrix
@@ -190,6 +191,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpucap_slo(**budgets): override SLO budgets, e.g. headroom_gib=2.0, "
                             "p95_s={'Dev': 120}, min_agg_tps=100, max_error_rate=0.01")
     config.addinivalue_line("markers", "gpucap_ramp: parametrize only over configs with ramp = true")
+    config.addinivalue_line("markers", "gpucap_search(profile, ns, ctxs, cache_types=['f16'], mmproj=[False], "
+                            "base={}): the search space of the gpucap_search fixture")
     settings = resolve_settings(config)
     try:
         matrix = load_matrix(settings.matrix_path) if settings.matrix_path else DEFAULT_MATRIX
@@ -346,6 +349,12 @@ def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSp
 
 # ---------------------------------------------------------------- fixtures
 
+def _ensure_swept(state: State) -> None:
+    """Remove servers of dead earlier sessions once, before this session's first boot."""
+    if state.swept is None:
+        state.swept = sweep_leftovers() if state.settings.sweep else []
+
+
 def _predict(state: State, handle: ServerHandle) -> Any:
     """The memory model's prediction for a config about to boot (None when it cannot be made)."""
     spec = handle.spec
@@ -384,8 +393,7 @@ def gpucap_config(request: pytest.FixtureRequest) -> CapacityConfig:
 def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) -> Iterator[ServerHandle]:
     """A booted, verified server for this config, shared by its tests and torn down after them."""
     state = request.config.stash[STATE]
-    if state.swept is None:
-        state.swept = sweep_leftovers() if state.settings.sweep else []
+    _ensure_swept(state)
     spec = launch_spec(request, gpucap_config)
     handle = ServerHandle(spec, _probe(state, spec.profile))
     handle.prediction = _predict(state, handle)
@@ -498,6 +506,70 @@ def gpucap_workload(request: pytest.FixtureRequest, gpucap_server: ServerHandle,
                    dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config))
 
 
+@dataclass
+class SearchRun:
+    """The ``gpucap_search`` fixture: run the capacity search declared by the test's marker."""
+
+    request: pytest.FixtureRequest
+    base: CapacityConfig
+    space: SearchSpace
+
+    def run(self, prune: str = "fit") -> SearchResult:
+        """Prune by prediction, boot only the configs that decide the knee, record every probe."""
+        state = self.request.config.stash[STATE]
+        _ensure_swept(state)
+        profile = state.matrix.profile(self.base.profile)
+        probe = _probe(state, profile)
+        node = self.request.node
+
+        def spec_for(cfg: CapacityConfig) -> LaunchSpec:
+            return launch_spec(self.request, cfg)
+
+        def evaluate(cfg: CapacityConfig) -> Outcome:
+            outcome = boot_and_check(cfg, spec_for, probe=probe)
+            if outcome.record is not None:
+                _attach(node, {**outcome.record, "test": node.nodeid, "search_probe": True})
+            return outcome
+
+        model = spec_for(self.base).model
+
+        def predict(cfg: CapacityConfig) -> Any:
+            return memory_model.predict_for(cfg, profile, model, None, state.calibration) if model else None
+
+        known = known_outcomes([r for r in state.records if r.get("kind") == "ceiling"])
+        result = search_capacity(self.base, self.space, evaluate, predict=predict, known=known, prune=prune)
+        record = {"schema": results.SCHEMA_VERSION, "kind": "search", "test": node.nodeid,
+                  "config_id": f"{profile.name}-search", "profile": profile.name, **result.as_dict()}
+        _attach(node, record)
+        return result
+
+
+@pytest.fixture
+def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
+    """Capacity search over the space in ``@pytest.mark.gpucap_search(...)``; see ``SearchRun.run``."""
+    mark = request.node.get_closest_marker("gpucap_search")
+    if mark is None:
+        pytest.fail("gpucap_search needs @pytest.mark.gpucap_search(profile=..., ns=[...], ctxs=[...])",
+                    pytrace=False)
+    state = request.config.stash[STATE]
+    kw = dict(mark.kwargs)
+    where = f"@pytest.mark.gpucap_search on {request.node.nodeid}"
+    profile = kw.pop("profile", next(iter(state.matrix.profiles), "cpu"))
+    if profile not in state.matrix.profiles:
+        pytest.fail(f"{where}: unknown profile {profile!r}", pytrace=False)
+    try:
+        ns, ctxs = [int(n) for n in kw.pop("ns")], [int(c) for c in kw.pop("ctxs")]
+        space = SearchSpace(tuple(ns), tuple(ctxs), tuple(kw.pop("cache_types", ("f16",))),
+                            tuple(kw.pop("mmproj", (False,))))
+        base = config_from_mapping(profile, {**state.matrix.defaults.get(profile, {}), **kw.pop("base", {}),
+                                             "n": min(ns), "ctx": min(ctxs)}, where)
+    except (KeyError, TypeError, ValueError) as exc:
+        pytest.fail(f"{where}: {exc}", pytrace=False)
+    if kw:
+        pytest.fail(f"{where}: unknown arguments {sorted(kw)}", pytrace=False)
+    return SearchRun(request, base, space)
+
+
 # ---------------------------------------------------------------- reporting
 
 @pytest.hookimpl(wrapper=True)
@@ -525,6 +597,8 @@ def summary_line(rec: dict[str, Any]) -> str:
                 f"turns {m['turns_ok']} ok/{m['turns_failed']} failed  {roles}")
     if rec["kind"] == "ramp":
         return f"{head} max clean N {rec['max_clean_n']}, knee {rec['knee_n'] or '-'} (ceiling {rec['ceiling']})"
+    if rec["kind"] == "search":
+        return f"{head} knee {rec['knee'] or '-'} with {rec['boots']} boots of a {rec['grid_size']}-config grid"
     return head
 
 
