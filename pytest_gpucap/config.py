@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
-BACKENDS = ("llamacpp", "external")
+BACKENDS = ("llamacpp", "vllm", "external")
 DEVICES = ("cuda", "host")
 FLASH_ATTN = ("on", "off", "auto")
 GENERATED_PREFIX = "generated:"
@@ -120,6 +120,17 @@ class CapacityConfig:
     env: tuple[tuple[str, str], ...] = ()
     name: str | None = None
     ramp: bool = False  # run the agent-connection ramp on this config
+    # vLLM knobs (backend = "vllm"): N -> --max-num-seqs, ctx -> --max-model-len
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool | None = None
+    tensor_parallel_size: int | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    served_model_name: str | None = None
+    enforce_eager: bool | None = None
+    api_key_env: str | None = None  # name of the environment variable holding the API key
 
     @property
     def total_ctx(self) -> int:
@@ -136,8 +147,9 @@ class CapacityConfig:
         parts += [f"n{self.n}", f"ctx{_short_ctx(self.ctx)}"]
         if self.mmproj:
             parts.append("mmproj")
-        k, v = _short_cache(self.cache_type_k), _short_cache(self.cache_type_v)
-        parts.append(k if k == v else f"{k}-{v}")
+        if self.backend != "vllm":  # vLLM's KV dtype follows the model (or --kv-cache-dtype in extra_args)
+            k, v = _short_cache(self.cache_type_k), _short_cache(self.cache_type_v)
+            parts.append(k if k == v else f"{k}-{v}")
         return "-".join(parts)
 
 
@@ -252,7 +264,37 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
     kw["env"] = tuple(sorted(env.items()))
     if kw["backend"] == "external" and data.get("mmproj"):
         raise _fail(where, "the external backend cannot load an mmproj; drop mmproj")
+    vllm_keys = [k for k in _VLLM_KEYS if k in data]
+    if vllm_keys and kw["backend"] != "vllm":
+        raise _fail(where, f"{', '.join(vllm_keys)} apply to backend = \"vllm\" only")
+    if kw["backend"] == "vllm":
+        if "cache_type" in data or "cache_type_k" in data or "cache_type_v" in data:
+            raise _fail(where, 'vLLM picks its KV dtype from the model: drop cache_type '
+                               '(or pass extra_args = ["--kv-cache-dtype", "fp8"])')
+        for key in ("gpu_memory_utilization",):
+            if key in data:
+                value = _number(data[key], key, where)
+                if not 0 < value <= 1:
+                    raise _fail(where, f"{key} must be in (0, 1], got {value!r}")
+                kw[key] = value
+        for key in ("kv_cache_memory_bytes", "max_num_batched_tokens", "tensor_parallel_size"):
+            if key in data:
+                kw[key] = _positive_int(data[key], key, where)
+        for key in ("enable_prefix_caching", "enforce_eager"):
+            if key in data:
+                if not isinstance(data[key], bool):
+                    raise _fail(where, f"{key} must be true or false")
+                kw[key] = data[key]
+        for key in ("dtype", "quantization", "served_model_name", "api_key_env"):
+            if key in data:
+                if not isinstance(data[key], str) or not data[key]:
+                    raise _fail(where, f"{key} must be a non-empty string")
+                kw[key] = data[key]
     return CapacityConfig(**kw)
+
+
+_VLLM_KEYS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "max_num_batched_tokens", "enable_prefix_caching",
+              "tensor_parallel_size", "dtype", "quantization", "served_model_name", "enforce_eager", "api_key_env")
 
 
 def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> HostProfile:
@@ -354,7 +396,11 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
             ewhere = f"{where}.configs[{i}]"
             if not isinstance(entry, Mapping):
                 raise _fail(ewhere, "must be a table")
-            cfg = config_from_mapping(name, {**defaults, **entry}, ewhere)
+            inherited = dict(defaults)
+            if entry.get("backend", defaults.get("backend")) == "vllm":
+                for key in ("cache_type", "cache_type_k", "cache_type_v"):  # llama.cpp's KV types
+                    inherited.pop(key, None)
+            cfg = config_from_mapping(name, {**inherited, **entry}, ewhere)
             _check_model_ref(cfg.model, models, ewhere)
             configs.append(cfg)
     seen: dict[str, int] = {}
