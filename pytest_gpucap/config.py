@@ -32,6 +32,7 @@ class SLO:
     min_agg_tps: float | None = None
     max_error_rate: float | None = None
     ttft_p95_s: float | None = None
+    queue_p95_s: float | None = None  # vLLM: server-side queue time p95 (from /metrics) budget
     ramp_p95_s: float | None = None  # per-step turn p95 budget in the agent-connection ramp
 
     def role_p95(self) -> dict[str, float]:
@@ -147,6 +148,8 @@ class CapacityConfig:
         parts += [f"n{self.n}", f"ctx{_short_ctx(self.ctx)}"]
         if self.mmproj:
             parts.append("mmproj")
+        if self.backend == "vllm" and self.enable_prefix_caching is False:
+            parts.append("nopc")  # otherwise a caching-on/off pair would share one id
         if self.backend != "vllm":  # vLLM's KV dtype follows the model (or --kv-cache-dtype in extra_args)
             k, v = _short_cache(self.cache_type_k), _short_cache(self.cache_type_v)
             parts.append(k if k == v else f"{k}-{v}")
@@ -293,6 +296,19 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
     return CapacityConfig(**kw)
 
 
+#: llama.cpp-only keys: profile defaults do not pass them to vLLM entries (where they mean nothing).
+_LLAMACPP_KEYS = ("cache_type", "cache_type_k", "cache_type_v", "flash_attn", "threads", "gpu_layers",
+                  "cache_ram_mib", "batch_size")
+
+
+def merge_defaults(defaults: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Profile defaults under an entry (matrix or marker), where they mean something: llama.cpp knobs
+    are not inherited by vLLM entries, nor vLLM knobs by llama.cpp entries."""
+    backend = entry.get("backend", defaults.get("backend", "llamacpp"))
+    foreign = _LLAMACPP_KEYS if backend == "vllm" else _VLLM_KEYS
+    return {**{k: v for k, v in defaults.items() if k not in foreign}, **entry}
+
+
 _VLLM_KEYS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "max_num_batched_tokens", "enable_prefix_caching",
               "tensor_parallel_size", "dtype", "quantization", "served_model_name", "enforce_eager", "api_key_env")
 
@@ -396,11 +412,7 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
             ewhere = f"{where}.configs[{i}]"
             if not isinstance(entry, Mapping):
                 raise _fail(ewhere, "must be a table")
-            inherited = dict(defaults)
-            if entry.get("backend", defaults.get("backend")) == "vllm":
-                for key in ("cache_type", "cache_type_k", "cache_type_v"):  # llama.cpp's KV types
-                    inherited.pop(key, None)
-            cfg = config_from_mapping(name, {**inherited, **entry}, ewhere)
+            cfg = config_from_mapping(name, merge_defaults(defaults, entry), ewhere)
             _check_model_ref(cfg.model, models, ewhere)
             configs.append(cfg)
     seen: dict[str, int] = {}

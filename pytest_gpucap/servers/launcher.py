@@ -18,7 +18,7 @@ import psutil
 from ..config import CapacityConfig, HostProfile
 from ..memory import MemoryProbe, MemorySnapshot, Sampler, take_snapshot
 from ..safety import Watchdog, post_boot_reason, preflight_reason
-from . import llamacpp
+from . import llamacpp, vllm
 from .process import ManagedProcess, ServerError, free_port, wait_healthy
 
 RECLAIM_TIMEOUT_S = 30.0
@@ -37,6 +37,7 @@ class LaunchSpec:
     profile: HostProfile
     log_dir: Path
     binary: Path | None = None
+    command: tuple[str, ...] | None = None  # vLLM: argv prefix from vllm.find_command
     binary_version: str = ""
     model: Path | None = None
     mmproj: Path | None = None
@@ -54,6 +55,7 @@ class Teardown:
     stop_s: float = 0.0
     killed: bool = False
     returncode: int | None = None
+    temp_leftovers: list[str] = field(default_factory=list)  # what vLLM left in its TMPDIR (removed)
     reclaim_s: float | None = None
     reclaimed: bool | None = None
 
@@ -72,10 +74,11 @@ class ServerHandle:
     after_load: MemorySnapshot | None = None
     sampler: Sampler | None = None
     watchdog: Watchdog | None = None
-    report: llamacpp.ServerMemoryReport = field(default_factory=llamacpp.ServerMemoryReport)
+    report: llamacpp.ServerMemoryReport | vllm.VllmMemoryReport = field(default_factory=llamacpp.ServerMemoryReport)
     props: dict[str, Any] = field(default_factory=dict)
     teardown: Teardown | None = None
     external_pid: int | None = None
+    tmp_dir: Path | None = None  # vLLM: its own TMPDIR, removed at teardown
     prediction: Any = None  # memory_model.Prediction made before boot, when the model could be read
 
     @property
@@ -97,6 +100,14 @@ class ServerHandle:
         return self.external_pid
 
     @property
+    def server_name(self) -> str:
+        return {"vllm": "vLLM", "external": "endpoint"}.get(self.config.backend, "llama-server")
+
+    @property
+    def api_key(self) -> str | None:
+        return vllm.api_key(self.config) if self.config.backend == "vllm" else None
+
+    @property
     def log_path(self) -> Path | None:
         return self.process.log_path if self.process else None
 
@@ -116,6 +127,8 @@ class ServerHandle:
         self.sampler.start()
         if cfg.backend == "external" or self.spec.endpoint:
             self._attach_external()
+        elif cfg.backend == "vllm":
+            self._spawn_vllm()
         else:
             self._spawn_llamacpp()
         self.after_load = self.sampler.sample()
@@ -142,6 +155,44 @@ class ServerHandle:
             raise ServerError(f"llama-server for {cfg.id} does not run the requested config: "
                               + "; ".join(problems))
         self.report = llamacpp.parse_memory_report(self.process.log_text())
+
+    def _spawn_vllm(self) -> None:
+        """vLLM: own TMPDIR, health, /v1/models + log verification, then one request that must
+        produce usage (/health says 200 before an engine that cannot run has run a step)."""
+        spec, cfg = self.spec, self.config
+        assert spec.command is not None and spec.model is not None
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.argv = vllm.build_argv(spec.command, cfg, spec.model, port, cpu=not self.is_gpu)
+        self.tmp_dir = vllm.make_tmp_dir(cfg.id)
+        try:
+            env = vllm.child_env(cfg, self.tmp_dir, _base_env())
+        except vllm.MissingApiKey as exc:
+            raise ServerError(f"vLLM for {cfg.id}: {exc}") from None
+        log = _fresh_log_path(spec.log_dir, cfg.id)
+        self.process = ManagedProcess(self.argv, log, env=env, owner_token=spec.owner_token)
+        self.process.start()
+        self.boot_s = wait_healthy(self.process, f"{self.url}/health", spec.boot_timeout_s,
+                                   abort=lambda: self.watchdog.tripped if self.watchdog else None,
+                                   what=f"vLLM for {cfg.id}")
+        served = cfg.served_model_name or vllm.DEFAULT_SERVED_NAME
+        key = self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.Client(timeout=10.0, headers=headers) as client:
+            models = client.get(f"{self.url}/v1/models")
+            models.raise_for_status()
+            metrics = client.get(f"{self.url}/metrics").text
+        problems = vllm.verify_running(cfg, models.json(), self.process.log_text() + "\n" + metrics, served)
+        if problems:
+            raise ServerError(f"vLLM for {cfg.id} does not run the requested config: " + "; ".join(problems))
+        problem = vllm.smoke_check(self.url, served, key, timeout_s=max(60.0, spec.boot_timeout_s / 2))
+        if problem:
+            cause = vllm.engine_failure(self.process.log_text())
+            raise ServerError(f"vLLM for {cfg.id} answers /health but cannot serve: {problem}"
+                              + (f"\ncause: {cause}" if cause else "") + f"\n(log {self.process.log_path})")
+        self.report = vllm.parse_memory_log(self.process.log_text(), metrics)
+        self.props = {"total_slots": self.report.max_num_seqs, "max_model_len": self.report.max_model_len,
+                      "served_model_name": served, "cache_config": vllm.cache_config_info(metrics)}
 
     def _attach_external(self) -> None:
         cfg = self.config
@@ -192,7 +243,7 @@ class ServerHandle:
             if self.process.stop_info is not None and self.teardown is not None:
                 raise ServerError(f"server for {self.config.id} was already torn down")
             raise ServerError(
-                f"llama-server for {self.config.id} exited with code {self.process.exit_code()} "
+                f"{self.server_name} for {self.config.id} exited with code {self.process.exit_code()} "
                 f"while tests were using it (log {self.process.log_path}):\n{self.process.log_tail()}")
 
     def hold(self, seconds: float | None = None) -> None:
@@ -224,9 +275,13 @@ class ServerHandle:
         if self.process is not None:
             stop = self.process.stop()
             info.stop_s, info.killed, info.returncode = stop.seconds, stop.killed, stop.returncode
-            final = llamacpp.parse_memory_report(self.process.log_text())
-            if final.breakdown:
-                self.report = final
+            if self.config.backend == "llamacpp":
+                final = llamacpp.parse_memory_report(self.process.log_text())
+                if final.breakdown:
+                    self.report = final
+        if self.tmp_dir is not None:
+            info.temp_leftovers = vllm.remove_tmp_dir(self.tmp_dir)
+        if self.process is not None:
             if self.baseline is not None:
                 info.reclaim_s, info.reclaimed = self._wait_reclaim(self.baseline)
         self.teardown = info

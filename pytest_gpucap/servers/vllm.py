@@ -183,8 +183,9 @@ def model_kv_bytes_per_token(model_dir: Path, dtype: str | None = None, tensor_p
         head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    dt = (dtype or hf.get("torch_dtype") or hf.get("dtype") or "bfloat16").lower()
-    size = 4 if dt in ("float32", "float", "fp32") else 2
+    if not dtype or dtype == "auto":  # --dtype auto: the checkpoint's dtype (KV cache dtype auto follows it)
+        dtype = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
+    size = 4 if str(dtype).lower() in ("float32", "float", "fp32") else 2
     kv_per_rank = max(1, math.ceil(kv_heads / max(1, tensor_parallel)))
     return 2 * layers * kv_per_rank * head_dim * size
 
@@ -194,6 +195,7 @@ def default_kv_cache_bytes(cfg: Any, model_dir: Path, block_size: int = CPU_BLOC
 
     Used on the CPU when a config names neither ``kv_cache_memory_bytes`` nor
     ``gpu_memory_utilization``: otherwise vLLM reserves 92 % of host RAM for the KV cache.
+    None when the model has no readable ``config.json`` (then vLLM's own sizing applies).
     """
     per_token = model_kv_bytes_per_token(model_dir, _opt(cfg, "dtype"), _opt(cfg, "tensor_parallel_size") or 1)
     if per_token is None:
@@ -285,7 +287,8 @@ def child_env(cfg: Any, tmp_dir: Path, base: Mapping[str, str] | None = None) ->
     """The complete environment for the server: ``base`` (default ``os.environ``) plus ``server_env``,
     without an inherited ``VLLM_CPU_KVCACHE_SPACE`` that would silently override the config's KV size."""
     source = dict(os.environ if base is None else base)
-    if _opt(cfg, "kv_cache_memory_bytes") is not None or _opt(cfg, "gpu_memory_utilization") is not None:
+    sized = _opt(cfg, "kv_cache_memory_bytes") is not None or _opt(cfg, "gpu_memory_utilization") is not None
+    if sized or source.get(LEGACY_KV_ENV) == "":
         source.pop(LEGACY_KV_ENV, None)
     return {**source, **server_env(cfg, tmp_dir, source)}
 
@@ -297,8 +300,9 @@ def api_key(cfg: Any, environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def make_tmp_dir(config_id: str, base: Path | None = None) -> Path:
-    """A fresh per-server temp dir (short: ZMQ ipc socket paths must fit in 107 bytes)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config_id)[:40]
+    """A fresh per-server temp dir (short: vLLM's ZMQ ipc socket paths, TMPDIR/<uuid4>, must fit in
+    the 107 bytes of a Unix socket path)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config_id)[:24]
     return Path(tempfile.mkdtemp(prefix=f"gpucap-vllm-{safe}-", dir=str(base) if base else None))
 
 
@@ -333,7 +337,6 @@ _CHECKPOINT_RE = re.compile(rf"Checkpoint size: {_NUM} GiB\. Available RAM: {_NU
 _MAX_LEN_RE = re.compile(rf"Using max model len {_NUM}")
 _NONDEFAULT_RE = re.compile(r"non-default args: (\{.*\})")
 _ENGINE_RE = re.compile(r"Initializing a V1 LLM engine \(v([^)]+)\) with config: (.*)")
-_VERSION_RE = re.compile(r"version (\d+\.\d+\.\S+)")
 _WEIGHTS_TOOK_RE = re.compile(rf"Loading weights took {_NUM} seconds")
 _INIT_ENGINE_RE = re.compile(rf"init engine \(profile, create kv cache, warmup model\) took {_NUM} s")
 
@@ -373,6 +376,9 @@ class VllmMemoryReport:
     version: str | None = None
     weights_load_s: float | None = None
     init_engine_s: float | None = None
+    kv_cache_bytes: int | None = None  # exact, from /metrics cache_config_info when the size was explicit
+    block_size: int | None = None
+    num_blocks: int | None = None
 
     @property
     def n_ctx_slot(self) -> int | None:
@@ -385,6 +391,8 @@ class VllmMemoryReport:
 
     @property
     def kv_mib(self) -> float:
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes / 2**20
         return (self.kv_cache_gib or 0.0) * 1024
 
     @property
@@ -395,7 +403,8 @@ class VllmMemoryReport:
         return {self.device or "?": self.weights_gib * 1024}
 
     def kv_per_slot_mib(self, n: int) -> float | None:
-        return self.kv_mib / n if self.kv_cache_gib is not None and n else None
+        known = self.kv_cache_gib is not None or self.kv_cache_bytes is not None
+        return self.kv_mib / n if known and n else None
 
     def kv_capacity_sequences(self, ctx: int | None = None) -> float | None:
         """How many sequences of ``ctx`` tokens (default: max_model_len) fit the KV pool at once."""
@@ -408,7 +417,9 @@ class VllmMemoryReport:
         return {
             "backend": "vllm", "device": self.device,
             "weights_gib": self.weights_gib, "weights_source": self.weights_source,
-            "model_mib": self.model_mib, "kv_mib": self.kv_mib if self.kv_cache_gib is not None else None,
+            "model_mib": self.model_mib,
+            "kv_mib": self.kv_mib if self.kv_cache_gib is not None or self.kv_cache_bytes is not None else None,
+            "kv_cache_bytes": self.kv_cache_bytes, "block_size": self.block_size, "num_blocks": self.num_blocks,
             "kv_cache_gib": self.kv_cache_gib, "kv_sizing": self.kv_sizing,
             "node_total_gib": self.node_total_gib, "requested_gib": self.requested_gib,
             "non_kv_gib": self.non_kv_gib, "kv_cache_tokens": self.kv_cache_tokens,
@@ -420,7 +431,7 @@ class VllmMemoryReport:
         }
 
 
-def parse_memory_log(text: str) -> VllmMemoryReport:
+def parse_memory_log(text: str, metrics_text: str = "") -> VllmMemoryReport:
     """Parse a vLLM server log (INFO level). Lines read, as vllm-cpu 0.32.0 prints them::
 
         non-default args: {'host': '127.0.0.1', ..., 'max_model_len': 2048, 'max_num_seqs': 2}
@@ -432,6 +443,9 @@ def parse_memory_log(text: str) -> VllmMemoryReport:
             C GiB memory was consumed by non-kv usages.                 (CPU, utilization)
         Available KV cache memory: 12.5 GiB                             (GPU)
         CPU KV cache size: 65,536 tokens, Maximum concurrency for 2,048 tokens per request: 32.00x
+
+    With ``metrics_text`` (a ``/metrics`` scrape), ``vllm:cache_config_info`` adds the exact KV bytes
+    (when sized explicitly), the block size and the number of blocks.
     """
     kw: dict[str, Any] = {}
     m = _KV_TOKENS_RE.search(text)
@@ -485,6 +499,13 @@ def parse_memory_log(text: str) -> VllmMemoryReport:
     m = _INIT_ENGINE_RE.search(text)
     if m:
         kw["init_engine_s"] = _f(m[1])
+    info = cache_config_info(metrics_text) if metrics_text else {}
+    for key, label in (("kv_cache_bytes", "kv_cache_memory_bytes"), ("block_size", "block_size"),
+                       ("num_blocks", "num_gpu_blocks")):
+        if info.get(label, "None").isdigit():
+            kw[key] = int(info[label])
+    if "kv_cache_tokens" not in kw and info.get("kv_cache_size_tokens", "None").isdigit():
+        kw["kv_cache_tokens"] = int(info["kv_cache_size_tokens"])
     return VllmMemoryReport(**kw)
 
 
@@ -560,6 +581,7 @@ def smoke_check(url: str, served_name: str = DEFAULT_SERVED_NAME, api_key: str |
 
 
 _WORKER_FAILED_RE = re.compile(r"Worker failed with error '(.+?)', please check")
+_ARGPARSE_RE = re.compile(r"^\S+\.py: error: (.+)$", re.M)
 _EXC_LINE_RE = re.compile(r"^(?:\(\w+ pid=\d+\) ERROR [^\]]*\] )?((?:\w+\.)*\w*(?:Error|Exception)(?::.*)?)$", re.M)
 
 
@@ -572,6 +594,9 @@ def engine_failure(log_text: str) -> str | None:
     m = _WORKER_FAILED_RE.search(log_text)
     if m:
         return m[1]
+    m = _ARGPARSE_RE.search(log_text)
+    if m:  # e.g. the guide's --scheduler-delay-factor, gone in vLLM v1
+        return f"vLLM rejected its arguments: {m[1]}"
     lines = [x.strip() for x in _EXC_LINE_RE.findall(log_text)]
     lines = [x for x in lines if not x.startswith(("EngineDeadError", "vllm.v1.engine.exceptions.EngineDeadError"))]
     return lines[-1] if lines else None  # a chained traceback ends with the error actually raised
@@ -807,7 +832,13 @@ class MetricsPoller:
         win = self.window(since, until)
         if not win:
             return {"samples": 0, "scrape_errors": self.errors}
-        first, last = win[0].metrics, win[-1].metrics
+        # Counters and histograms are differenced between the samples that bracket the window (the
+        # last one at or before ``since``, the first at or after ``until``), so requests that started
+        # or ended between two polls are not lost; gauges are read inside the window.
+        before = [s for s in self.samples if since is not None and s.t <= since]
+        after = [s for s in self.samples if until is not None and s.t >= until]
+        first = (before[-1] if before else win[0]).metrics
+        last = (after[0] if after else win[-1]).metrics
         waiting = [s.metrics.get("num_requests_waiting", 0.0) for s in win]
         running = [s.metrics.get("num_requests_running", 0.0) for s in win]
         kv = [s.metrics.get("kv_cache_usage_perc", 0.0) for s in win]

@@ -6,6 +6,7 @@ shared-prefix run or the ramp, and assert on the returned result objects.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -52,10 +53,34 @@ class Harness:
         self._cpt: tuple[float, str] | None = None
 
     @property
+    def is_vllm(self) -> bool:
+        return self.handle.config.backend == "vllm"
+
+    @property
+    def client_kw(self) -> dict[str, Any]:
+        """What the client must send: vLLM checks the model name and (optionally) the API key."""
+        if not self.is_vllm:
+            return {}
+        return {"api_key": self.handle.api_key, "model": self.handle.props.get("served_model_name", "gpucap")}
+
+    @property
     def chars_per_token(self) -> float:
         if self._cpt is None:
-            self._cpt = calibrate(self.handle.url)
+            if self.is_vllm:
+                from ..servers import vllm
+
+                self._cpt = vllm.calibrate(self.handle.url, self.client_kw["model"], self.handle.api_key)
+            else:
+                self._cpt = calibrate(self.handle.url)
         return self._cpt[0]
+
+    def _poller(self) -> Any:
+        """vLLM: /metrics every 0.5 s during the run (queueing, prefix cache, server latencies)."""
+        if not self.is_vllm:
+            return contextlib.nullcontext(None)
+        from ..servers import vllm
+
+        return vllm.MetricsPoller(self.handle.url, api_key=self.handle.api_key)
 
     def _abort(self) -> str | None:
         try:
@@ -74,6 +99,14 @@ class Harness:
         metrics["crosscheck"] = server_crosscheck(res.records, res.measure_from, res.server_metrics_before,
                                                   res.server_metrics_after)
         metrics["compactions"], metrics["clipped_turns"] = res.compactions, res.clipped_turns
+        poller = extra.pop("poller", None)
+        if poller is not None:
+            server = poller.summary(res.started, res.ended, max_num_seqs=self.handle.config.n)
+            metrics["server"] = server
+            q95 = (server.get("queue_time_s") or {}).get("p95")
+            if self.slo.queue_p95_s is not None and q95 is not None:
+                verdicts_extra = [*verdicts_extra, Verdict("server queue time p95", q95, self.slo.queue_p95_s, "s",
+                                                           higher_is_better=False)]
         verdicts = workload_verdicts(metrics, self.slo) + list(verdicts_extra)
         tl = self.handle.sampler.timeline if self.handle.sampler else None
         window = [s for s in (tl.samples if tl else []) if res.started <= s.t <= res.ended]
@@ -100,35 +133,41 @@ class Harness:
         if res.aborted:
             from ..servers import ServerError
 
-            raise ServerError(f"workload {name} on {self.handle.config.id} stopped: {res.aborted} "
-                              f"({metrics['turns_ok']} turns ok were recorded)")
+            raise ServerError(f"workload {name} on {self.handle.config.id} stopped after {metrics['turns_ok']} "
+                              f"turns ok, {metrics['turns_failed']} failed (all recorded): {res.aborted}")
         return result
 
     def workflow(self, name: str) -> WorkloadResult:
         """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration."""
         roles = [scale(r, self.settings) for r in resolve_workflow(name, self.roles, self.workflows)]
-        res = runner.run(runner.run_agents(
-            self.handle.url, roles, self.settings, self.handle.config.ctx, self.chars_per_token,
-            abort=self._abort, progress=self.progress, free_mib=self._free_mib,
-            label=f"{self.handle.config.id} workflow {name}"))
-        return self._finish(name, [r.name for r in roles], res)
+        cpt = self.chars_per_token
+        with self._poller() as poller:
+            res = runner.run(runner.run_agents(
+                self.handle.url, roles, self.settings, self.handle.config.ctx, cpt,
+                abort=self._abort, progress=self.progress, free_mib=self._free_mib,
+                label=f"{self.handle.config.id} workflow {name}", **self.client_kw))
+        return self._finish(name, [r.name for r in roles], res, poller=poller)
 
     def fixed(self, concurrency: int, n_requests: int, prompt_tokens: int = 64, max_tokens: int = 32,
               shared_prefix_tokens: int = 0, name: str | None = None) -> WorkloadResult:
         """Fixed concurrency (optionally with a shared system prompt to exercise the prefix cache)."""
-        res = runner.run(runner.run_fixed(
-            self.handle.url, concurrency, n_requests, prompt_tokens, max_tokens, self.chars_per_token,
-            self.settings, shared_prefix_tokens, abort=self._abort))
+        cpt = self.chars_per_token
+        with self._poller() as poller:
+            res = runner.run(runner.run_fixed(
+                self.handle.url, concurrency, n_requests, prompt_tokens, max_tokens, cpt,
+                self.settings, shared_prefix_tokens, abort=self._abort, **self.client_kw))
         label = name or f"fixed-c{concurrency}" + (f"-prefix{shared_prefix_tokens}" if shared_prefix_tokens else "")
         return self._finish(label, [f"fixed x{concurrency}"], res, concurrency=concurrency,
-                            shared_prefix_tokens=shared_prefix_tokens)
+                            shared_prefix_tokens=shared_prefix_tokens, poller=poller)
 
     def poisson(self, rate_per_s: float, n_requests: int, prompt_tokens: int = 64,
                 max_tokens: int = 32) -> WorkloadResult:
         """Open-loop Poisson arrivals: TTFT p50/p99 at an offered rate."""
-        res = runner.run(runner.run_poisson(self.handle.url, rate_per_s, n_requests, prompt_tokens, max_tokens,
-                                            self.chars_per_token, self.settings, abort=self._abort))
-        return self._finish(f"poisson-{rate_per_s:g}rps", ["poisson"], res, rate_per_s=rate_per_s)
+        cpt = self.chars_per_token
+        with self._poller() as poller:
+            res = runner.run(runner.run_poisson(self.handle.url, rate_per_s, n_requests, prompt_tokens, max_tokens,
+                                                cpt, self.settings, abort=self._abort, **self.client_kw))
+        return self._finish(f"poisson-{rate_per_s:g}rps", ["poisson"], res, rate_per_s=rate_per_s, poller=poller)
 
     def ramp(self) -> dict[str, Any]:
         """The agent-connection ramp: N agents doubling to the ceiling; returns (and records) the steps."""
@@ -137,7 +176,8 @@ class Harness:
             return (snap.server_rss_mib, snap.device.used_mib) if snap else (None, None)
 
         result = runner.run(runner.run_ramp(self.handle.url, self.settings, self.chars_per_token, memory,
-                                            self.slo.ramp_p95_s, abort=self._abort, progress=self.progress))
+                                            self.slo.ramp_p95_s, abort=self._abort, progress=self.progress,
+                                            **self.client_kw))
         record = header(self.handle, self.test_id, "ramp") | result | {
             "ceiling": self.settings.ramp_ceiling, "context_tokens": self.settings.ramp_context_tokens,
             "max_tokens": self.settings.ramp_max_tokens, "rtt_s": self.settings.rtt_s,
@@ -156,5 +196,6 @@ class Harness:
 
 def _slo_dict(slo: SLO) -> dict[str, Any]:
     return {"headroom_gib": slo.headroom_gib, "p95_s": dict(slo.p95_s), "min_agg_tps": slo.min_agg_tps,
-            "max_error_rate": slo.max_error_rate, "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s}
+            "max_error_rate": slo.max_error_rate, "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s,
+            "queue_p95_s": slo.queue_p95_s}
 

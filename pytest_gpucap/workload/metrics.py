@@ -33,6 +33,15 @@ def _rate(tokens: float, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def _per_call_rate(r: RequestRecord) -> float | None:
+    """One request's decode rate: the server's own ``timings.predicted_per_second`` when it sends it,
+    else tokens over the client's first-chunk-to-end time. Random-weight output makes llama-server hold
+    back chunks (incomplete UTF-8), so client chunk timing can bunch; the server's figure cannot."""
+    if r.timings and r.timings.get("predicted_per_second"):
+        return float(r.timings["predicted_per_second"])
+    return _rate(r.completion_tokens or 0, r.decode_s) if r.decode_s else None
+
+
 def summarize(records: Sequence[RequestRecord], since: float = 0.0) -> dict[str, Any]:
     """Headline metrics of the records scheduled at or after ``since`` (warm-up excluded)."""
     recs = [r for r in records if r.scheduled >= since]
@@ -43,7 +52,8 @@ def summarize(records: Sequence[RequestRecord], since: float = 0.0) -> dict[str,
     start = min((r.sent for r in recs if r.sent), default=0.0)
     end = max((r.end for r in recs if r.end), default=start)
     window = end - start
-    per_call = [_rate(r.completion_tokens or 0, r.decode_s or 0) for r in ok if r.decode_s]
+    per_call = [_per_call_rate(r) for r in ok]
+    per_call = [v for v in per_call if v is not None]
     gaps = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     roles: dict[str, Any] = {}
     for role in sorted({r.role for r in recs}):
@@ -86,12 +96,14 @@ def server_crosscheck(records: Sequence[RequestRecord], since: float,
                     if r.timings and r.timings.get("predicted_per_second")]
     client_rates = [_rate(r.completion_tokens or 0, r.decode_s or 0) for r in ok
                     if r.decode_s and r.timings and r.timings.get("predicted_per_second")]
-    key = "llamacpp:tokens_predicted_total"
+    key = next((k for k in ("llamacpp:tokens_predicted_total", "vllm:generation_tokens_total") if k in after),
+               "llamacpp:tokens_predicted_total")
     metric_delta = after.get(key, 0.0) - before.get(key, 0.0) if key in after else None
     out: dict[str, Any] = {
         "client_tokens": client_tokens, "server_timing_tokens": timing_tokens,
         "server_metrics_tokens": metric_delta,
         "token_ratio": client_tokens / timing_tokens if timing_tokens else None,
+        "metrics_token_ratio": client_tokens / metric_delta if metric_delta else None,
         "decode_rate_ratio": (sum(client_rates) / sum(server_rates)) if server_rates else None,
     }
     ratio = out["decode_rate_ratio"]

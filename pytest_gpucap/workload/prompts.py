@@ -32,9 +32,11 @@ def filler(rng: random.Random, n_chars: int) -> str:
 
 
 def tool_blob(seed: int, agent: int, turn: int, n_tokens: int, chars_per_token: float) -> str:
-    """The synthetic ``[TOOL RESULT]`` block an agent reads before a turn."""
+    """The synthetic ``[TOOL RESULT]`` block an agent reads before a turn: about ``n_tokens`` in all,
+    its header included (the header alone is ~20 tokens, a tenth of a 200-token blob)."""
     rng = random.Random(f"{seed}:{agent}:{turn}")
-    return f"[TOOL RESULT {agent}.{turn}]\n" + filler(rng, int(n_tokens * chars_per_token))
+    head = f"[TOOL RESULT {agent}.{turn}]\n"
+    return head + filler(rng, max(0, int(n_tokens * chars_per_token) - len(head)))
 
 
 def reply_stub(seed: int, agent: int, turn: int, n_tokens: int, chars_per_token: float) -> str:

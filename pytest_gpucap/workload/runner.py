@@ -113,7 +113,8 @@ async def _supervise(tasks: list[asyncio.Task[Any]], deadline: float, drain_s: f
 async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, slot_ctx: int,
                      chars_per_token: float, abort: AbortCheck = lambda: None,
                      progress: ProgressSink | None = None, free_mib: FreeMemory = lambda: None,
-                     label: str = "", progress_interval_s: float = 10.0) -> RunResult:
+                     label: str = "", progress_interval_s: float = 10.0, api_key: str | None = None,
+                     model: str = "gpucap") -> RunResult:
     """Multi-turn agents, one conversation each, for ``settings.duration_s`` (plus drain)."""
     records: list[RequestRecord] = []
     convs = [Conversation(slot_ctx, chars_per_token) for _ in roles]
@@ -159,7 +160,7 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
         progress(f"{label} {elapsed:5.0f}/{settings.duration_s:.0f} s, turns {len(done)} "
                  f"({sum(1 for r in done if not r.ok)} failed), {toks / max(elapsed, 1e-9):.1f} tok/s{free_txt}")
 
-    async with StreamingClient(url, len(roles), settings.request_timeout_s, settings.rtt_s) as client:
+    async with StreamingClient(url, len(roles), settings.request_timeout_s, settings.rtt_s, api_key, model) as client:
         tasks = [asyncio.create_task(agent(i, r, client)) for i, r in enumerate(roles)]
         reason = await _supervise(tasks, deadline, _drain(settings), abort, report, progress_interval_s)
     report()
@@ -171,12 +172,13 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
 
 def _drain(settings: WorkloadSettings) -> float:
     """How long in-flight turns may finish after the window closes before they are cut."""
-    return max(5.0, settings.duration_s)
+    return max(10.0, settings.duration_s)
 
 
 async def run_fixed(url: str, concurrency: int, n_requests: int, prompt_tokens: int, max_tokens: int,
                     chars_per_token: float, settings: WorkloadSettings, shared_prefix_tokens: int = 0,
-                    abort: AbortCheck = lambda: None, extra: dict[str, Any] | None = None) -> RunResult:
+                    abort: AbortCheck = lambda: None, extra: dict[str, Any] | None = None,
+                    api_key: str | None = None, model: str = "gpucap") -> RunResult:
     """``n_requests`` single-turn requests kept ``concurrency`` in flight (the vLLM guide's shape).
 
     With ``shared_prefix_tokens`` every request starts with the same system prompt, so the server's
@@ -202,7 +204,7 @@ async def run_fixed(url: str, concurrency: int, n_requests: int, prompt_tokens: 
                         {"role": "user", "content": tool_blob(settings.seed, i, 0, prompt_tokens, chars_per_token)}]
             await client.chat(rec, messages, max_tokens, thinking=False, extra=extra)
 
-    async with StreamingClient(url, concurrency, settings.request_timeout_s, settings.rtt_s) as client:
+    async with StreamingClient(url, concurrency, settings.request_timeout_s, settings.rtt_s, api_key, model) as client:
         tasks = [asyncio.create_task(worker(client)) for _ in range(concurrency)]
         reason = await _supervise(tasks, t0 + settings.duration_s, 0.0, abort, lambda: None, 1e9)
     result = RunResult(records, t0, t0, time.monotonic(), reason)
@@ -212,7 +214,8 @@ async def run_fixed(url: str, concurrency: int, n_requests: int, prompt_tokens: 
 
 async def run_poisson(url: str, rate_per_s: float, n_requests: int, prompt_tokens: int, max_tokens: int,
                       chars_per_token: float, settings: WorkloadSettings, max_in_flight: int = 256,
-                      abort: AbortCheck = lambda: None) -> RunResult:
+                      abort: AbortCheck = lambda: None, api_key: str | None = None,
+                      model: str = "gpucap") -> RunResult:
     """Open-loop arrivals at ``rate_per_s`` (seeded exponential gaps); latency counts from arrival."""
     rng = random.Random(f"poisson:{settings.seed}")
     records: list[RequestRecord] = []
@@ -226,7 +229,7 @@ async def run_poisson(url: str, rate_per_s: float, n_requests: int, prompt_token
         await client.chat(rec, messages, max_tokens, thinking=False)
 
     at = t0
-    async with StreamingClient(url, max_in_flight, settings.request_timeout_s, settings.rtt_s) as client:
+    async with StreamingClient(url, max_in_flight, settings.request_timeout_s, settings.rtt_s, api_key, model) as client:
         tasks = []
         for i in range(n_requests):
             at += rng.expovariate(rate_per_s)
@@ -271,9 +274,10 @@ def ramp_steps(start: int, ceiling: int, factor: int = 2) -> list[int]:
     return steps + [ceiling]
 
 
-async def _ramp_step(url: str, n: int, settings: WorkloadSettings, chars_per_token: float) -> list[RequestRecord]:
+async def _ramp_step(url: str, n: int, settings: WorkloadSettings, chars_per_token: float,
+                     api_key: str | None = None, model: str = "gpucap") -> list[RequestRecord]:
     """``n`` agents at once, each with its own connection and conversation, one turn each."""
-    clients = [StreamingClient(url, 1, settings.request_timeout_s, settings.rtt_s) for _ in range(n)]
+    clients = [StreamingClient(url, 1, settings.request_timeout_s, settings.rtt_s, api_key, model) for _ in range(n)]
     records = [RequestRecord(agent=i, role="ramp", turn=0, scheduled=time.monotonic()) for i in range(n)]
     try:
         async def one(i: int) -> None:
@@ -292,7 +296,8 @@ async def _ramp_step(url: str, n: int, settings: WorkloadSettings, chars_per_tok
 async def run_ramp(url: str, settings: WorkloadSettings, chars_per_token: float,
                    memory: Callable[[], tuple[float | None, float | None]],
                    p95_budget_s: float | None = None, abort: AbortCheck = lambda: None,
-                   progress: ProgressSink | None = None, start: int = 1) -> dict[str, Any]:
+                   progress: ProgressSink | None = None, start: int = 1, api_key: str | None = None,
+                   model: str = "gpucap") -> dict[str, Any]:
     """Double N up to the ceiling; stop at the first step with errors or an SLO breach.
 
     The knee is the first N whose p95 turn latency exceeds twice the single-agent p95: from there
@@ -305,7 +310,7 @@ async def run_ramp(url: str, settings: WorkloadSettings, chars_per_token: float,
         if reason:
             return {"steps": [vars(s) for s in steps], "aborted": reason, "nofile": limits,
                     **_ramp_summary(steps)}
-        recs = await _ramp_step(url, n, settings, chars_per_token)
+        recs = await _ramp_step(url, n, settings, chars_per_token, api_key, model)
         ok = [r for r in recs if r.ok]
         failed = [r for r in recs if not r.ok]
         create = pcts((r.headers - r.scheduled) for r in ok if r.headers)
