@@ -208,8 +208,17 @@ def workload_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "errors": ", ".join(f"{k} {v}" for k, v in sorted(errors.items()) if v) if isinstance(errors, dict) else "",
             "free_at_boot": get(r, "memory.free_at_boot_mib"), "min_free": get(r, "memory.min_free_mib"),
             "duration": get(r, "workload.duration_s"), "record": r,
+            "roofline": get(r, "metrics.roofline_tps"), "efficiency": get(r, "metrics.efficiency"),
         })
     return pd.DataFrame(rows)
+
+
+def _pct(value: Any) -> str:
+    """Efficiency (measured / roofline) as a percentage; a dash when unknown."""
+    try:
+        return fmt.DASH if value is None or value != value else f"{100 * float(value):.0f}%"
+    except (TypeError, ValueError):
+        return fmt.DASH
 
 
 def workload_label(name: str, agents: str) -> str:
@@ -221,6 +230,7 @@ def workload_label(name: str, agents: str) -> str:
 def workload_table(records: list[dict[str, Any]]) -> Table:
     df = workload_frame(records)
     cols = [("Config", False), ("Slots", True), ("ctx/slot", True), ("Workload", False), ("Agg TPS", True),
+            ("Roofline TPS", True), ("Efficiency", True),
             ("Per-call TPS", True), (f"{LEAD_ROLE} p50 (s)", True), (f"{LEAD_ROLE} p95 (s)", True),
             ("E2E p95 (s)", True), ("TTFT p95 (s)", True), ("Free at boot (MiB)", True),
             ("Min free (MiB)", True), ("Turns ok/failed", True), ("Outcome", False)]
@@ -232,6 +242,7 @@ def workload_table(records: list[dict[str, Any]]) -> Table:
         rows.append([
             Cell(row.config_id), _n(fmt.integer(row.n)), _n(fmt.integer(row.ctx)),
             Cell(workload_label(row.workload, row.agents), "text"), _n(fmt.tps(row.agg_tps)),
+            _n(fmt.tps(row.roofline)), _n(_pct(row.efficiency)),
             _n(fmt.tps(row.per_call_tps)), _n(fmt.secs(row.lead_p50)), _n(fmt.secs(row.lead_p95)),
             _n(fmt.secs(row.e2e_p95)), _n(fmt.secs(row.ttft_p95)), _n(fmt.mib(row.free_at_boot)),
             _n(fmt.mib(row.min_free)), Cell(turns, "num bad" if row.errors or row.turns_failed else "num"),

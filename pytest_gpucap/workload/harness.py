@@ -99,6 +99,7 @@ class Harness:
         metrics["crosscheck"] = server_crosscheck(res.records, res.measure_from, res.server_metrics_before,
                                                   res.server_metrics_after)
         metrics["compactions"], metrics["clipped_turns"] = res.compactions, res.clipped_turns
+        metrics.update(self._roofline(res, metrics["agg_tps"]))
         poller = extra.pop("poller", None)
         if poller is not None:
             server = poller.summary(res.started, res.ended, max_num_seqs=self.handle.config.n)
@@ -136,6 +137,28 @@ class Harness:
             raise ServerError(f"workload {name} on {self.handle.config.id} stopped after {metrics['turns_ok']} "
                               f"turns ok, {metrics['turns_failed']} failed (all recorded): {res.aborted}")
         return result
+
+    def _roofline(self, res: runner.RunResult, agg_tps: float) -> dict[str, Any]:
+        """The bandwidth-bound decode ceiling beside the measured rate (empty when it cannot be made).
+
+        Two ceilings: with the context the conversations really held, and with every slot full (the
+        study's "cost scales with allocated context" hypothesis); a rate far below both is not
+        bandwidth-bound.
+        """
+        from .. import memory_model
+
+        pred = self.handle.prediction
+        bandwidth = self.handle.profile.bandwidth_gbps or memory_model.bandwidth_for(
+            self.handle.probe.describe().get("gpu", ""))
+        if pred is None or not hasattr(pred, "kv_caches") or not bandwidth:
+            return {}
+        ok = [r for r in res.records if r.ok and r.prompt_tokens is not None]
+        used = round(sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in ok) / len(ok)) if ok else None
+        cfg = self.handle.config
+        roof = memory_model.decode_roofline_tps(pred, cfg, bandwidth, used)
+        full = memory_model.decode_roofline_tps(pred, cfg, bandwidth, None)
+        return {"bandwidth_gbps": bandwidth, "context_used_tokens": used, "roofline_tps": roof,
+                "roofline_full_slots_tps": full, "efficiency": memory_model.efficiency(agg_tps, roof)}
 
     def workflow(self, name: str) -> WorkloadResult:
         """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration."""
