@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .cache import build_once
 
 # Bumped whenever the files written for a given shape change, so cached directories are regenerated.
 GENERATOR_VERSION = 1
@@ -358,14 +359,7 @@ def ensure_hf_model(shape: HfModelShape, cache_dir: Path, python: str | None = N
             raise RuntimeError(f"model generation with {python} failed (exit {done.returncode}):\n"
                                f"{(done.stdout + done.stderr)[-2000:]}")
         return target
-    with open(Path(cache_dir) / f"{target.name}.lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            if not _complete(target):
-                write_hf_model(shape, target, servable)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-    return target
+    return build_once(target, lambda: write_hf_model(shape, target, servable), _complete)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,12 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             p.error(f"{sys.executable} lacks {', '.join(missing)}; run this with vLLM's python")
         out: Path = a.out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.parent / f"{out.name}.lock", "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            # --shape-json is how ensure_hf_model calls us: keep a complete cached directory.
-            if not (a.shape_json and _complete(out)):
-                write_hf_model(shape, out, servable)
+        # --shape-json is how ensure_hf_model calls us: keep a complete cached directory.
+        build_once(out, lambda: write_hf_model(shape, out, servable),
+                   _complete if a.shape_json else (lambda _: False))
     except ValueError as exc:
         p.error(str(exc))
     size = sum(f.stat().st_size for f in out.iterdir())

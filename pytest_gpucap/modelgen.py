@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .cache import build_once
 
 # Bumped whenever the bytes written for a given shape change, so cached files are regenerated.
 GENERATOR_VERSION = 1
@@ -248,15 +249,8 @@ def ensure_model(shape: ModelShape, cache_dir: Path) -> Path:
     if target.exists():
         return target
     shape.validate()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{target.name}.lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            if not target.exists():
-                write_model(shape, target)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-    return target
+    return build_once(target, lambda: write_model(shape, target))
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
@@ -301,22 +301,41 @@ def _probe(state: State, profile: HostProfile) -> MemoryProbe:
     return cached
 
 
-def _model_path(state: State, cfg: CapacityConfig, profile: HostProfile, cache_dir: Path) -> Path:
+def _model_path(state: State, cfg: CapacityConfig, profile: HostProfile,
+                generate: Callable[[Mapping[str, Any]], Path], what: str) -> Path:
+    """The model a config runs: ``generated:NAME`` through ``generate(shape table)``, or a path
+    (relative to the matrix file); a missing one skips with what to pass."""
     ref = state.settings.model or cfg.model or profile.model
     if ref is None:
         pytest.skip(f"profile {profile.name!r} names no model: pass --gpucap-model PATH or set model in the matrix")
     if ref.startswith(GENERATED_PREFIX):
-        from .modelgen import ModelShape, ensure_model
-
         name = ref.removeprefix(GENERATED_PREFIX)
-        shape = ModelShape.from_mapping(state.matrix.models.get(name) or BUILTIN_MODELS[name])
-        return ensure_model(shape, cache_dir)
+        return generate(state.matrix.models.get(name) or BUILTIN_MODELS[name])
     path = Path(ref).expanduser()
     if not path.is_absolute() and state.matrix.path is not None:
         path = state.matrix.path.parent / path
-    if not path.is_file():
-        pytest.skip(f"model {path} not found: pass --gpucap-model PATH")
+    if not path.exists():
+        pytest.skip(f"model {path} not found: pass --gpucap-model PATH ({what})")
     return path
+
+
+def _gguf(cache_dir: Path) -> Callable[[Mapping[str, Any]], Path]:
+    def generate(table: Mapping[str, Any]) -> Path:
+        from .modelgen import ModelShape, ensure_model
+
+        return ensure_model(ModelShape.from_mapping(table), cache_dir)
+    return generate
+
+
+def _hf(cfg: CapacityConfig, cache_dir: Path, python: str | None) -> Callable[[Mapping[str, Any]], Path]:
+    def generate(table: Mapping[str, Any]) -> Path:
+        from .hfmodel import HfModelShape, ensure_hf_model
+
+        try:
+            return ensure_hf_model(HfModelShape.from_model_table(table), cache_dir / "hf", python=python)
+        except RuntimeError as exc:
+            pytest.skip(f"{cfg.id}: cannot generate the model: {exc}")
+    return generate
 
 
 def _binary(state: State) -> tuple[Path, str]:
@@ -339,30 +358,6 @@ def _vllm(state: State) -> vllm.CommandLookup:
     return state.vllm_command
 
 
-def _hf_model_path(state: State, cfg: CapacityConfig, profile: HostProfile, cache_dir: Path,
-                   python: str | None) -> Path:
-    """vLLM's model: a generated Hugging Face directory (same [models.NAME] table as the GGUF
-    generator) or a local path (a HF directory, or a GGUF file vLLM can load)."""
-    ref = state.settings.model or cfg.model or profile.model
-    if ref is None:
-        pytest.skip(f"profile {profile.name!r} names no model: pass --gpucap-model PATH or set model in the matrix")
-    if ref.startswith(GENERATED_PREFIX):
-        from .hfmodel import HfModelShape, ensure_hf_model
-
-        name = ref.removeprefix(GENERATED_PREFIX)
-        shape = HfModelShape.from_model_table(state.matrix.models.get(name) or BUILTIN_MODELS[name])
-        try:
-            return ensure_hf_model(shape, cache_dir / "hf", python=python)
-        except RuntimeError as exc:
-            pytest.skip(f"{cfg.id}: cannot generate the model: {exc}")
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and state.matrix.path is not None:
-        path = state.matrix.path.parent / path
-    if not path.exists():
-        pytest.skip(f"model {path} not found: pass --gpucap-model PATH (a Hugging Face model directory)")
-    return path
-
-
 def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSpec:
     """Resolve binary, model, projector and limits for one config, skipping when one is missing."""
     state = request.config.stash[STATE]
@@ -379,11 +374,11 @@ def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSp
     )
     if cfg.backend == "external" or spec.endpoint:
         return spec
+    cache = getattr(request.config, "cache", None)
+    cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
     if cfg.backend == "vllm":
         lookup = _vllm(state)
-        cache = getattr(request.config, "cache", None)
-        cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
-        model = _hf_model_path(state, cfg, profile, cache_dir, lookup.python)
+        model = _model_path(state, cfg, profile, _hf(cfg, cache_dir, lookup.python), "a Hugging Face model directory")
         return replace(spec, command=lookup.argv, binary_version=state.vllm_version, model=model)
     binary, version = _binary(state)
     mmproj = None
@@ -393,9 +388,7 @@ def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSp
             pytest.skip(f"{cfg.id} loads a vision projector: pass --gpucap-mmproj PATH "
                         "(the model generator makes no projector)")
         mmproj = Path(ref).expanduser()
-    cache = getattr(request.config, "cache", None)
-    cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
-    model = _model_path(state, cfg, profile, cache_dir)
+    model = _model_path(state, cfg, profile, _gguf(cache_dir), "a GGUF file")
     return replace(spec, binary=binary, binary_version=version, model=model, mmproj=mmproj)
 
 
