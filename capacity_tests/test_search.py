@@ -6,7 +6,7 @@ from pytest_gpucap.plugin import SearchRun
 
 
 @pytest.mark.cpu
-@pytest.mark.gpucap_search(profile="cpu", ns=[1, 2, 4, 8, 16], ctxs=[8192, 16384, 32768, 65536],
+@pytest.mark.gpucap_search(profile="cpu", ns=[1, 2, 4, 8, 16, 32], ctxs=[8192, 16384, 32768, 65536, 131072],
                            cache_types=["f16", "q8_0"])
 def test_capacity_knee(gpucap_search: SearchRun) -> None:
     """The largest N x ctx on the cpu profile's budget that keeps the headroom SLO, with evidence."""

@@ -22,7 +22,7 @@ from .charts import Chart, to_svg
 from .recommend import recommendations
 from .scaling import memory_chart, ramp_charts, workload_charts
 from .tables import (
-    ceiling_table, get, kv_table, of_kind, ramp_table, roles_table, scaling_tables, verdicts_table,
+    ceiling_table, get, kv_table, of_kind, ramp_table, roles_table, scaling_tables, search_table, verdicts_table,
     workload_table,
 )
 
@@ -162,13 +162,18 @@ def build_context(records: list[dict[str, Any]], session: dict[str, Any] | None 
         ramps.append({"config_id": str(r.get("config_id", "?")), "table": ramp_table(r),
                       "workload": fmt.text(get(r, "workload.name")), "max_clean_n": fmt.integer(r.get("max_clean_n")),
                       "knee_n": fmt.integer(r.get("knee_n")), "charts": rc, "outcome": fmt.text(r.get("outcome"))})
+    searches = [{"profile": fmt.text(r.get("profile")), "knee": fmt.text(r.get("knee")),
+                  "boots": fmt.integer(r.get("boots")), "grid": fmt.integer(r.get("grid_size")),
+                  "assumption": fmt.text(r.get("assumption")), "table": search_table(r),
+                  "outcome": fmt.text(r.get("outcome"))} for r in of_kind(records, "search")]
     kinds: dict[str, int] = {}
     for r in records:
         kinds[str(r.get("kind"))] = kinds.get(str(r.get("kind")), 0) + 1
     profiles = sorted({str(r.get("profile", "")) for r in records if r.get("profile")})
     context = {
         "profiles": profiles, "n_records": len(records), "kinds": sorted(kinds.items()),
-        "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in ("ceiling", "workload", "ramp")),
+        "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in ("ceiling", "workload", "ramp", "search")),
+        "searches": searches,
         "rounding_note": fmt.ROUNDING_NOTE,
         "ceiling": ceiling_table(records), "slo_rules": _slo_rules(records), "kv": kv_table(records),
         "workload": workload_table(records), "roles": roles_table(records), "verdicts": verdicts_table(records), "scaling": scaling_tables(records),

@@ -335,3 +335,21 @@ def ramp_table(record: dict[str, Any]) -> Table:
                      _n(fmt.mib(s.get("server_rss_mib"))), _n(fmt.mib(s.get("device_used_mib"))),
                      Cell(", ".join(marks), "warn" if "knee" in marks else "")])
     return _table(cols, rows)
+
+
+def search_table(record: dict[str, Any]) -> Table:
+    """Every probe of a capacity search: how it was decided (predicted, booted, known) and why."""
+    cols = [("Config", False), ("N", True), ("ctx/slot", True), ("KV type", False), ("Decided by", False),
+            ("Predicted free (MiB)", True), ("Boot #", True), ("Why", False)]
+    knee = record.get("knee")
+    rows = []
+    for p in record.get("probes") or []:
+        if not isinstance(p, dict):
+            continue
+        status = str(p.get("status", ""))
+        css = "good" if p.get("config_id") == knee else ("bad" if "fail" in status or "no-fit" in status else "")
+        rows.append([Cell(str(p.get("config_id", "?")), css), _n(fmt.integer(p.get("n"))),
+                     _n(fmt.integer(p.get("ctx"))), Cell(fmt.text(p.get("cache_type"))), Cell(status),
+                     _n(fmt.mib(p.get("predicted_free_mib"))), _n(fmt.integer(p.get("boot_order"))),
+                     Cell(fmt.text(p.get("reason")), "text")])
+    return _table(cols, rows)
