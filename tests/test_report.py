@@ -438,3 +438,25 @@ def test_step_summary_has_tables_without_images(study_dir: Path) -> None:
     assert "**Pick: 4090-n3-ctx128k-q8**" in text
     assert "](charts/" not in text and "## Environment" not in text
     assert not (study_dir / "capacity.md").exists()  # nothing written
+
+
+def test_search_record_renders_every_probe(tmp_path: Path) -> None:
+    search = {"schema": 1, "kind": "search", "test": "t", "config_id": "4090-search", "profile": "4090",
+              "knee": "4090-n5-ctx32k-mmproj-q8", "boots": 2, "grid_size": 4, "boot_fraction": 0.5,
+              "known_used": 0, "assumption": "monotone in N and ctx", "seconds": 1.0, "outcome": "passed",
+              "probes": [
+                  {"config_id": "4090-n5-ctx32k-mmproj-q8", "n": 5, "ctx": 32768, "cache_type": "q8_0",
+                   "mmproj": True, "status": "booted-pass", "reason": "free 3154 MiB (Comfortable)",
+                   "boot_order": 1, "predicted_free_mib": 3100.0},
+                  {"config_id": "4090-n7-ctx64k-mmproj-q8", "n": 7, "ctx": 65536, "cache_type": "q8_0",
+                   "mmproj": True, "status": "predicted-no-fit", "reason": "predicted not to fit: <b>x</b>",
+                   "boot_order": None, "predicted_free_mib": -900.0}]}
+    write_results(tmp_path, [ceiling(5, 32768, 20928.0, 3154.0, 10.0), search])
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    section = _section(md, "## Capacity search — profile 4090")
+    assert "Knee: **4090-n5-ctx32k-mmproj-q8**, found with 2 boots of a 4-config grid" in section
+    assert _rows(section, "4090-n7-ctx64k-mmproj-q8")[0][4:6] == ["predicted-no-fit", "-900.0"]
+    html = (tmp_path / "capacity.html").read_text()
+    assert "Capacity search — profile 4090" in html and "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
+    assert "Records of other kinds" not in md
