@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import textwrap
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
+import httpx
 import psutil
 import pytest
 
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.servers.llamacpp import find_binary
-from pytest_gpucap.servers.process import OWNER_ENV
+from pytest_gpucap.servers.process import OWNER_ENV, free_port
 
 RUN_ENV = "GPUCAP_TEST_RUN"
 
@@ -49,6 +54,40 @@ def tiny_model(model_cache: Path) -> Path:
 def head16_model(model_cache: Path) -> Path:
     """Head size 16: llama.cpp refuses quantized KV (block size 32) for it at boot."""
     return ensure_model(ModelShape(name="gpucap-head16", n_embd=64, n_head=4, n_head_kv=2), model_cache)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a test-started server's whole process group and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def own_server(binary: Path, model: Path, log: Path, *args: str,
+               env: Mapping[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A llama-server the test starts itself (not through the plugin): 127.0.0.1, a free port, its own
+    session, healthy before it is yielded, and its group killed afterwards whatever happened."""
+    port = free_port()
+    argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ if env is None else env), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama-server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama-server not healthy after 60 s:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        kill_group(proc)
 
 
 def tagged_processes(run_id: str) -> list[psutil.Process]:

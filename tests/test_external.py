@@ -3,55 +3,26 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
 
-from conftest import CapacityRun, matrix_toml, tagged_processes
+from conftest import CapacityRun, matrix_toml, own_server, tagged_processes
 from pytest_gpucap.servers.process import OWNER_ENV, free_port
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=10)
 
 
 @pytest.fixture
 def running_server(llama_server_bin: Path, tiny_model: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real llama-server started by the test itself: 2 slots x 1024 tokens, always killed afterwards."""
-    port = free_port()
-    argv = [str(llama_server_bin), "--model", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
-            "-np", "2", "-c", "2048", "--no-kv-unified", "-fit", "off", "--threads", "1", "--cache-ram", "0",
-            "--metrics", "--slots", "--no-webui"]
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "external.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "external.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "external llama-server did not become healthy"
-            time.sleep(0.1)
+    with own_server(llama_server_bin, tiny_model, tmp_path / "external.log", "-np", "2", "-c", "2048",
+                    "--no-kv-unified", "-fit", "off", "--threads", "1", "--cache-ram", "0", "--metrics",
+                    "--slots", "--no-webui", env=env) as (proc, url):
         yield url, proc
-    finally:
-        _kill_group(proc)
 
 
 class TaggedWatcher:

