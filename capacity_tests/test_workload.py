@@ -29,3 +29,18 @@ def test_agent_connection_ramp(gpucap_workload: Harness) -> None:
     ramp = gpucap_workload.ramp()
     assert ramp["steps"], "the ramp ran no step"
     assert ramp["max_clean_n"] >= 1, ramp["steps"][0]
+
+
+@pytest.mark.gpucap_ramp
+def test_rtt_penalty_curve(gpucap_workload: Harness) -> None:
+    """The PR's Case 2 method: the same fixed load with an injected client round trip per request.
+
+    Records aggregate tokens/s at each RTT so the write-up shows what remote agents cost.
+    """
+    curve = {}
+    for rtt in (0.0, 0.05, 0.2):
+        result = gpucap_workload.with_settings(rtt_s=rtt).fixed(concurrency=4, n_requests=16, max_tokens=16)
+        assert result.metrics["turns_failed"] == 0, result.metrics["errors"]
+        curve[rtt] = result.metrics
+    # an injected round trip is paid before each request is sent, so time to first token must grow with it
+    assert curve[0.2]["ttft_s"]["p50"] > curve[0.0]["ttft_s"]["p50"] + 0.15

@@ -73,3 +73,22 @@ def workload_verdicts(metrics: dict, slo: SLO) -> list[Verdict]:
     if slo.max_error_rate is not None:
         out.append(Verdict("error rate", metrics["error_rate"], slo.max_error_rate, "", higher_is_better=False))
     return out
+
+
+def goodput(records: list, slo: SLO, since: float = 0.0) -> dict:
+    """Turns that met every per-turn budget (role p95 budget as a per-turn limit, TTFT budget), as a
+    fraction of finished turns and as a rate of good turns and good tokens per second of the window."""
+    from .workload.client import ErrorClass
+
+    roles = slo.role_p95()
+    done = [r for r in records if r.scheduled >= since and r.error is not ErrorClass.CANCELLED]
+    good = [r for r in done if r.ok
+            and (r.role not in roles or (r.e2e_s or 0.0) <= roles[r.role])
+            and (slo.ttft_p95_s is None or (r.ttft_s or 0.0) <= slo.ttft_p95_s)]
+    start = min((r.sent for r in done if r.sent), default=0.0)
+    end = max((r.end for r in done if r.end), default=start)
+    window = end - start
+    return {"good_turns": len(good), "finished_turns": len(done),
+            "fraction": len(good) / len(done) if done else None,
+            "turns_per_s": len(good) / window if window > 0 else 0.0,
+            "tokens_per_s": sum(r.completion_tokens or 0 for r in good) / window if window > 0 else 0.0}

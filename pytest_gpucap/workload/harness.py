@@ -13,7 +13,7 @@ from typing import Any, Callable
 from ..config import SLO, Workload
 from ..results import header, verdict_dicts
 from ..servers import ServerHandle
-from ..slo import Verdict, assert_slos, workload_verdicts
+from ..slo import Verdict, assert_slos, goodput, workload_verdicts
 from . import runner
 from .metrics import server_crosscheck
 from .prompts import calibrate
@@ -100,6 +100,7 @@ class Harness:
                                                   res.server_metrics_after)
         metrics["compactions"], metrics["clipped_turns"] = res.compactions, res.clipped_turns
         metrics.update(self._roofline(res, metrics["agg_tps"]))
+        metrics["goodput"] = goodput(res.records, self.slo, res.measure_from)
         poller = extra.pop("poller", None)
         if poller is not None:
             server = poller.summary(res.started, res.ended, max_num_seqs=self.handle.config.n)
@@ -179,7 +180,8 @@ class Harness:
             res = runner.run(runner.run_fixed(
                 self.handle.url, concurrency, n_requests, prompt_tokens, max_tokens, cpt,
                 self.settings, shared_prefix_tokens, abort=self._abort, **self.client_kw))
-        label = name or f"fixed-c{concurrency}" + (f"-prefix{shared_prefix_tokens}" if shared_prefix_tokens else "")
+        label = name or (f"fixed-c{concurrency}" + (f"-prefix{shared_prefix_tokens}" if shared_prefix_tokens else "")
+                         + (f"-rtt{self.settings.rtt_s * 1000:g}ms" if self.settings.rtt_s else ""))
         return self._finish(label, [f"fixed x{concurrency}"], res, concurrency=concurrency,
                             shared_prefix_tokens=shared_prefix_tokens, poller=poller)
 
