@@ -283,3 +283,21 @@ def test_per_call_rate_prefers_the_servers_own_decode_rate() -> None:
                           completion_tokens=100)
     m = summarize([bunched, plain])
     assert m["per_call_tps"] == pytest.approx((12.5 + 50.0) / 2)
+
+
+def test_goodput_counts_turns_within_every_budget() -> None:
+    from pytest_gpucap.config import SLO
+    from pytest_gpucap.slo import goodput
+
+    def rec(role: str, e2e: float, ttft: float, ok: bool = True) -> RequestRecord:
+        r = RequestRecord(agent=0, role=role, turn=0, scheduled=0.0, sent=0.0, first_content=ttft, end=e2e,
+                          completion_tokens=10)
+        if not ok:
+            r.error = ErrorClass.HTTP_5XX
+        return r
+
+    records = [rec("Dev", 5.0, 1.0), rec("Dev", 15.0, 1.0), rec("QA", 4.0, 3.0), rec("TL", 2.0, 0.5, ok=False)]
+    g = goodput(records, SLO(p95_s=(("Dev", 10.0),), ttft_p95_s=2.0))
+    # Dev 5 s ok; Dev 15 s over its budget; QA over the TTFT budget; TL failed
+    assert (g["good_turns"], g["finished_turns"]) == (1, 4)
+    assert g["fraction"] == 0.25 and g["tokens_per_s"] == pytest.approx(10 / 15.0)
