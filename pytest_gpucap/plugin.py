@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,9 @@ from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .servers import LaunchSpec, PreflightSkip, ServerHandle
 from .servers import llamacpp, vllm
 from .servers.process import sweep_leftovers
-from .search import Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, search_capacity
+from .search import (
+    Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, reusable_records, search_capacity,
+)
 from .slo import Verdict, assert_slos
 from .workload.harness import Harness
 from .settings import Settings, add_options, resolve_settings
@@ -37,6 +40,7 @@ class State:
     probes: dict[str, MemoryProbe | str] = field(default_factory=dict)
     handles: list[ServerHandle] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+    previous_records: list[dict[str, Any]] = field(default_factory=list)  # the report dir's earlier run
     swept: list[int] | None = None
     binary: llamacpp.BinaryLookup | None = None
     binary_version: str = ""
@@ -445,12 +449,16 @@ class SearchRun:
                 _attach(node, {**outcome.record, "test": node.nodeid, "search_probe": True})
             return outcome
 
-        model = spec_for(self.base).model
+        base_spec = spec_for(self.base)
+        model = base_spec.model
 
         def predict(cfg: CapacityConfig) -> Any:
             return memory_model.predict_for(cfg, profile, model, None, state.calibration) if model else None
 
-        known = known_outcomes([r for r in state.records if r.get("kind") == "ceiling"])
+        host = {"python": platform.python_version(), **probe.describe()}
+        earlier = reusable_records(state.previous_records, self.base, host, base_spec.binary_version,
+                                   str(model or ""))
+        known = known_outcomes(earlier + [r for r in state.records if r.get("kind") == "ceiling"])
         result = search_capacity(self.base, self.space, evaluate, predict=predict, known=known, prune=prune)
         record = {"schema": results.SCHEMA_VERSION, "kind": "search", "test": node.nodeid,
                   "config_id": f"{profile.name}-search", "profile": profile.name, **result.as_dict()}
@@ -494,6 +502,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         tail = handle.process.log_tail(30)
         if tail.splitlines()[-1:] and tail.splitlines()[-1] not in report.longreprtext:
             report.sections.append(("gpucap server log (tail)", tail))
+    if report.when in ("setup", "call") and not report.passed:
+        _record_outcome(item, call, report)
     return report
+
+
+def _record_outcome(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
+    """Say why a config test did not pass, and keep a record for a config that never got measured.
+
+    The reason travels on the report (so it reaches the xdist controller); a test that ended before
+    attaching a record gets one with the config and the reason, so the write-up lists it.
+    """
+    cfg = getattr(item, "callspec", None) and item.callspec.params.get("gpucap_config")
+    if not isinstance(cfg, CapacityConfig):
+        return
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = results.one_line(str(report.longrepr[2]).removeprefix("Skipped: "))
+    elif call.excinfo is not None:
+        reason = results.one_line(call.excinfo.exconly())
+    else:
+        reason = report.outcome
+    report.user_properties.append((results.REASON_KEY, reason))
+    if any(key == results.PROPERTY_KEY for key, _ in report.user_properties):
+        return
+    kind = "ceiling" if "gpucap_ceiling" in getattr(item, "fixturenames", ()) else "unmeasured"
+    report.user_properties.append((results.PROPERTY_KEY, results.outcome_record(cfg, item.nodeid, kind, reason)))
 
 

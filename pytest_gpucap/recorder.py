@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 
-from . import benchmarks, environment, memory_model, results
+from . import benchmarks, compare, environment, memory_model, results
 
 
 def summary_line(rec: dict[str, Any]) -> str:
     """One terminal line per record: the figures and the verdict."""
     head = f"{rec['config_id']:<28} {rec['kind']:<8} {rec['outcome']:<7}"
+    if rec.get("reason"):
+        return f"{head} {rec['reason']}"
     if rec["kind"] == "ceiling":
         mem = rec["memory"]
         return (f"{head} used {mem['used_after_load_mib']:>8.0f} MiB  free {mem['free_mib']:>8.0f} MiB  "
@@ -40,19 +42,27 @@ class Recorder:
         self.rendered: list[Path] = []
         self.render_error: str | None = None
         self.results_path = state.settings.report_dir / "results.jsonl" if state.settings.report_dir else None
+        self.regressions: list[compare.Row] | None = None
+        self.baseline_error: str | None = None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         out = self.results_path
         if out is not None and out.exists() and out.stat().st_size:
+            # The earlier run's records stay readable: the capacity search reuses its measurements.
+            self.state.previous_records = results.read_jsonl(out)
             out.rename(out.with_name(f"results-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
+        # A test skipped or failed in setup has no call phase: its setup report carries the record.
+        if not (report.when == "call" or (report.when == "setup" and not report.passed)):
             return
+        reason = next((v for k, v in report.user_properties if k == results.REASON_KEY), None)
         for key, value in report.user_properties:
             if key != results.PROPERTY_KEY or not isinstance(value, dict):
                 continue
             record = {**value, "outcome": report.outcome}
+            if reason and not report.passed and not record.get("reason"):
+                record["reason"] = reason
             self.state.records.append(record)
             if self.results_path is not None:
                 results.append_jsonl(self.results_path, record)
@@ -71,6 +81,22 @@ class Recorder:
                     self.render_error = f"{type(exc).__name__}: {exc}"
         environment.github_step_summary(self.state.records, report_dir if self.rendered else None)
         self._save_calibration()
+        self._gate(session)
+
+    def _gate(self, session: pytest.Session) -> None:
+        """With ``--gpucap-baseline``: fail the session when a tracked figure regressed past the threshold."""
+        settings = self.state.settings
+        if settings.baseline_path is None:
+            return
+        try:
+            baseline = compare.load(settings.baseline_path)
+        except compare.CompareError as exc:
+            self.baseline_error = str(exc)
+            return
+        _, self.regressions = compare.compare_records(baseline, self.state.records,
+                                                      settings.regression_threshold_pct)
+        if self.regressions and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def _save_calibration(self) -> None:
         path = self.state.settings.calibration_path
@@ -84,6 +110,7 @@ class Recorder:
         state = self.state
         if state.swept:
             terminalreporter.write_line(f"gpucap: removed leftover servers of an earlier session: {state.swept}")
+        self._gate_summary(terminalreporter)
         if not state.records:
             return
         terminalreporter.section("gpucap capacity")
@@ -97,3 +124,19 @@ class Recorder:
             terminalreporter.write_line(f"gpucap: report not rendered ({self.render_error}); "
                                         f"re-render with: python -m pytest_gpucap report {self.state.settings.report_dir}")
 
+
+    def _gate_summary(self, terminalreporter: Any) -> None:
+        settings = self.state.settings
+        if settings.baseline_path is None:
+            return
+        terminalreporter.section("gpucap regression gate")
+        if self.baseline_error:
+            terminalreporter.write_line(f"gpucap: baseline not compared: {self.baseline_error}")
+        elif not self.regressions:
+            terminalreporter.write_line(f"no tracked figure regressed by more than "
+                                        f"{settings.regression_threshold_pct:g}% against {settings.baseline_path}")
+        else:
+            terminalreporter.write_line(compare.format_table(self.regressions))
+            terminalreporter.write_line(f"FAILED: {len(self.regressions)} tracked figure(s) regressed by more than "
+                                        f"{settings.regression_threshold_pct:g}% against {settings.baseline_path}",
+                                        red=True)

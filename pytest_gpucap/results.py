@@ -17,6 +17,7 @@ from .slo import Verdict, headroom, headroom_class
 
 SCHEMA_VERSION = 1
 PROPERTY_KEY = "gpucap"
+REASON_KEY = "gpucap:reason"  # why a config test did not pass, one line
 
 
 def _mib(value: float | None) -> float | None:
@@ -42,6 +43,21 @@ def header(handle: ServerHandle, test_id: str, kind: str) -> dict[str, Any]:
         },
         "boot_s": None if handle.boot_s is None else round(handle.boot_s, 3),
     }
+
+
+def outcome_record(cfg: Any, test_id: str, kind: str, reason: str) -> dict[str, Any]:
+    """The record of a config test that ended before measuring (skipped at preflight, boot failed).
+
+    It carries the config and the reason only, so the write-up can say why a config has no figures.
+    """
+    return {"schema": SCHEMA_VERSION, "kind": kind, "test": test_id, "config_id": cfg.id, "config": asdict(cfg),
+            "profile": cfg.profile, "reason": reason}
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The first non-empty line of a skip or failure message, cut to ``limit`` characters."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def verdict_dicts(verdicts: list[Verdict]) -> list[dict[str, Any]]:
@@ -124,11 +140,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def headline(record: dict[str, Any]) -> dict[str, float]:
     """The few figures people track across runs (JUnit properties, benchmark entries, summaries)."""
     out: dict[str, float | None] = {}
-    if record["kind"] == "ceiling":
+    if record["kind"] == "ceiling" and record.get("memory"):
         mem = record["memory"]
         out = {"boot_s": record.get("boot_s"), "used_after_load_mib": mem.get("used_after_load_mib"),
                "free_mib": mem.get("free_mib"), "kv_per_slot_mib": mem.get("kv_per_slot_mib")}
-    elif record["kind"] == "workload":
+    elif record["kind"] == "workload" and record.get("metrics"):
         m = record["metrics"]
         out = {"agg_tps": m["agg_tps"], "per_call_tps": m["per_call_tps"], "ttft_p95_s": m["ttft_s"]["p95"],
                "e2e_p95_s": m["e2e_s"]["p95"], "turns_ok": m["turns_ok"], "turns_failed": m["turns_failed"]}

@@ -37,8 +37,9 @@ checks). The plugin can pass its own (boot + workload + SLO verdicts).
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .config import CapacityConfig, SLO
@@ -171,7 +172,8 @@ def known_outcomes(records: Iterable[Mapping[str, Any]], slo: SLO | None = None)
     """
     grouped: dict[str, list[Mapping[str, Any]]] = {}
     for rec in records:
-        if "config_id" in rec:
+        # A skipped test measured nothing (no binary, preflight): the search decides that config itself.
+        if "config_id" in rec and rec.get("outcome") != "skipped":
             grouped.setdefault(rec["config_id"], []).append(rec)
     out: dict[str, Outcome] = {}
     for cid, recs in grouped.items():
@@ -191,9 +193,38 @@ def known_outcomes(records: Iterable[Mapping[str, Any]], slo: SLO | None = None)
                 ok &= good
                 lines.append(f"{v.get('name')}: measured {v.get('measured')}, budget {v.get('budget')} "
                              f"[{'ok' if good else 'BREACH'}]")
+            if rec.get("outcome") == "failed" and not rec.get("verdicts"):
+                ok = False  # e.g. the boot failed: nothing was measured, and the config did not hold
+                lines.append(f"failed: {rec.get('reason') or 'no reason recorded'}")
         out[cid] = Outcome(ok, reason="; ".join(lines) or "no verdicts recorded", verdicts=tuple(lines),
                            record=recs[-1])
     return out
+
+
+def reusable_records(records: Iterable[Mapping[str, Any]], base: CapacityConfig, host: Mapping[str, Any],
+                     server_version: str, model: str) -> list[Mapping[str, Any]]:
+    """Measured ceiling records of an earlier run that answer for this search.
+
+    Only records from the same host, server build and model, of configs that differ from ``base``
+    in the searched dimensions alone, can stand in for a boot.
+    """
+    searched = {"n", "ctx", "cache_type_k", "cache_type_v", "mmproj"}
+    fixed = {k: v for k, v in asdict(base).items() if k not in searched}
+    out = []
+    for rec in records:
+        cfg, server = rec.get("config"), rec.get("server") or {}
+        if (rec.get("kind") != "ceiling" or not rec.get("memory") or not isinstance(cfg, Mapping)
+                or rec.get("host") != dict(host) or server.get("version") != server_version
+                or server.get("model") != model):
+            continue
+        if all(_same(cfg.get(k), v) for k, v in fixed.items()):
+            out.append(rec)
+    return out
+
+
+def _same(recorded: Any, current: Any) -> bool:
+    """Equal after a JSON round trip (tuples come back as lists)."""
+    return json.loads(json.dumps(recorded, default=str)) == json.loads(json.dumps(current, default=str))
 
 
 # ---------------------------------------------------------------- search
@@ -471,4 +502,5 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
 
 
 __all__ = ["MONOTONICITY", "Outcome", "Probe", "SearchResult", "SearchSpace", "boot_and_check",
-           "default_predicted_ok", "grid_search", "known_outcomes", "monotonicity_violations", "search_capacity"]
+           "default_predicted_ok", "grid_search", "known_outcomes", "monotonicity_violations", "reusable_records",
+           "search_capacity"]

@@ -38,6 +38,8 @@ class Settings:
     sweep: bool
     predict_skip: bool
     calibration_path: Path | None
+    baseline_path: Path | None = None
+    regression_threshold_pct: float = 5.0
 
 
 
@@ -67,6 +69,11 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
      "largest N of the agent-connection ramp (overrides profiles; default 2048)"),
     ("calibration", "gpucap_calibration", "GPUCAP_CALIBRATION",
      "JSON file of per-profile memory-model corrections: read before, updated after the session"),
+    ("baseline", "gpucap_baseline", "GPUCAP_BASELINE",
+     "results.jsonl (or its directory) of an earlier run: the session fails when a tracked figure "
+     "regresses against it by more than the regression threshold"),
+    ("regression-threshold", "gpucap_regression_threshold", "GPUCAP_REGRESSION_THRESHOLD",
+     "percent a tracked figure may worsen against --gpucap-baseline before the session fails (default 5)"),
 ]
 
 
@@ -135,6 +142,12 @@ def resolve_settings(config: pytest.Config) -> Settings:
     endpoint = _setting(config, "gpucap_endpoint", "GPUCAP_ENDPOINT")
     if endpoint and not endpoint.startswith(("http://", "https://")):
         raise pytest.UsageError(f"--gpucap-endpoint {endpoint}: write a URL such as http://127.0.0.1:8080")
+    baseline = path("gpucap_baseline")
+    if baseline is not None and not (baseline.is_file() or (baseline / "results.jsonl").is_file()):
+        raise pytest.UsageError(f"--gpucap-baseline {baseline}: no results.jsonl there "
+                                "(pass the results.jsonl or the report directory of an earlier run)")
+    threshold = _float_setting(config, "gpucap_regression_threshold", "GPUCAP_REGRESSION_THRESHOLD",
+                               "regression-threshold", allow_zero=True)
     return Settings(
         matrix_path=matrix,
         server_bin=_setting(config, "gpucap_server_bin", None),
@@ -150,6 +163,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
         sweep=not config.getoption("gpucap_no_sweep"),
         predict_skip=not config.getoption("gpucap_no_predict_skip"),
         calibration_path=path("gpucap_calibration"),
+        baseline_path=baseline,
+        regression_threshold_pct=5.0 if threshold is None else threshold,
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from pytest_gpucap import results
 from pytest_gpucap.compare import CompareError, Row, compare_records, format_table, load
+from conftest import CapacityRun, matrix_toml
 from test_report import REPO, ceiling, workload
 
 
@@ -144,3 +145,26 @@ def test_cli_compare_errors(tmp_path: Path) -> None:
     assert _cli(str(old), str(tmp_path / "empty.jsonl")).returncode == 2
     assert _cli(str(old), str(old), "--fail-on-regression", "-1").returncode == 2
     assert _cli(str(old)).returncode == 2
+
+
+def test_session_gate_against_a_baseline(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """``--gpucap-baseline``: passing tests, yet the session fails when a tracked figure regressed."""
+    matrix = matrix_toml(tiny_model, "[[profiles.cpu.configs]]\nn = 1\nctx = 1024\n")
+    first = capacity_run.run(matrix, "--gpucap-report", "rep")
+    first.assert_outcomes(passed=1)
+    (record,) = results.read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl")
+    used = record["memory"]["used_after_load_mib"]
+    # a baseline that used half the memory: this run is ~100% worse on a lower-is-better figure
+    # (and booted slower, so boot-time noise cannot add a second regression)
+    better = {**record, "boot_s": 1e6, "memory": {**record["memory"], "used_after_load_mib": used / 2}}
+    results.append_jsonl(capacity_run.pytester.path / "base" / "results.jsonl", better)
+    gated = capacity_run.run(matrix, "--gpucap-baseline", "base")
+    assert gated.ret == pytest.ExitCode.TESTS_FAILED and gated.parseoutcomes() == {"passed": 1}
+    gated.stdout.fnmatch_lines(["*gpucap regression gate*", "*cpu-n1-ctx1k-f16*used_after_load_mib*REGRESSION*",
+                                "FAILED: * tracked figure(s) regressed by more than 5%*"])
+    loose = capacity_run.run(matrix, "--gpucap-baseline", "base/results.jsonl", "--gpucap-regression-threshold", "400")
+    assert loose.ret == 0
+    loose.stdout.fnmatch_lines(["no tracked figure regressed by more than 400% against base/results.jsonl"])
+    missing = capacity_run.run(matrix, "--gpucap-baseline", "nowhere")
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
+    missing.stderr.fnmatch_lines(["*--gpucap-baseline nowhere: no results.jsonl there*"])

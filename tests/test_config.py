@@ -13,9 +13,14 @@ SHIPPED = Path(__file__).resolve().parents[1] / "capacity_tests" / "gpucap.toml"
 
 def test_shipped_matrix_has_the_study_phase1_configs() -> None:
     matrix = load_matrix(SHIPPED)
-    ids = [c.id for c in matrix.configs if c.profile == "4090"]
+    ids = [c.id for c in matrix.configs if c.profile == "4090" and c.backend == "llamacpp"]
     assert ids == ["4090-n3-ctx128k-mmproj-q8", "4090-n3-ctx64k-mmproj-q8", "4090-n5-ctx64k-mmproj-q8",
                    "4090-n5-ctx32k-mmproj-q8", "4090-n7-ctx32k-mmproj-q8"]
+    # the vLLM guide's launch knobs on the GPU profiles
+    guide = {c.id: c for c in matrix.configs if c.backend == "vllm" and c.profile in ("4090", "h100")}
+    assert set(guide) == {"4090-vllm-n32-ctx32k", "h100-vllm-n256-ctx64k", "h100-vllm-n512-ctx16k"}
+    assert guide["4090-vllm-n32-ctx32k"].gpu_memory_utilization == 0.85 and not guide["4090-vllm-n32-ctx32k"].mmproj
+    assert guide["h100-vllm-n256-ctx64k"].max_num_batched_tokens == 65536
     gpu = matrix.profile("4090")
     assert (gpu.device, gpu.memory_gib, gpu.slo.headroom_gib) == ("cuda", 24.0, 1.5)
     assert (gpu.preflight.min_available_gib, gpu.preflight.post_boot_min_free_gib) == (13.0, 0.4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import CapacityRun, matrix_toml
+from conftest import CEILING_TEST, CapacityRun, matrix_toml
 
 CONFIGS = """
     [[profiles.cpu.configs]]
@@ -26,12 +26,29 @@ def test_predict_prints_the_fit_table_and_boots_nothing(capacity_run: CapacityRu
     assert not (capacity_run.pytester.path / "logs").exists()
 
 
+SKIPPED_TOO = CEILING_TEST + '''
+
+def test_follow_up(gpucap_server):
+    assert gpucap_server.url
+'''
+
+
 def test_predicted_misfit_skips_and_option_boots_it(capacity_run: CapacityRun, tiny_model: Path) -> None:
     matrix = matrix_toml(tiny_model, CONFIGS)
-    result = capacity_run.run(matrix, "-rs", "--gpucap-report", "rep")
-    result.assert_outcomes(passed=1, skipped=1)
+    result = capacity_run.run(matrix, "-rs", "--gpucap-report", "rep", test_src=SKIPPED_TOO)
+    result.assert_outcomes(passed=2, skipped=2)
     result.stdout.fnmatch_lines(["SKIPPED *predicted not to fit: * MiB needed*--gpucap-no-predict-skip*"])
-    (record,) = [json.loads(x) for x in (capacity_run.pytester.path / "rep" / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (capacity_run.pytester.path / "rep" / "results.jsonl").read_text().splitlines()]
+    # the skipped config leaves a record saying why: a ceiling row for the ceiling test, and an
+    # unmeasured one for the other test of that config
+    skipped = {r["kind"]: r for r in records if r["outcome"] == "skipped"}
+    assert set(skipped) == {"ceiling", "unmeasured"}
+    for rec in skipped.values():
+        assert rec["config_id"] == "cpu-n16-ctx128k-f16" and rec["config"]["n"] == 16 and "memory" not in rec
+        assert rec["reason"].startswith("predicted not to fit:") and "\n" not in rec["reason"]
+    assert skipped["unmeasured"]["test"].endswith("test_follow_up[cpu-n16-ctx128k-f16]")
+    result.stdout.fnmatch_lines(["cpu-n16-ctx128k-f16 * ceiling * skipped * predicted not to fit*"])
+    (record,) = [r for r in records if r["outcome"] == "passed" and r["kind"] == "ceiling"]
     predicted = record["memory"]["predicted"]
     assert predicted["kv_mib"] == record["memory"]["server_report"]["kv_mib"]
     assert record["memory"]["prediction_error"]

@@ -7,7 +7,7 @@ llama-server for every point of a grid and again for the search, and compares.
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,10 @@ from pytest_gpucap import memory_model as mm
 from pytest_gpucap.config import CapacityConfig, HostProfile, SLO
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.search import (Outcome, SearchSpace, boot_and_check, grid_search, known_outcomes,
-                                  monotonicity_violations, search_capacity)
+                                  monotonicity_violations, reusable_records, search_capacity)
 from pytest_gpucap.servers import LaunchSpec
+
+from conftest import CapacityRun, matrix_toml
 
 BASE = CapacityConfig(profile="cpu", n=1, ctx=1024, threads=1, cache_ram_mib=0, flash_attn="on")
 SPACE = SearchSpace(ns=(1, 2, 3, 4, 6, 8, 12, 16), ctxs=(1024, 2048, 4096, 8192), cache_types=("f16", "q8_0"))
@@ -133,6 +135,31 @@ def test_known_outcomes_from_records() -> None:
     assert not strict["b"].passed and "re-judged" in strict["b"].reason
 
 
+def test_skipped_and_unmeasured_records_as_known_outcomes() -> None:
+    """A skipped test measured nothing, so it decides nothing; a boot failure is a failed config."""
+    records = [{"config_id": "a", "kind": "ceiling", "outcome": "skipped", "reason": "llama-server not found"},
+               {"config_id": "b", "kind": "ceiling", "outcome": "failed", "reason": "boot failed: exit 1"}]
+    out = known_outcomes(records)
+    assert "a" not in out
+    assert not out["b"].passed and "boot failed: exit 1" in out["b"].reason
+
+
+def test_reusable_records_match_host_build_model_and_fixed_knobs() -> None:
+    host = {"python": "3.12.0", "device": "host", "ram_gib": "23.4"}
+
+    def rec(cfg: CapacityConfig, **changes: Any) -> dict[str, Any]:
+        base = {"kind": "ceiling", "config_id": cfg.id, "config": asdict(cfg),
+                "host": dict(host), "server": {"version": "b1", "model": "/m.gguf"}, "memory": {"free_mib": 1.0}}
+        return base | changes
+
+    same = rec(replace(BASE, n=4, ctx=2048, cache_type_k="q8_0", cache_type_v="q8_0"))
+    others = [rec(replace(BASE, n=2, threads=2)),  # a knob the search does not vary differs
+              rec(BASE, host=host | {"ram_gib": "8.0"}), rec(BASE, server={"version": "b2", "model": "/m.gguf"}),
+              rec(BASE, server={"version": "b1", "model": "/other.gguf"}), rec(BASE, memory=None),
+              rec(BASE, kind="workload")]
+    assert reusable_records([same, *others], BASE, host, "b1", "/m.gguf") == [same]
+
+
 def test_evaluation_errors_fail_the_point_and_max_boots_stops() -> None:
     def boom(cfg: CapacityConfig) -> Outcome:
         if cfg.n >= 4:
@@ -193,3 +220,29 @@ def test_search_matches_full_grid_on_real_servers(llama_server_bin: Path, model_
     again = search_capacity(base, REAL_SPACE, evaluate, predict=predict,
                             known=known_outcomes(records))
     assert again.boots == 0 and again.knee == result.knee
+
+
+SEARCH_TEST = """
+import pytest
+
+
+@pytest.mark.gpucap_search(profile="cpu", ns=[1, 2, 4], ctxs=[1024, 2048])
+def test_knee(gpucap_search):
+    result = gpucap_search.run(prune="none")
+    print(f"\\nsearch: {result.boots} boots, {result.known_used} known, knee {result.knee and result.knee.id}")
+"""
+
+
+def test_search_reuses_the_report_dirs_earlier_run(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """Run the same search twice into one report directory: the second boots nothing."""
+    matrix = matrix_toml(tiny_model, "")
+    first = capacity_run.run(matrix, "-s", "--gpucap-report", "rep", test_src=SEARCH_TEST)
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["search: * boots, 0 known, knee cpu-n*"])
+    boots = int(first.stdout.str().split("search: ")[1].split(" boots")[0])
+    assert boots > 0
+    second = capacity_run.run(matrix, "-s", "--gpucap-report", "rep", test_src=SEARCH_TEST)
+    second.assert_outcomes(passed=1)
+    knee = first.stdout.str().split("knee ")[1].split()[0]
+    second.stdout.fnmatch_lines([f"search: 0 boots, {boots} known, knee {knee}"])
+    assert list((capacity_run.pytester.path / "rep").glob("results-*.jsonl"))  # the earlier run was kept

@@ -527,3 +527,21 @@ def test_fixed_concurrency_with_a_shared_prefix_reports_cache_hits(server: Serve
     assert m["prefix_cache_hit_rate"] is not None and m["prefix_cache_hit_rate"] > 0.5
     assert res.server_metrics_after["llamacpp:tokens_predicted_total"] - \
         res.server_metrics_before.get("llamacpp:tokens_predicted_total", 0) == 16
+
+
+def test_poisson_arrivals_are_seeded_and_counted_from_arrival(server: ServerHandle, cpt: float) -> None:
+    """Open-loop load: each request is scheduled at its seeded exponential arrival time, not when a
+    previous one returned, so the schedules of two runs with one seed agree and latency starts there."""
+    settings = Workload(duration_s=60, request_timeout_s=60, seed=3)
+
+    def arrivals(res: runner.RunResult) -> list[float]:
+        return [r.scheduled - res.started for r in sorted(res.records, key=lambda r: r.agent)]
+
+    first = runner.run(runner.run_poisson(server.url, 4.0, 8, 16, 4, cpt, settings))
+    m = first.summary()
+    assert m["turns_ok"] == 8 and m["completion_tokens"] == 32, m["errors"]
+    times = arrivals(first)
+    assert times == sorted(times) and times[0] > 0 and len(set(times)) == 8
+    assert all(r.sent >= r.scheduled and r.ttft_s is not None and r.ttft_s > 0 for r in first.records)
+    again = runner.run(runner.run_poisson(server.url, 4.0, 8, 16, 4, cpt, settings))
+    assert arrivals(again) == pytest.approx(times, abs=1e-3)
