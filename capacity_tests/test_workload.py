@@ -38,6 +38,7 @@ def test_rtt_penalty_curve(gpucap_workload: Harness) -> None:
     Records aggregate tokens/s at each RTT so the write-up shows what remote agents cost.
     """
     curve = {}
+    gpucap_workload.warm_up(concurrency=4, n_requests=4)  # the 0 ms point must not be the only cold run
     for rtt in (0.0, 0.05, 0.2):
         result = gpucap_workload.with_settings(rtt_s=rtt).fixed(concurrency=4, n_requests=16, max_tokens=16)
         assert result.metrics["turns_failed"] == 0, result.metrics["errors"]

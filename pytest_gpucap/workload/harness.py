@@ -185,6 +185,12 @@ class Harness:
         return self._finish(label, [f"fixed x{concurrency}"], res, concurrency=concurrency,
                             shared_prefix_tokens=shared_prefix_tokens, poller=poller)
 
+    def warm_up(self, concurrency: int = 1, n_requests: int = 2, max_tokens: int = 4) -> None:
+        """Unrecorded requests that page in the weights and build the compute graphs, so the first
+        measured run of a comparison is not also the only cold one."""
+        runner.run(runner.run_fixed(self.handle.url, concurrency, n_requests, 16, max_tokens, self.chars_per_token,
+                                    self.settings, abort=self._abort, **self.client_kw))
+
     def poisson(self, rate_per_s: float, n_requests: int, prompt_tokens: int = 64,
                 max_tokens: int = 32) -> WorkloadResult:
         """Open-loop Poisson arrivals: TTFT p50/p99 at an offered rate."""
