@@ -83,10 +83,11 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
         # the pool's capacity in concurrent full-length sequences must reach N.
         from .servers import vllm
 
+        # Free memory is still recorded; it is the verdict only when vLLM did not report its pool.
         kv_headroom = vllm.headroom(handle.report, cfg)  # type: ignore[arg-type]
         if kv_headroom["kv_capacity_sequences"] is not None:
-            verdicts.append(Verdict("KV capacity (concurrent full-length sequences)",
-                                    kv_headroom["kv_capacity_sequences"], float(cfg.n), "seq"))
+            verdicts = [Verdict("KV capacity (concurrent full-length sequences)",
+                                kv_headroom["kv_capacity_sequences"], float(cfg.n), "seq")]
     record = header(handle, test_id, "ceiling")
     record |= {
         "memory": {

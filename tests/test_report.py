@@ -2,7 +2,9 @@
 strings escaped, torn files still renderable, the CLI, and the HTML checked in real headless Chromium.
 
 Record fixtures follow ``results.ceiling_record``'s key layout (the reference 4090 study's Phase-1
-figures) plus the planned workload and ramp record shapes.
+figures) plus the planned workload and ramp record shapes; the checks sections (memory prediction,
+client/server cross-check, roofline, vLLM headroom and queueing) and the records of configs that were
+never measured use the shapes ``memory_model``, ``workload.harness`` and ``servers.vllm`` write.
 """
 
 from __future__ import annotations
@@ -460,3 +462,267 @@ def test_search_record_renders_every_probe(tmp_path: Path) -> None:
     html = (tmp_path / "capacity.html").read_text()
     assert "Capacity search — profile 4090" in html and "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
     assert "Records of other kinds" not in md
+
+
+# ---------------------------------------------------------------- checks: prediction, cross-check, roofline, vLLM
+
+def with_prediction(rec: dict[str, Any], measured_over: float, kv_server_extra_mib: float = 0.0) -> dict[str, Any]:
+    """Attach a real memory-model prediction as ``results.ceiling_record`` does, with the server's buffers
+    equal to the prediction (KV lines off by ``kv_server_extra_mib``) and the meter ``measured_over`` × it."""
+    from pytest_gpucap import memory_model
+    from pytest_gpucap.modelgen import ModelShape
+
+    cfg = CapacityConfig(**{**rec["config"], "extra_args": tuple(rec["config"]["extra_args"]),
+                            "env": tuple(rec["config"]["env"])})
+    facts = memory_model.facts_from_shape(ModelShape(n_layer=4, n_embd=512, n_head=8, n_head_kv=2))
+    pred = memory_model.predict(cfg, facts)
+    mem = rec["memory"]
+    kv = pred.kv_mib + kv_server_extra_mib
+    mem["server_report"] |= {"kv_mib": kv, "kv_buffer_mib": {"CUDA0": kv}, "model_mib": {"CUDA0": pred.weights_mib},
+                             "compute_mib": {"CUDA0": pred.compute_counted_mib}, "output_mib": {},
+                             "kv_lines": [{"size_mib": kv}]}
+    mem["used_after_load_mib"] = round(mem["baseline_used_mib"] + pred.total_mib * measured_over, 1)
+    mem["predicted"] = pred.as_dict()
+    mem["predicted_kv_per_slot_mib"] = mem["predicted"]["kv_per_slot_mib"]
+    mem["prediction_error"] = memory_model.prediction_error(pred, rec)
+    return rec
+
+
+def test_memory_prediction_table_per_config(tmp_path: Path) -> None:
+    exact = with_prediction(ceiling(2, 8192, 0.0, 20000.0, 1.0, mmproj=False), 1.03)
+    off = with_prediction(ceiling(4, 8192, 0.0, 20000.0, 1.0, mmproj=False), 0.9, kv_server_extra_mib=2.0)
+    plain = ceiling(3, 65536, 21110.0, 2972.0, 10.0)  # no prediction: not in the table
+    write_results(tmp_path, [exact, off, plain])
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    section = _section(md, "### Memory prediction")
+    err = exact["memory"]["prediction_error"]
+    row = _rows(section, exact["config_id"])[0]
+    assert row[3:11] == [f"{err['total']['predicted_mib']:,.1f}", f"{err['total']['server_mib']:,.1f}",
+                         f"{err['total']['measured_mib']:,.1f}", f"{err['total']['error_mib']:+,.1f}",
+                         f"{err['total']['error_pct']:+.1f}%", f"{err['kv']['predicted_mib']:,.1f}",
+                         f"{err['kv']['server_mib']:,.1f}", "exact"]
+    assert err["total"]["error_pct"] == pytest.approx(100 * (1 / 1.03 - 1), abs=0.1)
+    off_row = _rows(section, off["config_id"])[0]
+    assert off_row[7] == f"{off['memory']['prediction_error']['total']['error_pct']:+.1f}%"
+    assert off_row[10] == "off by -2.00 MiB"
+    assert _rows(section, plain["config_id"]) == []
+    assert "largest +11.1% (4090-n4-ctx8k-q8)" in section  # |−10%| of measured = +11.1% of it
+    html = (tmp_path / "capacity.html").read_text()
+    assert '<table id="prediction-table">' in html
+    assert f'<td class="num ok">{err["total"]["error_pct"]:+.1f}%</td>' in html
+    assert '<td class="num warn">+11.1%</td>' in html and '<td class="bad">off by -2.00 MiB</td>' in html
+
+    without = tmp_path / "without"
+    write_results(without, [plain])
+    render_report(without)
+    assert "Memory prediction" not in (without / "capacity.md").read_text()
+    assert "prediction-table" not in (without / "capacity.html").read_text()
+
+
+def _checked(rec: dict[str, Any], *, behind: bool = False, usage_missing: int = 0,
+             timings: bool = True) -> dict[str, Any]:
+    """A workload record with the harness's cross-check, goodput and roofline figures (``harness._finish``)."""
+    m = rec["metrics"]
+    tokens = 4000
+    m["crosscheck"] = {"client_tokens": tokens, "server_timing_tokens": tokens if timings else 0,
+                       "server_metrics_tokens": tokens + 40.0 if timings else None,
+                       "token_ratio": 1.0 if timings else None,
+                       "metrics_token_ratio": tokens / (tokens + 40.0) if timings else None,
+                       "decode_rate_ratio": (0.72 if behind else 0.995) if timings else None,
+                       "client_behind": behind}
+    m["usage_missing"] = usage_missing
+    m["goodput"] = {"good_turns": m["turns_ok"] - 1, "finished_turns": m["turns_ok"] + m["turns_failed"],
+                    "fraction": (m["turns_ok"] - 1) / (m["turns_ok"] + m["turns_failed"]),
+                    "turns_per_s": 0.0652, "tokens_per_s": 118.25}
+    rec["tokens_from"] = "server usage" if not usage_missing else f"server usage missing on {usage_missing} turns"
+    return rec
+
+
+def test_client_server_crosscheck_and_goodput(tmp_path: Path) -> None:
+    ok = _checked(workload("4090-n3-ctx64k-q8", 3, 65536, "A", ["TL", "Dev", "QA"], 142.3, 69.7, (93.0, 114.0),
+                           2972.0, (42, 0)))
+    behind = _checked(workload("4090-n3-ctx128k-q8", 3, 131072, "A", ["TL", "Dev", "QA"], 132.1, 68.6,
+                               (96.0, 122.0), 1823.0, (39, 0)), behind=True)
+    blind = _checked(workload("4090-n5-ctx32k-q8", 5, 32768, "B", ["Research"] * 3, 180.2, 58.7, (None, None),
+                              3154.0, (61, 0)), usage_missing=61, timings=False)
+    write_results(tmp_path, [ok, behind, blind])
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    section = _section(md, "### Client vs server cross-check")
+    assert _rows(section, "4090-n3-ctx64k-q8")[0][2:] == ["4,000", "4,000", "4,040", "1.000", "0.990", "0.995",
+                                                          "server usage", "no"]
+    assert _rows(section, "4090-n3-ctx128k-q8")[0][7:] == ["0.720", "server usage", "yes"]
+    assert _rows(section, "4090-n5-ctx32k-q8")[0][3:] == ["—", "—", "—", "—", "—",
+                                                          "server usage missing on 61 turns", "no"]
+    flags = [line for line in section.splitlines() if line.startswith("- 4090-")]
+    assert flags == [
+        "- 4090-n3-ctx128k-q8 (A (TL, Dev, QA)): client fell behind the server: figures understate it "
+        "(decode-rate ratio 0.720).",
+        "- 4090-n5-ctx32k-q8 (B (3×Research)): the server gave no token usage on any turn: their tokens are not "
+        "counted, so TPS understates the run.",
+        "- 4090-n5-ctx32k-q8 (B (3×Research)): the server reported no timings and no token counter: the client's "
+        "figures could not be cross-checked.",
+    ]
+    goodput = _section(md, "### Goodput under the SLOs")
+    assert _rows(goodput, "4090-n3-ctx64k-q8")[0][2:] == ["41 / 42", "98%", "0.065", "118.2", "142.3"]
+    html = (tmp_path / "capacity.html").read_text()
+    assert '<table id="crosscheck-table">' in html and '<table id="goodput-table">' in html
+    assert "<li class=\"warn\">4090-n3-ctx128k-q8 (A (TL, Dev, QA)): client fell behind the server: figures " \
+           "understate it (decode-rate ratio 0.720).</li>" in html
+    assert '<td class="bad">yes</td>' in html
+
+    clean = tmp_path / "clean"
+    write_results(clean, [ok])
+    render_report(clean)
+    assert "Client and server agree on every run." in (clean / "capacity.md").read_text()
+
+
+def test_low_roofline_efficiency_flagged_in_words(tmp_path: Path) -> None:
+    fast = workload("4090-n3-ctx64k-q8", 3, 65536, "A", ["TL", "Dev", "QA"], 142.3, 69.7, (93.0, 114.0),
+                    2972.0, (42, 0))
+    fast["metrics"] |= {"roofline_tps": 200.0, "roofline_full_slots_tps": 150.0, "efficiency": 142.3 / 200.0}
+    slow = workload("4090-n3-ctx256k-q8", 3, 262144, "A", ["TL", "Dev", "QA"], 10.5, 10.1, (None, None),
+                    1077.0, (3, 2))
+    slow["metrics"] |= {"roofline_tps": 175.0, "roofline_full_slots_tps": 52.5, "efficiency": 10.5 / 175.0}
+    write_results(tmp_path, [fast, slow])
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    phase2 = _section(md, "## Phase 2 — workload")
+    assert _rows(phase2, "4090-n3-ctx256k-q8")[0][4:7] == ["10.5", "175.0", "6%"]
+    assert _rows(phase2, "4090-n3-ctx64k-q8")[0][4:7] == ["142.3", "200.0", "71%"]
+    flagged = [line for line in phase2.splitlines() if line.startswith("- 4090-")]
+    assert flagged == ["- 4090-n3-ctx256k-q8 (A (TL, Dev, QA)): 6% of the roofline (10.5 of 175.0 tok/s); "
+                       "20% of the all-slots-full ceiling (52.5 tok/s)."]
+    assert "Below half the bandwidth roofline, so not bandwidth-bound" in phase2
+    html = (tmp_path / "capacity.html").read_text()
+    assert '<ul id="low-efficiency"><li class="warn">4090-n3-ctx256k-q8 (A (TL, Dev, QA)): 6% of the roofline' in html
+    assert "4090-n3-ctx64k-q8 (A (TL, Dev, QA)): 71%" not in html
+
+
+def vllm_ceiling(n: int, ctx: int, seqs: float | None, free: float) -> dict[str, Any]:
+    """A vLLM ceiling record: free memory is low by design (pre-allocated KV), headroom is KV capacity."""
+    rec = ceiling(n, ctx, 24082.0 - free, free, 38.0, mmproj=False)
+    rec["config"]["backend"] = "vllm"
+    rec["config_id"] = rec["config_id"].replace("4090-", "4090-vllm-")
+    rec["server"]["backend"] = "vllm"
+    rec["memory"]["kv_headroom"] = {
+        "kind": "kv_capacity", "kv_capacity_sequences": seqs, "n": n,
+        "explain": "vLLM pre-allocates its KV cache, so free memory after load is not headroom; headroom is "
+                   "how many concurrent full-length sequences the KV pool holds vs N",
+        "spare_sequences": None if seqs is None else seqs - n, "ok": None if seqs is None else seqs >= n,
+        "kv_cache_tokens": None if seqs is None else int(seqs * ctx), "kv_cache_gib": 7.5, "kv_sizing": "utilization"}
+    if seqs is not None:  # results.ceiling_record adds this verdict beside the free-memory one
+        kv_verdict = Verdict("KV capacity (concurrent full-length sequences)", seqs, float(n), "seq")
+        rec["verdicts"].append(_verdict(kv_verdict))
+        rec["outcome"] = "passed" if seqs >= n else "failed"
+    return rec
+
+
+def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None:
+    fits, short = vllm_ceiling(4, 32768, 12.5, 600.0), vllm_ceiling(16, 32768, 12.5, 600.0)
+    llama = ceiling(3, 65536, 21110.0, 2972.0, 10.0)
+    over = workload("4090-vllm-n4-ctx32k-q8", 4, 32768, "fixed-c8", ["fixed x8"], 310.0, 40.2, (None, None),
+                    600.0, (64, 0))
+    over["metrics"]["server"] = {
+        "samples": 40, "scrape_errors": 0, "window_s": 20.0, "max_waiting": 4.0, "mean_waiting": 2.1,
+        "waiting_fraction": 0.55, "max_running": 4.0, "mean_running": 3.9, "max_kv_cache_usage": 0.31,
+        "preemptions": 2.0, "server_errors": 0.0, "prefix_cache_hit_rate": 0.0, "overloaded": True,
+        "queue_time_s": {"count": 64, "sum": 80.0, "mean": 1.25, "p50": 1.1, "p95": 2.75, "p99": 3.0},
+        "max_num_seqs": 4, "running_at_cap": True}
+    calm = workload("4090-vllm-n16-ctx32k-q8", 16, 32768, "fixed-c8", ["fixed x8"], 300.0, 40.0, (None, None),
+                    600.0, (64, 0))
+    calm["metrics"]["server"] = {"samples": 0, "scrape_errors": 3}
+    write_results(tmp_path, [fits, short, llama, over, calm])
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    phase1 = _section(md, "## Phase 1 — memory ceiling")
+    assert _rows(phase1, "4090-vllm-n4-ctx32k-q8")[0][7:9] == [
+        "n/a (vLLM)", "KV pool holds 12.5 full-length sequences for N=4"]
+    assert _rows(phase1, "4090-vllm-n16-ctx32k-q8")[0][8] == "KV pool holds 12.5 full-length sequences for N=16"
+    assert _rows(phase1, "4090-n3-ctx64k-mmproj-q8")[0][8] == "Marginal"  # llama.cpp keeps the free-memory class
+    assert md.count("headroom is how many concurrent full-length sequences the KV pool holds vs N") == 1
+    assert "the Comfortable / Marginal / Risky free-memory class does not apply" in phase1
+    assert _rows(phase1.split("### Per-slot KV cost")[1], "4090-vllm-n4-ctx32k-q8")[0][6:8] == ["—", "—"]
+    # The free-memory verdict (600 MiB < 1.5 GiB) is no reason against a vLLM config; KV capacity is.
+    ceiling_only = _section(md, "### Memory ceiling only (profile 4090)")
+    assert "headroom 0.59 GiB" not in md and "**Pick: 4090-n3-ctx64k-mmproj-q8**" in ceiling_only
+    assert ("| 4090-vllm-n16-ctx32k-q8 | KV capacity (concurrent full-length sequences) 12.50 seq below budget "
+            "16.00 seq |") in ceiling_only
+    assert "| 4090-vllm-n4-ctx32k-q8 | smaller than the pick" in ceiling_only
+    queue = _section(md, "### Server-side queueing (vLLM)")
+    assert _rows(queue, "4090-vllm-n4-ctx32k-q8")[0][1:] == ["fixed-c8", "1.25", "2.75", "4", "55%", "4 / 4", "2",
+                                                             "31%", "0%", "yes"]
+    assert _rows(queue, "4090-vllm-n16-ctx32k-q8")[0][10] == "no /metrics samples (3 scrape errors)"
+    html = (tmp_path / "capacity.html").read_text()
+    assert '<td class="ok">KV pool holds 12.5 full-length sequences for N=4</td>' in html
+    assert '<td class="bad">KV pool holds 12.5 full-length sequences for N=16</td>' in html
+    vllm_rows = [r for r in re.findall(r"<tr>.*?</tr>", html) if "<td>4090-vllm-" in r and "Free" not in r]
+    assert vllm_rows and not [r for r in vllm_rows if re.search(r">(Comfortable|Marginal|Risky)<", r)]
+    assert '<table id="queueing-table">' in html and '<td class="bad">yes</td>' in html
+
+    llama_only = tmp_path / "llama"
+    write_results(llama_only, [llama])
+    render_report(llama_only)
+    md = (llama_only / "capacity.md").read_text()
+    assert "Server-side queueing" not in md and "Headroom on vLLM" not in md
+
+
+def unmeasured(kind: str, config_id: str, outcome: str, reason: str, test: str) -> dict[str, Any]:
+    """A record of a config test that ended before measuring: config, outcome and reason only."""
+    cfg = CapacityConfig(profile="4090", n=7, ctx=65536, cache_type_k="q8_0", cache_type_v="q8_0", name=config_id)
+    return {"schema": results.SCHEMA_VERSION, "kind": kind, "test": test, "config_id": cfg.id, "config": asdict(cfg),
+            "profile": "4090", "outcome": outcome, "reason": reason}
+
+
+def test_unmeasured_records_render_without_figures(tmp_path: Path) -> None:
+    skipped = unmeasured("ceiling", "n7-big", "skipped",
+                         f"predicted not to fit: 30,211 MiB needed > 20,682 MiB {HOSTILE} a|b",
+                         "capacity_tests/test_ceiling.py::test_ceiling[n7-big]")
+    boot_failed = unmeasured("ceiling", "n9-boom", "failed", "ServerError: llama-server exited with status 1",
+                             "capacity_tests/test_ceiling.py::test_ceiling[n9-boom]")
+    wl_skipped = unmeasured("unmeasured", "n7-big", "skipped", "predicted not to fit",
+                            "capacity_tests/test_workload.py::test_workflow[n7-big-A]")
+    records = [*study_records(), skipped, boot_failed, wl_skipped]
+    write_results(tmp_path, records)
+    render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    assert "Rendered from 14 records" in md and "1 unmeasured" in md
+    phase1 = _section(md, "## Phase 1 — memory ceiling")
+    ceiling_md, kv_md = phase1.split("### Per-slot KV cost")
+    assert _rows(ceiling_md, "n7-big")[0] == [
+        "n7-big", "7", "65,536", "458,752", "—", "—", "—", "—", "—",
+        "skipped: predicted not to fit: 30,211 MiB needed &gt; 20,682 MiB &lt;script&gt;alert(1)&lt;/script&gt; a\\|b"]
+    assert _rows(ceiling_md, "n9-boom")[0][9] == "failed: ServerError: llama-server exited with status 1"
+    assert _rows(kv_md, "n7-big") == [] and _rows(kv_md, "4090-n3-ctx64k-mmproj-q8")
+    not_measured = _section(md, "## Not measured")
+    assert [r[:3] for r in _rows(not_measured, "n7-big")] == [
+        ["n7-big", "capacity_tests/test_ceiling.py::test_ceiling\\[n7-big\\]", "skipped"],
+        ["n7-big", "capacity_tests/test_workload.py::test_workflow\\[n7-big-A\\]", "skipped"]]
+    assert _rows(not_measured, "n9-boom")[0][3] == "ServerError: llama-server exited with status 1"
+    assert "Records of other kinds" not in md
+    ceiling_only = _section(md, "### Memory ceiling only (profile 4090)")
+    assert "**Pick: 4090-n7-ctx32k-mmproj-q8**" in ceiling_only
+    assert "| n9-boom | test failed (ServerError: llama-server exited with status 1) |" in ceiling_only
+    html = (tmp_path / "capacity.html").read_text()
+    assert "<script" not in html and '<table id="not-measured-table">' in html
+    assert "20,682 MiB &lt;script&gt;alert(1)&lt;/script&gt; a|b</td>" in html
+    assert "<td>n7-big</td><td class=\"text\">capacity_tests/test_workload.py::test_workflow[n7-big-A]</td>" in html
+    from pytest_gpucap.report import render_summary
+
+    assert "## Not measured" in render_summary(tmp_path)
+
+
+def test_only_unmeasured_records_still_render(tmp_path: Path) -> None:
+    write_results(tmp_path, [
+        unmeasured("ceiling", "n7-big", "skipped", "not enough RAM", "t::test_ceiling[n7-big]"),
+        unmeasured("unmeasured", "n7-big", "failed", "boot failed", "t::test_workflow[n7-big-A]"),
+        unmeasured("mystery", "n7-big", "failed", "?", "t::other")])
+    written = render_report(tmp_path)
+    md = (tmp_path / "capacity.md").read_text()
+    assert [p.name for p in written] == ["capacity.md", "capacity.html"]  # no chart without figures
+    assert "No ceiling config was measured." in md and "No workload records" in md
+    assert "Headroom verdict rule" not in md  # no measured record to state a rule for
+    assert "Records of other kinds not shown: mystery ×1." in md
+    assert len(_rows(_section(md, "## Not measured"), "n7-big")) == 2
+    assert "No configuration met all SLOs." in md

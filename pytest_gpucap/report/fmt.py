@@ -84,7 +84,9 @@ def devices(mapping: Any) -> tuple[float | None, str]:
     """A device→MiB dict as (total, text); the text names devices only when there are several."""
     if not isinstance(mapping, dict) or not mapping:
         return None, DASH
-    values = {str(k): float(v) for k, v in mapping.items() if not missing(v)}
+    values = {str(k): f for k, v in mapping.items() if (f := as_float(v)) is not None}
+    if not values:
+        return None, DASH
     total = sum(values.values())
     if len(values) == 1:
         return total, mib(total)
@@ -95,6 +97,17 @@ def devices(mapping: Any) -> tuple[float | None, str]:
 def text(value: Any) -> str:
     """Any recorded label as text; missing (None/NaN from a pandas frame) → ``—``."""
     return DASH if missing(value) or value == "" else str(value)
+
+
+def as_float(value: Any) -> float | None:
+    """A recorded number as float, None when missing or not a number (records are not type-checked)."""
+    if missing(value) or isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
 
 
 def as_int(value: Any) -> int | None:

@@ -62,7 +62,7 @@ def _failures(rec: dict[str, Any], prefix: str = "") -> list[str]:
 def _candidate(rec: dict[str, Any], failures: list[str], tiebreak: Any) -> Candidate:
     return Candidate(str(rec.get("config_id", "?")), fmt.as_int(get(rec, "config.n")),
                      fmt.as_int(get(rec, "config.ctx")), tuple(failures),
-                     None if fmt.missing(tiebreak) else float(tiebreak))
+                     fmt.as_float(tiebreak))
 
 
 def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str) -> Recommendation:
@@ -109,6 +109,6 @@ def recommendations(records: list[dict[str, Any]]) -> list[Recommendation]:
         by_profile.setdefault(str(r.get("profile", "")), []).append(cand)
     for profile, cands in by_profile.items():
         out.append(_choose(f"Memory ceiling only (profile {profile})",
-                           "largest N×ctx (then N) whose ceiling verdicts (headroom SLO) pass; "
-                           "says nothing about speed", cands, "free memory (MiB)"))
+                           "largest N×ctx (then N) whose ceiling verdicts pass (headroom SLO; on vLLM, "
+                           "KV capacity ≥ N); says nothing about speed", cands, "free memory (MiB)"))
     return out

@@ -19,13 +19,19 @@ from markupsafe import Markup
 from .. import results
 from . import fmt
 from .charts import Chart, to_svg
+from .checks import (
+    crosscheck_flags, crosscheck_table, goodput_table, low_efficiency, not_measured_table, prediction_table,
+    queueing_table,
+)
 from .recommend import recommendations
 from .scaling import memory_chart, ramp_charts, workload_charts
 from .tables import (
-    ceiling_table, get, kv_table, of_kind, ramp_table, roles_table, scaling_tables, search_table, verdicts_table,
-    workload_table,
+    ceiling_table, get, is_vllm, kv_table, measured, of_kind, ramp_table, roles_table, scaling_tables, search_table,
+    verdicts_table, workload_table,
 )
 
+#: Record kinds with a section of their own; any other kind is only counted.
+SHOWN_KINDS = ("ceiling", "workload", "ramp", "search", "unmeasured")
 RESULTS_NAME = "results.jsonl"
 SESSION_NAME = "session.json"
 CHART_DIR = "charts"
@@ -95,17 +101,35 @@ def load_session(path: Path) -> tuple[dict[str, Any] | None, str]:
 
 
 def _slo_rules(records: list[dict[str, Any]]) -> list[str]:
+    """The free-memory rule per profile, from measured llama.cpp-style records (vLLM's rule is its own)."""
     seen: dict[tuple[str, Any], None] = {}
     for r in of_kind(records, "ceiling"):
-        seen[(str(r.get("profile", "")), get(r, "slo.headroom_gib"))] = None
+        if not measured(r) or is_vllm(r):
+            continue
+        seen[(str(r.get("profile", "")), fmt.as_float(get(r, "slo.headroom_gib")))] = None
     rules = []
     for profile, slo in seen:
-        if fmt.missing(slo):
+        if slo is None:
             rules.append(f"profile {profile}: no headroom SLO recorded")
             continue
         rules.append(f"profile {profile}: SLO {fmt.gib(slo)} GiB — Comfortable ≥ {fmt.gib(2 * float(slo))} GiB free, "
                      f"Marginal ≥ {fmt.gib(slo)} GiB, Risky below")
     return rules
+
+
+def _vllm_notes(records: list[dict[str, Any]]) -> list[str]:
+    """What "headroom" means on vLLM, said once however many vLLM configs there are."""
+    notes: dict[str, None] = {}
+    for r in of_kind(records, "ceiling"):
+        if not measured(r) or not is_vllm(r):
+            continue
+        explain = get(r, "memory.kv_headroom.explain")
+        notes[str(explain) if explain else "vLLM pre-allocates its KV cache, so free memory after load is not "
+              "headroom; no KV capacity was recorded for this config"] = None
+    if notes:
+        notes["vLLM rows: the verdict is KV capacity in concurrent full-length (ctx/slot) sequences ≥ N; "
+              "the Comfortable / Marginal / Risky free-memory class does not apply"] = None
+    return list(notes)
 
 
 def _environment(records: list[dict[str, Any]], session: dict[str, Any] | None) -> dict[str, Any]:
@@ -172,11 +196,16 @@ def build_context(records: list[dict[str, Any]], session: dict[str, Any] | None 
     profiles = sorted({str(r.get("profile", "")) for r in records if r.get("profile")})
     context = {
         "profiles": profiles, "n_records": len(records), "kinds": sorted(kinds.items()),
-        "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in ("ceiling", "workload", "ramp", "search")),
+        "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in SHOWN_KINDS),
         "searches": searches,
         "rounding_note": fmt.ROUNDING_NOTE,
-        "ceiling": ceiling_table(records), "slo_rules": _slo_rules(records), "kv": kv_table(records),
-        "workload": workload_table(records), "roles": roles_table(records), "verdicts": verdicts_table(records), "scaling": scaling_tables(records),
+        "ceiling": ceiling_table(records), "slo_rules": _slo_rules(records), "vllm_notes": _vllm_notes(records),
+        "kv": kv_table(records), "prediction": prediction_table(records),
+        "workload": workload_table(records), "low_efficiency": low_efficiency(records),
+        "roles": roles_table(records), "verdicts": verdicts_table(records),
+        "crosscheck": crosscheck_table(records), "crosscheck_flags": crosscheck_flags(records),
+        "goodput": goodput_table(records), "queueing": queueing_table(records),
+        "not_measured": not_measured_table(records), "scaling": scaling_tables(records),
         "memory_chart": mem, "workload_charts": wl_charts, "ramps": ramps,
         "recommendations": recommendations(records), "env": _environment(records, session),
         "session_note": session_note, "chart_dir": CHART_DIR, "summary": False,

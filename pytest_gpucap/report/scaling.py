@@ -12,8 +12,9 @@ from .tables import ceiling_frame, workload_frame, workload_label
 def _points(frame: Any, x: str, y: str) -> list[tuple[float, float]]:
     pts = []
     for xv, yv in zip(frame[x], frame[y]):
-        if not fmt.missing(xv) and not fmt.missing(yv):
-            pts.append((float(xv), float(yv)))
+        xf, yf = fmt.as_float(xv), fmt.as_float(yv)
+        if xf is not None and yf is not None:
+            pts.append((xf, yf))
     return pts
 
 
@@ -28,7 +29,7 @@ def memory_chart(records: list[dict[str, Any]]) -> Chart | None:
                           "model + KV + compute buffers.")
     df = df.assign(kv=[fmt.text(k) if k == v else f"{fmt.text(k)}/{fmt.text(v)}"
                        for k, v in zip(df["cache_k"], df["cache_v"])])
-    df["server_total"] = [sum(float(x) for m in maps if isinstance(m, dict) for x in m.values() if x is not None)
+    df["server_total"] = [sum(fmt.as_float(x) or 0.0 for m in maps if isinstance(m, dict) for x in m.values())
                           or None for maps in zip(df["model_map"], df["kv_map"], df["compute_map"])]
     for (profile, kv, mmproj), group in df.groupby(["profile", "kv", "mmproj"], sort=False):
         name = f"{profile} {kv}{' +mmproj' if mmproj else ''}"
@@ -66,8 +67,8 @@ def ramp_charts(record: dict[str, Any], index: int) -> list[Chart]:
     slug = f"ramp-{index}-{slugify(cid)}"
 
     def series(name: str, key: str, dashed: bool = False) -> Series:
-        return Series(name, [(float(s["n"]), float(s[key])) for s in steps
-                             if not fmt.missing(s.get("n")) and not fmt.missing(s.get(key))], dashed)
+        pts = [(fmt.as_float(s.get("n")), fmt.as_float(s.get(key))) for s in steps]
+        return Series(name, [(x, y) for x, y in pts if x is not None and y is not None], dashed)
 
     lat = Chart(f"{slug}-latency", f"Ramp latency vs N — {cid}", "concurrent agents (N)", "seconds", x_kind="int",
                 series=[series("turn p95", "turn_p95_s"), series("turn p50", "turn_p50_s", True),

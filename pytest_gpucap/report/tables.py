@@ -16,6 +16,7 @@ from . import fmt
 VERDICT_CLASS = {"Comfortable": "ok", "Marginal": "warn", "Risky": "bad"}
 OUTCOME_CLASS = {"passed": "ok", "failed": "bad", "skipped": "warn"}
 LEAD_ROLE = "Dev"
+FREE_MEMORY_VERDICT = "headroom"  # slo.headroom's name: free memory after load vs the SLO
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,23 @@ def get(record: Any, path: str, default: Any = None) -> Any:
     return cur
 
 
+def _num(record: Any, path: str) -> float | None:
+    """A recorded figure as a float; None when absent or not a number (a hand-edited or foreign record)."""
+    return fmt.as_float(get(record, path))
+
+
 def of_kind(records: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [r for r in records if isinstance(r, dict) and r.get("kind") == kind]
+
+
+def measured(record: dict[str, Any]) -> bool:
+    """False for a record of a config that ended before measuring (skipped, boot failed): config and reason only."""
+    return isinstance(record.get("memory"), dict) or isinstance(record.get("metrics"), dict)
+
+
+def is_vllm(record: dict[str, Any]) -> bool:
+    """vLLM pre-allocates its KV pool, so free memory after load is not its headroom."""
+    return get(record, "config.backend") == "vllm" or isinstance(get(record, "memory.kv_headroom"), dict)
 
 
 def _total(n: Any, ctx: Any) -> int | None:
@@ -79,6 +95,8 @@ def failed_verdicts(rec: dict[str, Any]) -> list[str]:
     for v in rec.get("verdicts") or []:
         if not isinstance(v, dict) or v.get("ok", True):
             continue
+        if v.get("name") == FREE_MEMORY_VERDICT and is_vllm(rec):
+            continue  # vLLM fills memory by design; its KV-capacity verdict is the headroom check
         op = "below budget" if v.get("higher_is_better", True) else "above budget"
         unit = v.get("unit", "")
         out.append(f"{v.get('name')} {fmt.num(v.get('measured'), 2)} {unit} {op} {fmt.num(v.get('budget'), 2)} {unit}"
@@ -92,24 +110,47 @@ def ceiling_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per ceiling record, numeric columns as recorded."""
     rows = []
     for r in of_kind(records, "ceiling"):
-        n, ctx = get(r, "config.n"), get(r, "config.ctx")
-        rep = get(r, "memory.server_report", {}) or {}
+        n, ctx = fmt.as_int(get(r, "config.n")), fmt.as_int(get(r, "config.ctx"))
+        rep = get(r, "memory.server_report")
+        rep = rep if isinstance(rep, dict) else {}
         rows.append({
             "config_id": str(r.get("config_id", "?")), "profile": str(r.get("profile", "")),
             "n": n, "ctx": ctx, "total_ctx": _total(n, ctx),
             "cache_k": get(r, "config.cache_type_k"), "cache_v": get(r, "config.cache_type_v"),
             "mmproj": bool(get(r, "config.mmproj", False)),
             "probe": get(r, "memory.probe"),
-            "used": get(r, "memory.used_after_load_mib"), "free": get(r, "memory.free_mib"),
-            "baseline": get(r, "memory.baseline_used_mib"), "boot": r.get("boot_s"),
-            "headroom_class": r.get("headroom_class"), "slo": get(r, "slo.headroom_gib"),
-            "kv_per_slot": get(r, "memory.kv_per_slot_mib"),
-            "predicted": get(r, "memory.predicted_kv_per_slot_mib"),
+            "used": _num(r, "memory.used_after_load_mib"), "free": _num(r, "memory.free_mib"),
+            "baseline": _num(r, "memory.baseline_used_mib"), "boot": fmt.as_float(r.get("boot_s")),
+            "headroom_class": r.get("headroom_class"), "slo": _num(r, "slo.headroom_gib"),
+            "kv_per_slot": _num(r, "memory.kv_per_slot_mib"),
+            "predicted": _num(r, "memory.predicted_kv_per_slot_mib"),
             "model_map": rep.get("model_mib"), "kv_map": rep.get("kv_buffer_mib"),
             "compute_map": rep.get("compute_mib"), "output_map": rep.get("output_mib"),
+            "vllm": is_vllm(r), "kv_headroom": get(r, "memory.kv_headroom"), "measured": measured(r),
             "record": r,
         })
     return pd.DataFrame(rows)
+
+
+def kv_capacity_text(kv_headroom: Any, n: Any) -> Cell:
+    """vLLM's headroom in its own terms: how many full-length sequences the pre-allocated KV pool holds vs N."""
+    if not isinstance(kv_headroom, dict):
+        return Cell(fmt.DASH)
+    seqs = kv_headroom.get("kv_capacity_sequences")
+    n = kv_headroom.get("n", n)
+    if fmt.missing(seqs):
+        return Cell(f"KV capacity not reported (N={fmt.integer(n)})", "warn")
+    ok = kv_headroom.get("ok")
+    cls = "" if ok is None else ("ok" if ok else "bad")
+    return Cell(f"KV pool holds {fmt.num(seqs)} full-length sequences for N={fmt.integer(n)}", cls)
+
+
+def _headroom_cells(row: Any) -> list[Cell]:
+    """(SLO, verdict) cells: the free-memory class for llama.cpp, the KV-capacity verdict for vLLM."""
+    if row.vllm:
+        return [_n("n/a (vLLM)"), kv_capacity_text(row.kv_headroom, row.n)]
+    verdict = fmt.text(row.headroom_class)
+    return [_n(fmt.gib(row.slo)), Cell(verdict, VERDICT_CLASS.get(verdict, ""))]
 
 
 def ceiling_table(records: list[dict[str, Any]]) -> Table:
@@ -121,8 +162,7 @@ def ceiling_table(records: list[dict[str, Any]]) -> Table:
     for row in df.itertuples():
         rows.append([
             Cell(row.config_id), _n(fmt.integer(row.n)), _n(fmt.integer(row.ctx)), _n(fmt.integer(row.total_ctx)),
-            _n(fmt.mib(row.used)), _n(fmt.mib(row.free)), _n(fmt.secs(row.boot)), _n(fmt.gib(row.slo)),
-            Cell(fmt.text(row.headroom_class), VERDICT_CLASS.get(fmt.text(row.headroom_class), "")),
+            _n(fmt.mib(row.used)), _n(fmt.mib(row.free)), _n(fmt.secs(row.boot)), *_headroom_cells(row),
             _outcome(row.record),
         ])
     return _table(cols, rows)
@@ -131,8 +171,7 @@ def ceiling_table(records: list[dict[str, Any]]) -> Table:
 def _device_sum(mapping: Any, gpu_only: bool) -> float:
     if not isinstance(mapping, dict):
         return 0.0
-    return sum(float(v) for k, v in mapping.items()
-               if v is not None and not (gpu_only and _host_buffer(str(k))))
+    return sum(fmt.as_float(v) or 0.0 for k, v in mapping.items() if not (gpu_only and _host_buffer(str(k))))
 
 
 def _host_buffer(device: str) -> bool:
@@ -150,17 +189,19 @@ def kv_table(records: list[dict[str, Any]]) -> Table:
             ("Used after load", True), ("Unattributed†", True)]
     rows = []
     for row in df.itertuples():
+        if not row.measured:
+            continue  # listed under "Not measured"; a row of dashes says nothing here
         model_total, model_txt = fmt.devices(row.model_map)
         kv_total, kv_txt = fmt.devices(row.kv_map)
         compute_total, compute_txt = fmt.devices(row.compute_map)
         measured = overhead = unattributed = None
         if not fmt.missing(row.used):
-            base = 0.0 if fmt.missing(row.baseline) else float(row.baseline)
+            base = fmt.as_float(row.baseline) or 0.0
             explained = sum(_device_sum(m, False) for m in (row.model_map, row.kv_map, row.compute_map, row.output_map))
             if explained:
                 unattributed = float(row.used) - base - explained
             n_slots = fmt.as_int(row.n)
-            if row.probe == "nvml" and n_slots and not fmt.missing(row.baseline):
+            if row.probe == "nvml" and n_slots and not fmt.missing(row.baseline) and not row.vllm:
                 gpu_fixed = sum(_device_sum(m, True) for m in (row.model_map, row.compute_map, row.output_map))
                 measured = (float(row.used) - base - gpu_fixed) / n_slots
                 if not fmt.missing(row.kv_per_slot):
@@ -185,6 +226,10 @@ def kv_table(records: list[dict[str, Any]]) -> Table:
         "Unattributed† = used after load − baseline − all server-reported buffers (model + KV + compute + output); "
         "negative when buffers are reserved but not yet resident (untouched KV pages do not count in RSS).",
     ]
+    if not df.empty and bool(df["vllm"].any()):
+        table.notes.append("vLLM rows: Server KV/slot is the pre-allocated KV pool ÷ N; the pool is sized by "
+                           "--gpu-memory-utilization or --kv-cache-memory-bytes, not by N × ctx, so no measured "
+                           "per-slot figure is derived (see the KV-capacity verdict above).")
     return table
 
 
@@ -193,22 +238,22 @@ def kv_table(records: list[dict[str, Any]]) -> Table:
 def workload_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for r in of_kind(records, "workload"):
-        n, ctx = get(r, "config.n"), get(r, "config.ctx")
+        n, ctx = fmt.as_int(get(r, "config.n")), fmt.as_int(get(r, "config.ctx"))
         errors = get(r, "metrics.errors") or {}
         rows.append({
             "config_id": str(r.get("config_id", "?")), "profile": str(r.get("profile", "")),
             "n": n, "ctx": ctx, "total_ctx": _total(n, ctx),
             "workload": str(get(r, "workload.name", "") or ""), "agents": fmt.agents(get(r, "workload.agents")),
-            "agg_tps": get(r, "metrics.agg_tps"), "per_call_tps": get(r, "metrics.per_call_tps"),
-            "ttft_p50": get(r, "metrics.ttft_s.p50"), "ttft_p95": get(r, "metrics.ttft_s.p95"),
-            "e2e_p50": get(r, "metrics.e2e_s.p50"), "e2e_p95": get(r, "metrics.e2e_s.p95"),
-            "lead_p50": get(r, f"metrics.roles.{LEAD_ROLE}.p50_s"),
-            "lead_p95": get(r, f"metrics.roles.{LEAD_ROLE}.p95_s"),
-            "turns_ok": get(r, "metrics.turns_ok"), "turns_failed": get(r, "metrics.turns_failed"),
+            "agg_tps": _num(r, "metrics.agg_tps"), "per_call_tps": _num(r, "metrics.per_call_tps"),
+            "ttft_p50": _num(r, "metrics.ttft_s.p50"), "ttft_p95": _num(r, "metrics.ttft_s.p95"),
+            "e2e_p50": _num(r, "metrics.e2e_s.p50"), "e2e_p95": _num(r, "metrics.e2e_s.p95"),
+            "lead_p50": _num(r, f"metrics.roles.{LEAD_ROLE}.p50_s"),
+            "lead_p95": _num(r, f"metrics.roles.{LEAD_ROLE}.p95_s"),
+            "turns_ok": _num(r, "metrics.turns_ok"), "turns_failed": _num(r, "metrics.turns_failed"),
             "errors": ", ".join(f"{k} {v}" for k, v in sorted(errors.items()) if v) if isinstance(errors, dict) else "",
-            "free_at_boot": get(r, "memory.free_at_boot_mib"), "min_free": get(r, "memory.min_free_mib"),
-            "duration": get(r, "workload.duration_s"), "record": r,
-            "roofline": get(r, "metrics.roofline_tps"), "efficiency": get(r, "metrics.efficiency"),
+            "free_at_boot": _num(r, "memory.free_at_boot_mib"), "min_free": _num(r, "memory.min_free_mib"),
+            "duration": _num(r, "workload.duration_s"), "record": r,
+            "roofline": _num(r, "metrics.roofline_tps"), "efficiency": _num(r, "metrics.efficiency"),
         })
     return pd.DataFrame(rows)
 
