@@ -586,6 +586,8 @@ class ProfileCalibration:
     """How one host profile's measured memory relates to the estimate.
 
     ``compute_scale``: server-reported compute buffer / :func:`estimate_compute_bytes` (median).
+    ``weights_scale``: server-reported model buffers / predicted weight bytes (median): above 1 on a
+    CPU whose llama.cpp build keeps repacked copies of some weights (AMX, CPU_REPACK buffers).
     The fit ``used - weights - KV - output = compute_fraction * compute + overhead_mib +
     per_slot_mib * N`` explains the rest: on a GPU ``compute_fraction`` is ~1 and ``overhead_mib`` the
     CUDA context; on the host probe (server RSS) untouched compute pages do not count, so the
@@ -595,6 +597,7 @@ class ProfileCalibration:
     profile: str
     compute_scale: float = 1.0
     compute_fraction: float = 1.0
+    weights_scale: float = 1.0
     overhead_mib: float = 0.0
     per_slot_mib: float = 0.0
     n_records: int = 0
@@ -671,6 +674,11 @@ def _facts_for(record: Mapping[str, Any], facts: Any) -> ModelFacts | None:
     return None
 
 
+def is_host_buffer(name: str) -> bool:
+    """``CPU``, ``CPU_Mapped``, ``CPU_REPACK``, ``AMX``, ``CUDA0_Host``: buffers in host memory, not on a GPU."""
+    return name.upper().startswith("CPU") or name.upper() == "AMX" or name.endswith("_Host")
+
+
 def _server_sum(d: Any) -> float:
     return float(sum(d.values())) if isinstance(d, Mapping) else float(d or 0.0)
 
@@ -684,9 +692,9 @@ def _record_parts(record: Mapping[str, Any]) -> dict[str, float] | None:
     device = mem.get("probe", "host")
     model = rep.get("model_mib") or {}
     compute = rep.get("compute_mib") or {}
-    if device == "nvml":  # device buffers only: CUDA0 etc., not CPU / *_Host
-        model_dev = sum(v for k, v in model.items() if k != "CPU" and not k.endswith("_Host"))
-        compute_dev = sum(v for k, v in compute.items() if k != "CPU" and not k.endswith("_Host"))
+    if device == "nvml":  # device buffers only: CUDA0 etc., not the host's
+        model_dev = sum(v for k, v in model.items() if not is_host_buffer(k))
+        compute_dev = sum(v for k, v in compute.items() if not is_host_buffer(k))
         output = 0.0
     else:
         model_dev, compute_dev, output = _server_sum(model), _server_sum(compute), _server_sum(rep.get("output_mib"))
@@ -710,15 +718,21 @@ def calibrate(records: Sequence[Mapping[str, Any]], facts: Any = None) -> Calibr
     out: dict[str, ProfileCalibration] = {}
     for profile, recs in by_profile.items():
         parts = [_record_parts(r) for r in recs]
-        ratios = []
+        ratios, weight_ratios = [], []
         for rec, p in zip(recs, parts):
             f = _facts_for(rec, facts)
-            if f is None or not p or not p["compute"]:
+            if f is None or not p:
                 continue
-            est = estimate_compute_bytes(_config_from_record(rec), f) / MIB
-            if est > 0:
+            cfg = _config_from_record(rec)
+            device = "cuda" if (rec.get("memory") or {}).get("probe") == "nvml" else "host"
+            predicted_weights = _device_weights(cfg, f, device)[0] / MIB
+            if predicted_weights > 0 and p["weights"] > 0:
+                weight_ratios.append(p["weights"] / predicted_weights)
+            est = estimate_compute_bytes(cfg, f) / MIB
+            if est > 0 and p["compute"]:
                 ratios.append(p["compute"] / est)
         scale = statistics.median(ratios) if ratios else 1.0
+        weights_scale = statistics.median(weight_ratios) if weight_ratios else 1.0
         y = np.array([p["used"] - p["weights"] - p["kv"] - p["output"] for p in parts])
         x_c = np.array([p["compute"] for p in parts])
         x_n = np.array([p["n"] for p in parts])
@@ -733,6 +747,7 @@ def calibrate(records: Sequence[Mapping[str, Any]], facts: Any = None) -> Calibr
         overhead = float(np.median(y - frac * x_c - per_slot * x_n))
         resid = y - frac * x_c - per_slot * x_n - overhead
         out[profile] = ProfileCalibration(profile, compute_scale=round(scale, 4), compute_fraction=round(frac, 4),
+                                          weights_scale=round(weights_scale, 4),
                                           overhead_mib=round(overhead, 2), per_slot_mib=round(per_slot, 3),
                                           n_records=len(parts),
                                           max_residual_mib=round(float(np.max(np.abs(resid))), 2))
@@ -857,6 +872,7 @@ def predict(cfg: CapacityConfig, facts: ModelFacts, mmproj_bytes: int = 0, compu
         problems += (str(exc),)
     kv_bytes = sum(c.bytes for c in caches)
     weights, wnote = _device_weights(cfg, facts, device)
+    weights = int(weights * cal.weights_scale)
     if wnote:
         notes.append(wnote)
     kv_dev_bytes = kv_bytes

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from ..memory_model import is_host_buffer
 from . import fmt
 
 VERDICT_CLASS = {"Comfortable": "ok", "Marginal": "warn", "Risky": "bad"}
@@ -171,12 +172,9 @@ def ceiling_table(records: list[dict[str, Any]]) -> Table:
 def _device_sum(mapping: Any, gpu_only: bool) -> float:
     if not isinstance(mapping, dict):
         return 0.0
-    return sum(fmt.as_float(v) or 0.0 for k, v in mapping.items() if not (gpu_only and _host_buffer(str(k))))
+    return sum(fmt.as_float(v) or 0.0 for k, v in mapping.items() if not (gpu_only and is_host_buffer(str(k))))
 
 
-def _host_buffer(device: str) -> bool:
-    """``CPU``, ``CPU_Mapped``, ``CUDA0_Host``: buffers in host memory, not on the GPU."""
-    return device.upper().startswith("CPU") or device.endswith("_Host")
 
 
 def kv_table(records: list[dict[str, Any]]) -> Table:
