@@ -983,6 +983,8 @@ def predict_matrix(matrix: Any, model: str | None = None, mmproj: str | Path | N
     otherwise each config's or profile's own. Returns the predictions and one line per config that
     could not be predicted (no model named, file missing).
     """
+    from .config import GENERATED_PREFIX
+
     base_dir = matrix.path.parent if getattr(matrix, "path", None) else None
     preds: list[Prediction] = []
     missing: list[str] = []
@@ -1003,7 +1005,9 @@ def predict_matrix(matrix: Any, model: str | None = None, mmproj: str | Path | N
             continue
         size = 0
         proj = mmproj or profile.mmproj
-        if cfg.mmproj and proj:
+        if cfg.mmproj and not proj and ref.startswith(GENERATED_PREFIX):
+            size = _generated_mmproj_bytes(ref, matrix.models)  # the plugin generates one next to the model
+        elif cfg.mmproj and proj:
             key = str(proj)
             if key not in mm_size:
                 try:
@@ -1014,6 +1018,16 @@ def predict_matrix(matrix: Any, model: str | None = None, mmproj: str | Path | N
         preds.append(predict(cfg, facts, size, calibration=calibration, profile=profile,
                              baseline_used_mib=(baseline_used_mib or {}).get(profile.name, 0.0)))
     return preds, missing
+
+
+def _generated_mmproj_bytes(ref: str, models: Mapping[str, Mapping[str, Any]] | None) -> int:
+    from .config import BUILTIN_MODELS, GENERATED_PREFIX
+    from .mmprojgen import ProjectorShape
+    from .modelgen import ModelShape
+
+    name = ref.removeprefix(GENERATED_PREFIX)
+    table = (models or {}).get(name) or BUILTIN_MODELS[name]
+    return ProjectorShape.for_model(ModelShape.from_mapping(table)).approx_bytes()
 
 
 # ---------------------------------------------------------------- fit table

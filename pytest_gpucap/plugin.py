@@ -174,6 +174,35 @@ def _probe(state: State, profile: HostProfile) -> MemoryProbe:
     return cached
 
 
+def _generated_table(state: State, cfg: CapacityConfig, profile: HostProfile) -> Mapping[str, Any] | None:
+    """The shape table of a ``generated:NAME`` model reference, or None for a model file."""
+    ref = state.settings.model or cfg.model or profile.model
+    if ref is None or not ref.startswith(GENERATED_PREFIX):
+        return None
+    name = ref.removeprefix(GENERATED_PREFIX)
+    return state.matrix.models.get(name) or BUILTIN_MODELS[name]
+
+
+def _mmproj_path(state: State, cfg: CapacityConfig, profile: HostProfile, cache_dir: Path) -> Path:
+    """The vision projector: the one passed, or a generated one sized for a generated model."""
+    ref = state.settings.mmproj or profile.mmproj
+    if ref is not None:
+        path = Path(ref).expanduser()
+        if not path.is_absolute() and state.matrix.path is not None and profile.mmproj == ref:
+            path = state.matrix.path.parent / path
+        if not path.is_file():
+            pytest.skip(f"{cfg.id}: vision projector {path} not found: pass --gpucap-mmproj PATH")
+        return path
+    table = _generated_table(state, cfg, profile)
+    if table is None:
+        pytest.skip(f"{cfg.id} loads a vision projector: pass --gpucap-mmproj PATH "
+                    "(one is generated only next to a generated model)")
+    from .mmprojgen import ProjectorShape, ensure_mmproj
+    from .modelgen import ModelShape
+
+    return ensure_mmproj(ProjectorShape.for_model(ModelShape.from_mapping(table)), cache_dir)
+
+
 def _model_path(state: State, cfg: CapacityConfig, profile: HostProfile,
                 generate: Callable[[Mapping[str, Any]], Path], what: str) -> Path:
     """The model a config runs: ``generated:NAME`` through ``generate(shape table)``, or a path
@@ -181,9 +210,9 @@ def _model_path(state: State, cfg: CapacityConfig, profile: HostProfile,
     ref = state.settings.model or cfg.model or profile.model
     if ref is None:
         pytest.skip(f"profile {profile.name!r} names no model: pass --gpucap-model PATH or set model in the matrix")
-    if ref.startswith(GENERATED_PREFIX):
-        name = ref.removeprefix(GENERATED_PREFIX)
-        return generate(state.matrix.models.get(name) or BUILTIN_MODELS[name])
+    table = _generated_table(state, cfg, profile)
+    if table is not None:
+        return generate(table)
     path = Path(ref).expanduser()
     if not path.is_absolute() and state.matrix.path is not None:
         path = state.matrix.path.parent / path
@@ -254,13 +283,7 @@ def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSp
         model = _model_path(state, cfg, profile, _hf(cfg, cache_dir, lookup.python), "a Hugging Face model directory")
         return replace(spec, command=lookup.argv, binary_version=state.vllm_version, model=model)
     binary, version = _binary(state)
-    mmproj = None
-    if cfg.mmproj:
-        ref = settings.mmproj or profile.mmproj
-        if ref is None or not Path(ref).expanduser().is_file():
-            pytest.skip(f"{cfg.id} loads a vision projector: pass --gpucap-mmproj PATH "
-                        "(the model generator makes no projector)")
-        mmproj = Path(ref).expanduser()
+    mmproj = _mmproj_path(state, cfg, profile, cache_dir) if cfg.mmproj else None
     model = _model_path(state, cfg, profile, _gguf(cache_dir), "a GGUF file")
     return replace(spec, binary=binary, binary_version=version, model=model, mmproj=mmproj)
 

@@ -156,3 +156,14 @@ def capacity_run(pytester: pytest.Pytester, llama_server_bin: Path) -> CapacityR
 
 
 MakeMatrix = Callable[..., str]
+
+
+def assert_weights_in_model_buffers(model_mib: dict[str, float], weights_mib: float, rel: float = 0.01) -> None:
+    """The weights are the model buffer. On a CPU with AMX (or another repack buffer type) llama.cpp
+    moves some weights into a repacked copy in an extra buffer, so the weights lie between the mapped
+    part and the mapped part plus the extra buffers."""
+    extra = sum(v for k, v in model_mib.items() if k != "CPU")
+    if not extra:
+        assert model_mib["CPU"] == pytest.approx(weights_mib, rel=rel), model_mib
+    else:
+        assert model_mib["CPU"] <= weights_mib * (1 + rel) <= (model_mib["CPU"] + extra) * (1 + 2 * rel), model_mib

@@ -105,6 +105,9 @@ _KV_RE = re.compile(
     rf"llama_kv_cache(?:_iswa)?: size = +{_NUM} MiB \( *([0-9]+) cells, +([0-9]+) layers, +([0-9]+)/([0-9]+) seqs\)"
     rf", K \((\w+)\): +{_NUM} MiB, V \((\w+)\): +{_NUM} MiB")
 _BUF_RE = re.compile(rf"(\w+): +(\S+) +(model|KV|compute|output|RS) buffer size = +{_NUM} MiB")
+#: Functions that log the vision projector's (clip / mtmd) buffers, across llama.cpp versions.
+_CLIP_FUNCS = ("clip", "alloc_compute_meta", "reserve_compute_meta")
+_MMPROJ_SIZE_RE = re.compile(rf"load_hparams: +model size: +{_NUM} MiB")
 _BREAKDOWN_GPU_RE = re.compile(
     rf"\| +- (.+?) +\| +{_NUM} = {_NUM} \+ \( *{_NUM} = +{_NUM} \+ +{_NUM} \+ +{_NUM}\) \+ +(-?[0-9]+) \|")
 _BREAKDOWN_OTHER_RE = re.compile(rf"\| +- (.+?) +\| +{_NUM} = +{_NUM} \+ +{_NUM} \+ +{_NUM} +\|")
@@ -151,6 +154,8 @@ class ServerMemoryReport:
     prompt_cache_limit_mib: int | None = None
     n_slots: int | None = None
     n_ctx_slot: int | None = None
+    mmproj_model_mib: float | None = None  # the vision projector's weights (clip's "model size")
+    mmproj_compute_mib: Mapping[str, float] = field(default_factory=dict)  # its warmup compute buffer
 
     @property
     def kv_mib(self) -> float:
@@ -166,6 +171,7 @@ class ServerMemoryReport:
             "kv_lines": [vars(k) for k in self.kv], "breakdown": [vars(b) for b in self.breakdown],
             "prompt_cache_limit_mib": self.prompt_cache_limit_mib,
             "n_slots": self.n_slots, "n_ctx_slot": self.n_ctx_slot,
+            "mmproj_model_mib": self.mmproj_model_mib, "mmproj_compute_mib": dict(self.mmproj_compute_mib),
         }
 
 
@@ -180,11 +186,14 @@ def parse_memory_report(text: str) -> ServerMemoryReport:
         KvCacheLine(float(m[1]), int(m[2]), int(m[3]), int(m[4]), m[6], float(m[7]), m[8], float(m[9]))
         for m in _KV_RE.finditer(text))
     buckets: dict[str, dict[str, float]] = {"model": {}, "KV": {}, "compute": {}, "output": {}, "RS": {}}
+    projector: dict[str, float] = {}
     for m in _BUF_RE.finditer(text):
-        if m[1].startswith("clip") or m[1].startswith("alloc_compute_meta"):
-            continue
         dev = _device_of(m[2])
+        if m[1].startswith(_CLIP_FUNCS):  # the vision projector's buffers are not the text model's
+            projector[dev] = projector.get(dev, 0.0) + float(m[4])
+            continue
         buckets[m[3]][dev] = buckets[m[3]].get(dev, 0.0) + float(m[4])
+    mmproj_size = _MMPROJ_SIZE_RE.search(text)
     rows: list[BreakdownRow] = []
     for m in _BREAKDOWN_GPU_RE.finditer(text):
         rows.append(BreakdownRow(m[1].strip(), float(m[5]), float(m[6]), float(m[7]), float(m[2]), float(m[3])))
@@ -197,6 +206,7 @@ def parse_memory_report(text: str) -> ServerMemoryReport:
         output_mib=buckets["output"], breakdown=tuple(rows),
         prompt_cache_limit_mib=int(cache[1]) if cache else None,
         n_slots=int(slots[1]) if slots else None, n_ctx_slot=int(slots[2]) if slots else None,
+        mmproj_model_mib=float(mmproj_size[1]) if mmproj_size else None, mmproj_compute_mib=projector,
     )
 
 
