@@ -12,15 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import build_once
+from .cache import ensure_file, write_atomically
 
 if TYPE_CHECKING:
     from .modelgen import ModelShape
@@ -134,19 +132,7 @@ def write_mmproj(shape: ProjectorShape, path: Path) -> Path:
     import gguf
 
     shape.validate()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _write_gguf(shape, tmp, gguf)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(Path(path), lambda tmp: _write_gguf(shape, tmp, gguf))
 
 
 def _write_gguf(shape: ProjectorShape, path: Path, gguf: Any) -> None:
@@ -191,9 +177,5 @@ def _write_gguf(shape: ProjectorShape, path: Path, gguf: Any) -> None:
 
 def ensure_mmproj(shape: ProjectorShape, cache_dir: Path) -> Path:
     """Return the cached projector, generating it once even when several xdist workers ask at the same time."""
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"{shape.name}-{shape.key()}.gguf"
-    if target.exists():
-        return target
-    shape.validate()
-    return build_once(target, lambda: write_mmproj(shape, target))
+    target = Path(cache_dir) / f"{shape.name}-{shape.key()}.gguf"
+    return ensure_file(target, shape.validate, lambda path: write_mmproj(shape, path))

@@ -7,9 +7,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import string
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import build_once
+from .cache import ensure_file, write_atomically
 
 # Bumped whenever the bytes written for a given shape change, so cached files are regenerated.
 GENERATOR_VERSION = 1
@@ -173,19 +171,7 @@ def write_model(shape: ModelShape, path: Path) -> Path:
     import gguf
 
     shape.validate()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _write_gguf(shape, tmp, gguf)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(Path(path), lambda tmp: _write_gguf(shape, tmp, gguf))
 
 
 def _write_gguf(shape: ModelShape, path: Path, gguf: Any) -> None:
@@ -244,12 +230,8 @@ def _write_gguf(shape: ModelShape, path: Path, gguf: Any) -> None:
 
 def ensure_model(shape: ModelShape, cache_dir: Path) -> Path:
     """Return the cached model, generating it once even when several xdist workers ask at the same time."""
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"{shape.name}-{shape.key()}.gguf"
-    if target.exists():
-        return target
-    shape.validate()
-    return build_once(target, lambda: write_model(shape, target))
+    target = Path(cache_dir) / f"{shape.name}-{shape.key()}.gguf"
+    return ensure_file(target, shape.validate, lambda path: write_model(shape, path))
 
 
 

@@ -112,10 +112,5 @@ def as_float(value: Any) -> float | None:
 
 def as_int(value: Any) -> int | None:
     """Integers that may have passed through pandas (numpy ints, or floats when a column had gaps)."""
-    if missing(value) or isinstance(value, bool):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(f) if f.is_integer() else None
+    f = as_float(value)
+    return int(f) if f is not None and f.is_integer() else None
