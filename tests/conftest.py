@@ -17,7 +17,10 @@ import httpx
 import psutil
 import pytest
 
+from pytest_gpucap.config import CapacityConfig, HostProfile
+from pytest_gpucap.memory import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
+from pytest_gpucap.servers import LaunchSpec, ServerHandle
 from pytest_gpucap.servers.llamacpp import find_binary
 from pytest_gpucap.servers.process import OWNER_ENV, free_port
 
@@ -167,3 +170,18 @@ def assert_weights_in_model_buffers(model_mib: dict[str, float], weights_mib: fl
         assert model_mib["CPU"] == pytest.approx(weights_mib, rel=rel), model_mib
     else:
         assert model_mib["CPU"] <= weights_mib * (1 + rel) <= (model_mib["CPU"] + extra) * (1 + 2 * rel), model_mib
+
+
+@contextlib.contextmanager
+def plugin_server(binary: Path, model: Path, cfg: CapacityConfig, log_dir: Path,
+                  mmproj: Path | None = None) -> Iterator[ServerHandle]:
+    """A llama-server booted through the plugin's own ServerHandle on a 2 GiB host profile, and
+    stopped afterwards whatever happened."""
+    spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=log_dir, binary=binary,
+                      model=model, mmproj=mmproj, boot_timeout_s=60, hold_s=0.2)
+    handle = ServerHandle(spec, HostProbe(2048))
+    try:
+        handle.boot()
+        yield handle
+    finally:
+        handle.stop()

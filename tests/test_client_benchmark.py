@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from pytest_gpucap.config import CapacityConfig, HostProfile, Workload
-from pytest_gpucap.memory import HostProbe
-from pytest_gpucap.servers import LaunchSpec, ServerHandle
+from conftest import plugin_server
+from pytest_gpucap.config import CapacityConfig, Workload
+from pytest_gpucap.servers import ServerHandle
 from pytest_gpucap.workload import runner
 from pytest_gpucap.workload.metrics import server_crosscheck
 from pytest_gpucap.workload.prompts import calibrate
@@ -36,15 +36,8 @@ def wide_server(llama_server_bin: Path, tiny_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """64 slots of 256 tokens (verified against /props and /slots at boot), ``--metrics`` on."""
     cfg = CapacityConfig(profile="cpu", n=CONCURRENCY, ctx=SLOT_CTX, threads=2, cache_ram_mib=0)
-    spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0),
-                      log_dir=tmp_path_factory.mktemp("bench-logs"), binary=llama_server_bin, model=tiny_model,
-                      boot_timeout_s=60, hold_s=0.2)
-    handle = ServerHandle(spec, HostProbe(2048))
-    try:
-        handle.boot()
+    with plugin_server(llama_server_bin, tiny_model, cfg, tmp_path_factory.mktemp("bench-logs")) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def _cpu_s() -> float:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import assert_weights_in_model_buffers
 from pytest_gpucap import memory_model as mm
-from pytest_gpucap.config import CapacityConfig, HostProfile, SLO, load_matrix, BUILTIN_MODELS, GENERATED_PREFIX
+from pytest_gpucap.config import CapacityConfig, HostProfile, SLO, load_matrix
 from pytest_gpucap.memory import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.results import ceiling_record

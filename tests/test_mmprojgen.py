@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import CapacityRun
+from conftest import CapacityRun, plugin_server
 from pytest_gpucap import memory_model, mmprojgen, results
 from pytest_gpucap.config import CapacityConfig, HostProfile
 from pytest_gpucap.memory import HostProbe
@@ -150,15 +150,8 @@ def vision_server(llama_server_bin: Path, tiny_model: Path, model_cache: Path,
     """The tiny text model plus its generated projector, booted the way the plugin boots mmproj configs."""
     proj = ensure_mmproj(ProjectorShape.for_model(ModelShape()), model_cache)
     cfg = CapacityConfig(profile="cpu", n=1, ctx=2048, mmproj=True, threads=1, cache_ram_mib=0)
-    spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0),
-                      log_dir=tmp_path_factory.mktemp("mmproj-logs"), binary=llama_server_bin, model=tiny_model,
-                      mmproj=proj, boot_timeout_s=60, hold_s=0.2)
-    handle = ServerHandle(spec, HostProbe(2048))
-    try:
-        handle.boot()
+    with plugin_server(llama_server_bin, tiny_model, cfg, tmp_path_factory.mktemp("mmproj-logs"), proj) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_llama_server_loads_the_generated_projector(vision_server: ServerHandle) -> None:
