@@ -14,14 +14,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .cache import ensure_file, write_atomically
-
-if TYPE_CHECKING:
-    from .modelgen import ModelShape
+from .modelgen import ModelShape, write_random_tensors
 
 # Bumped whenever the bytes written for a given shape change, so cached files are regenerated.
 GENERATOR_VERSION = 1
@@ -154,25 +152,10 @@ def _write_gguf(shape: ProjectorShape, path: Path, gguf: Any) -> None:
     w.add_vision_image_std(list(IMAGE_STD))
     w.add_vision_use_gelu(False)  # CLIP's quick-GELU in the ViT blocks; the mlp projector always uses GELU
 
-    plan = shape.tensor_shapes()
-    for name, dims in plan:
-        dt = shape.tensor_dtype(name, dims)
-        w.add_tensor_info(name, dims, dt, int(np.prod(dims)) * dt.itemsize)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    rng = np.random.default_rng(shape.seed)
-    for name, dims in plan:
-        dt = shape.tensor_dtype(name, dims)
-        if len(dims) == 1:
-            # LayerNorm scales 1, every bias 0: activations stay finite through random blocks.
-            fill = 1.0 if name.endswith(("ln1.weight", "ln2.weight", "pre_ln.weight")) else 0.0
-            w.write_tensor_data(np.full(dims, fill, dtype=np.float32))
-        else:
-            data = rng.standard_normal(dims, dtype=np.float32)
-            data *= 0.02
-            w.write_tensor_data(data.astype(dt, copy=False))
-    w.close()
+    # LayerNorm scales 1, every bias 0: activations stay finite through random blocks.
+    norm_scales = ("ln1.weight", "ln2.weight", "pre_ln.weight")
+    write_random_tensors(w, shape.tensor_shapes(), shape.seed, shape.tensor_dtype,
+                         lambda name: 1.0 if name.endswith(norm_scales) else 0.0)
 
 
 def ensure_mmproj(shape: ProjectorShape, cache_dir: Path) -> Path:

@@ -8,7 +8,7 @@ import hashlib
 import itertools
 import json
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,21 +210,29 @@ def _write_gguf(shape: ModelShape, path: Path, gguf: Any) -> None:
     w.add_add_eos_token(False)
     w.add_chat_template(CHATML_TEMPLATE)
 
-    plan = shape.tensor_shapes()
+    write_random_tensors(w, shape.tensor_shapes(), shape.seed,
+                         lambda name, dims: np.dtype(np.float32 if len(dims) == 1 else wdtype),
+                         lambda name: 1.0)
+
+
+def write_random_tensors(w: Any, plan: Sequence[tuple[str, Sequence[int]]], seed: int,
+                         dtype_of: Callable[[str, Sequence[int]], np.dtype], fill_1d: Callable[[str], float]) -> None:
+    """Tensor infos, then the data streamed one tensor at a time (large shapes never sit in memory):
+    1-D tensors (norms, biases) constant f32, the rest N(0, 0.02) from ``seed``; closes the writer."""
     for name, dims in plan:
-        dt = np.dtype(np.float32 if len(dims) == 1 else wdtype)
+        dt = dtype_of(name, dims)
         w.add_tensor_info(name, dims, dt, int(np.prod(dims)) * dt.itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    rng = np.random.default_rng(shape.seed)
-    for _name, dims in plan:
+    rng = np.random.default_rng(seed)
+    for name, dims in plan:
         if len(dims) == 1:
-            w.write_tensor_data(np.ones(dims, dtype=np.float32))
+            w.write_tensor_data(np.full(dims, fill_1d(name), dtype=np.float32))
         else:
             data = rng.standard_normal(dims, dtype=np.float32)
             data *= 0.02
-            w.write_tensor_data(data.astype(wdtype, copy=False))
+            w.write_tensor_data(data.astype(dtype_of(name, dims), copy=False))
     w.close()
 
 
