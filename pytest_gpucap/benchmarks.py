@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .results import headline, record_name
+from .records import headline, record_name
 
 
 def _time_like(record: dict[str, Any]) -> dict[str, float]:

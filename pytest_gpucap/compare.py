@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import results
+from .records import read_jsonl
 
 DEFAULT_THRESHOLD_PCT = 5.0
 
@@ -131,7 +131,7 @@ def load(path: Path) -> list[dict[str, Any]]:
     file = path / "results.jsonl" if path.is_dir() else path
     if not file.is_file():
         raise CompareError(f"{file}: no such file (pass a results.jsonl or the report directory holding one)")
-    records = [r for r in results.read_jsonl(file) if isinstance(r, dict)]
+    records = [r for r in read_jsonl(file) if isinstance(r, dict)]
     if not records:
         raise CompareError(f"{file}: no result records in the file")
     return records

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import build_once
+from .files import build_once
 
 # Bumped whenever the files written for a given shape change, so cached directories are regenerated.
 GENERATOR_VERSION = 1

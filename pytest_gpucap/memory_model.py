@@ -49,8 +49,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .config import CACHE_TYPES, CapacityConfig, HostProfile, SLO
-from .slo import headroom_class
+from .matrix import CACHE_TYPES, CapacityConfig, HostProfile, SLO
+from .verdicts import headroom_class
 
 MIB = 1024 * 1024
 KV_PAD = 256  # llama.cpp pads n_ctx, n_ctx_seq and the SWA cache to multiples of 256 (this build)
@@ -704,7 +704,7 @@ def _record_parts(record: Mapping[str, Any]) -> dict[str, float] | None:
 
 
 def calibrate(records: Sequence[Mapping[str, Any]], facts: Any = None) -> Calibration:
-    """Learn each profile's corrections from ceiling records (see ``results.ceiling_record``).
+    """Learn each profile's corrections from ceiling records (see ``records.ceiling_record``).
 
     Uses ``record["memory"]["server_report"]`` (model/KV/compute MiB), ``used_after_load_mib`` minus
     ``baseline_used_mib`` and ``record["config"]``. ``facts`` (one ModelFacts, or a mapping from the
@@ -962,7 +962,7 @@ def facts_for_ref(ref: str, models: Mapping[str, Mapping[str, Any]] | None = Non
                   base_dir: Path | None = None) -> ModelFacts:
     """Facts for a matrix model reference: ``generated:NAME`` (from its shape, no file written) or a path
     (relative to ``base_dir``, the matrix file's folder)."""
-    from .config import BUILTIN_MODELS, GENERATED_PREFIX
+    from .matrix import BUILTIN_MODELS, GENERATED_PREFIX
     from .modelgen import ModelShape
 
     if ref.startswith(GENERATED_PREFIX):
@@ -983,7 +983,7 @@ def predict_matrix(matrix: Any, model: str | None = None, mmproj: str | Path | N
     otherwise each config's or profile's own. Returns the predictions and one line per config that
     could not be predicted (no model named, file missing).
     """
-    from .config import GENERATED_PREFIX
+    from .matrix import GENERATED_PREFIX
 
     base_dir = matrix.path.parent if getattr(matrix, "path", None) else None
     preds: list[Prediction] = []
@@ -1021,7 +1021,7 @@ def predict_matrix(matrix: Any, model: str | None = None, mmproj: str | Path | N
 
 
 def _generated_mmproj_bytes(ref: str, models: Mapping[str, Mapping[str, Any]] | None) -> int:
-    from .config import BUILTIN_MODELS, GENERATED_PREFIX
+    from .matrix import BUILTIN_MODELS, GENERATED_PREFIX
     from .mmprojgen import ProjectorShape
     from .modelgen import ModelShape
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import ensure_file, write_atomically
+from .files import ensure_file, write_atomically
 from .modelgen import ModelShape, write_random_tensors
 
 # Bumped whenever the bytes written for a given shape change, so cached files are regenerated.

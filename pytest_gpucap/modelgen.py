@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import ensure_file, write_atomically
+from .files import ensure_file, write_atomically
 
 # Bumped whenever the bytes written for a given shape change, so cached files are regenerated.
 GENERATOR_VERSION = 1

@@ -11,22 +11,22 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
-from . import memory_model, results
-from .config import (
+from . import memory_model, records
+from .matrix import (
     BACKENDS, BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
 )
 from .recorder import Recorder
-from .memory import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
-from .servers import LaunchSpec, PreflightSkip, ServerHandle
-from .servers import llamacpp, vllm
-from .servers.process import sweep_leftovers
+from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
+from .backends import LaunchSpec, PreflightSkip, ServerHandle
+from .backends import llamacpp, vllm
+from .backends.process import sweep_leftovers
 from .search import (
     Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, reusable_records, search_capacity,
 )
-from .slo import Verdict, assert_slos
-from .workload.harness import Harness
-from .settings import Settings, add_options, resolve_settings
+from .verdicts import Verdict, assert_slos
+from .harness import Harness
+from .options import Settings, add_options, resolve_settings
 from .workload.roles import roles_from_matrix
 
 
@@ -388,16 +388,16 @@ def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, 
     handle = gpucap_server
     if gpucap_slo != handle.profile.slo:
         handle = replace(handle, spec=replace(handle.spec, profile=replace(handle.profile, slo=gpucap_slo)))
-    record, verdicts = results.ceiling_record(handle, request.node.nodeid)
+    record, verdicts = records.ceiling_record(handle, request.node.nodeid)
     _attach(request.node, record)
     return Ceiling(record, verdicts)
 
 
 def _attach(node: pytest.Item, record: dict[str, Any]) -> None:
     """Put a record on the test report (reaches the xdist controller) plus flat JUnit properties."""
-    node.user_properties.append((results.PROPERTY_KEY, record))
-    prefix = results.record_name(record)
-    for key, value in results.headline(record).items():
+    node.user_properties.append((records.PROPERTY_KEY, record))
+    prefix = records.record_name(record)
+    for key, value in records.headline(record).items():
         node.user_properties.append((f"gpucap:{prefix}:{key}", round(value, 4)))
 
 
@@ -483,7 +483,7 @@ class SearchRun:
                                    str(model or ""))
         known = known_outcomes(earlier + [r for r in state.records if r.get("kind") == "ceiling"])
         result = search_capacity(self.base, self.space, evaluate, predict=predict, known=known, prune=prune)
-        record = {"schema": results.SCHEMA_VERSION, "kind": "search", "test": node.nodeid,
+        record = {"schema": records.SCHEMA_VERSION, "kind": "search", "test": node.nodeid,
                   "config_id": f"{profile.name}-search", "profile": profile.name, **result.as_dict()}
         _attach(node, record)
         return result
@@ -540,15 +540,15 @@ def _record_outcome(item: pytest.Item, call: pytest.CallInfo[None], report: pyte
     if not isinstance(cfg, CapacityConfig):
         return
     if report.skipped and isinstance(report.longrepr, tuple):
-        reason = results.one_line(str(report.longrepr[2]).removeprefix("Skipped: "))
+        reason = records.one_line(str(report.longrepr[2]).removeprefix("Skipped: "))
     elif call.excinfo is not None:
-        reason = results.one_line(call.excinfo.exconly())
+        reason = records.one_line(call.excinfo.exconly())
     else:
         reason = report.outcome
-    report.user_properties.append((results.REASON_KEY, reason))
-    if any(key == results.PROPERTY_KEY for key, _ in report.user_properties):
+    report.user_properties.append((records.REASON_KEY, reason))
+    if any(key == records.PROPERTY_KEY for key, _ in report.user_properties):
         return
     kind = "ceiling" if "gpucap_ceiling" in getattr(item, "fixturenames", ()) else "unmeasured"
-    report.user_properties.append((results.PROPERTY_KEY, results.outcome_record(cfg, item.nodeid, kind, reason)))
+    report.user_properties.append((records.PROPERTY_KEY, records.outcome_record(cfg, item.nodeid, kind, reason)))
 
 

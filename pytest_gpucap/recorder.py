@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from . import benchmarks, compare, environment, memory_model, results
+from . import benchmarks, compare, provenance, memory_model, records
 
 
 def summary_line(rec: dict[str, Any]) -> str:
@@ -49,29 +49,29 @@ class Recorder:
         out = self.results_path
         if out is not None and out.exists() and out.stat().st_size:
             # The earlier run's records stay readable: the capacity search reuses its measurements.
-            self.state.previous_records = results.read_jsonl(out)
+            self.state.previous_records = records.read_jsonl(out)
             out.rename(out.with_name(f"results-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # A test skipped or failed in setup has no call phase: its setup report carries the record.
         if not (report.when == "call" or (report.when == "setup" and not report.passed)):
             return
-        reason = next((v for k, v in report.user_properties if k == results.REASON_KEY), None)
+        reason = next((v for k, v in report.user_properties if k == records.REASON_KEY), None)
         for key, value in report.user_properties:
-            if key != results.PROPERTY_KEY or not isinstance(value, dict):
+            if key != records.PROPERTY_KEY or not isinstance(value, dict):
                 continue
             record = {**value, "outcome": report.outcome}
             if reason and not report.passed and not record.get("reason"):
                 record["reason"] = reason
             self.state.records.append(record)
             if self.results_path is not None:
-                results.append_jsonl(self.results_path, record)
+                records.append_jsonl(self.results_path, record)
             benchmarks.add_record(self.config, record)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         report_dir = self.state.settings.report_dir
         if report_dir is not None:
-            environment.write_session(report_dir / "session.json", session.config, self.state.binary_version)
+            provenance.write_session(report_dir / "session.json", session.config, self.state.binary_version)
             if self.state.records:
                 from .report import render_report
 
@@ -79,7 +79,7 @@ class Recorder:
                     self.rendered = render_report(report_dir)
                 except Exception as exc:  # the records are safe on disk; say why rendering failed
                     self.render_error = f"{type(exc).__name__}: {exc}"
-        environment.github_step_summary(self.state.records, report_dir if self.rendered else None)
+        provenance.github_step_summary(self.state.records, report_dir if self.rendered else None)
         self._save_calibration()
         self._gate(session)
 

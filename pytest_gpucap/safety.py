@@ -11,8 +11,8 @@ import threading
 import time
 from typing import Callable
 
-from .config import CapacityConfig, HostProfile
-from .memory import MemorySnapshot
+from .matrix import CapacityConfig, HostProfile
+from .probes import MemorySnapshot
 
 #: llama-server's host prompt cache limit when ``--cache-ram`` is not given.
 LLAMA_DEFAULT_CACHE_RAM_MIB = 8192

@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .config import CapacityConfig, SLO
+from .matrix import CapacityConfig, SLO
 from .memory_model import Prediction
 
 MONOTONICITY = ("within one cache type and mmproj setting, a config that fails makes every config with "
@@ -165,7 +165,7 @@ class SearchResult:
 # ---------------------------------------------------------------- known results
 
 def known_outcomes(records: Iterable[Mapping[str, Any]], slo: SLO | None = None) -> dict[str, Outcome]:
-    """Outcomes from saved result records (``results.read_jsonl``), keyed by config id.
+    """Outcomes from saved result records (``records.read_jsonl``), keyed by config id.
 
     A config passes when every verdict of every record for it passed. With ``slo``, ceiling records
     are judged again against its headroom (``free_mib``) instead of the budget they were run with.
@@ -459,9 +459,9 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
     failure or preflight refusal is a fail with its reason. ``Outcome.record`` is the ceiling record
     (with ``server_report``), ready for results.jsonl and :func:`memory_model.calibrate`.
     """
-    from .memory import HostProbe, NvmlProbe
-    from .results import ceiling_record
-    from .servers import PreflightSkip, ServerError, ServerHandle
+    from .probes import HostProbe, NvmlProbe
+    from .records import ceiling_record
+    from .backends import PreflightSkip, ServerError, ServerHandle
 
     spec = spec_factory(cfg)
     profile = spec.profile if slo is None else replace(spec.profile, slo=slo)

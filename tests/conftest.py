@@ -17,12 +17,12 @@ import httpx
 import psutil
 import pytest
 
-from pytest_gpucap.config import CapacityConfig, HostProfile
-from pytest_gpucap.memory import HostProbe
+from pytest_gpucap.matrix import CapacityConfig, HostProfile
+from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
-from pytest_gpucap.servers import LaunchSpec, ServerHandle
-from pytest_gpucap.servers.llamacpp import find_binary
-from pytest_gpucap.servers.process import OWNER_ENV, free_port
+from pytest_gpucap.backends import LaunchSpec, ServerHandle
+from pytest_gpucap.backends.llamacpp import find_binary
+from pytest_gpucap.backends.process import OWNER_ENV, free_port
 
 RUN_ENV = "GPUCAP_TEST_RUN"
 

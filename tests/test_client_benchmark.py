@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import plugin_server
-from pytest_gpucap.config import CapacityConfig, Workload
-from pytest_gpucap.servers import ServerHandle
+from pytest_gpucap.matrix import CapacityConfig, Workload
+from pytest_gpucap.backends import ServerHandle
 from pytest_gpucap.workload import runner
 from pytest_gpucap.workload.metrics import server_crosscheck
 from pytest_gpucap.workload.prompts import calibrate

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pytest_gpucap import results
+from pytest_gpucap import records
 from pytest_gpucap.compare import CompareError, Row, compare_records, format_table, load
 from conftest import CapacityRun, matrix_toml
 from test_report import REPO, ceiling, workload
@@ -98,7 +98,7 @@ def test_format_table_marks_regressions_and_escapes_pipes() -> None:
 
 def test_load_accepts_file_or_directory(tmp_path: Path) -> None:
     for r in _run_a():
-        results.append_jsonl(tmp_path / "results.jsonl", r)
+        records.append_jsonl(tmp_path / "results.jsonl", r)
     assert load(tmp_path) == load(tmp_path / "results.jsonl") and len(load(tmp_path)) == 3
     with pytest.raises(CompareError, match="no such file"):
         load(tmp_path / "nope")
@@ -109,10 +109,10 @@ def test_load_accepts_file_or_directory(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- CLI
 
-def _write(directory: Path, records: list[dict[str, Any]]) -> Path:
+def _write(directory: Path, recs: list[dict[str, Any]]) -> Path:
     directory.mkdir()
-    for r in records:
-        results.append_jsonl(directory / "results.jsonl", r)
+    for r in recs:
+        records.append_jsonl(directory / "results.jsonl", r)
     return directory
 
 
@@ -152,12 +152,12 @@ def test_session_gate_against_a_baseline(capacity_run: CapacityRun, tiny_model: 
     matrix = matrix_toml(tiny_model, "[[profiles.cpu.configs]]\nn = 1\nctx = 1024\n")
     first = capacity_run.run(matrix, "--gpucap-report", "rep")
     first.assert_outcomes(passed=1)
-    (record,) = results.read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl")
+    (record,) = records.read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl")
     used = record["memory"]["used_after_load_mib"]
     # a baseline that used half the memory: this run is ~100% worse on a lower-is-better figure
     # (and booted slower, so boot-time noise cannot add a second regression)
     better = {**record, "boot_s": 1e6, "memory": {**record["memory"], "used_after_load_mib": used / 2}}
-    results.append_jsonl(capacity_run.pytester.path / "base" / "results.jsonl", better)
+    records.append_jsonl(capacity_run.pytester.path / "base" / "results.jsonl", better)
     gated = capacity_run.run(matrix, "--gpucap-baseline", "base")
     assert gated.ret == pytest.ExitCode.TESTS_FAILED and gated.parseoutcomes() == {"passed": 1}
     gated.stdout.fnmatch_lines(["*gpucap regression gate*", "*cpu-n1-ctx1k-f16*used_after_load_mib*REGRESSION*",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpucap.config import MatrixError, config_from_mapping, load_matrix, parse_matrix
+from pytest_gpucap.matrix import MatrixError, config_from_mapping, load_matrix, parse_matrix
 
 SHIPPED = Path(__file__).resolve().parents[1] / "capacity_tests" / "gpucap.toml"
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import CapacityRun, matrix_toml, own_server, tagged_processes
-from pytest_gpucap.servers.process import OWNER_ENV, free_port
+from pytest_gpucap.backends.process import OWNER_ENV, free_port
 
 
 @pytest.fixture

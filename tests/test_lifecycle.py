@@ -566,7 +566,7 @@ def test_binary_version_names_the_build(llama_server_bin: Path, tmp_path: Path) 
     import importlib.metadata
     import shutil
 
-    from pytest_gpucap.servers.llamacpp import binary_version
+    from pytest_gpucap.backends.llamacpp import binary_version
 
     version = binary_version(llama_server_bin)
     assert version and not version.startswith("unknown")

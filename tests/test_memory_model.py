@@ -17,12 +17,12 @@ import pytest
 
 from conftest import assert_weights_in_model_buffers
 from pytest_gpucap import memory_model as mm
-from pytest_gpucap.config import CapacityConfig, HostProfile, SLO, load_matrix
-from pytest_gpucap.memory import HostProbe
+from pytest_gpucap.matrix import CapacityConfig, HostProfile, SLO, load_matrix
+from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
-from pytest_gpucap.results import ceiling_record
-from pytest_gpucap.servers import LaunchSpec, ServerHandle, llamacpp
-from pytest_gpucap.servers import launcher
+from pytest_gpucap.records import ceiling_record
+from pytest_gpucap.backends import LaunchSpec, ServerHandle, llamacpp
+from pytest_gpucap.backends import handle as launcher
 
 MIB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +218,7 @@ def test_layout_follows_llama_cpp_padding() -> None:
 
 def test_fit_table_is_fast_and_boots_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--gpucap-predict`` material: the shipped matrix, predicted without starting any process."""
-    from pytest_gpucap.servers import process
+    from pytest_gpucap.backends import process
 
     def no_boot(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the fit table must not start a server")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_weights_in_model_buffers
-from pytest_gpucap.config import CapacityConfig, HostProfile
-from pytest_gpucap.memory import HostProbe
+from pytest_gpucap.matrix import CapacityConfig, HostProfile
+from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
-from pytest_gpucap.servers import LaunchSpec, ServerHandle
+from pytest_gpucap.backends import LaunchSpec, ServerHandle
 
 BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 MIB = 1024 * 1024

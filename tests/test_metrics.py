@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
-from pytest_gpucap.config import SLO, CapacityConfig, HostProfile
-from pytest_gpucap.memory import HostProbe
-from pytest_gpucap.servers import LaunchSpec, ServerHandle
-from pytest_gpucap.slo import Verdict, assert_slos, workload_verdicts
+from pytest_gpucap.matrix import SLO, CapacityConfig, HostProfile
+from pytest_gpucap.probes import HostProbe
+from pytest_gpucap.backends import LaunchSpec, ServerHandle
+from pytest_gpucap.verdicts import Verdict, assert_slos, workload_verdicts
 from pytest_gpucap.workload.client import ErrorClass, RequestRecord, StreamingClient
 from pytest_gpucap.workload.metrics import parse_prometheus, pcts, percentile, server_crosscheck, summarize
 
@@ -286,8 +286,8 @@ def test_per_call_rate_prefers_the_servers_own_decode_rate() -> None:
 
 
 def test_goodput_counts_turns_within_every_budget() -> None:
-    from pytest_gpucap.config import SLO
-    from pytest_gpucap.slo import goodput
+    from pytest_gpucap.matrix import SLO
+    from pytest_gpucap.verdicts import goodput
 
     def rec(role: str, e2e: float, ttft: float, ok: bool = True) -> RequestRecord:
         r = RequestRecord(agent=0, role=role, turn=0, scheduled=0.0, sent=0.0, first_content=ttft, end=e2e,

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import CapacityRun, plugin_server
-from pytest_gpucap import memory_model, mmprojgen, results
-from pytest_gpucap.config import CapacityConfig, HostProfile
-from pytest_gpucap.memory import HostProbe
+from pytest_gpucap import memory_model, mmprojgen, records
+from pytest_gpucap.matrix import CapacityConfig, HostProfile
+from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.mmprojgen import ProjectorShape, ensure_mmproj, write_mmproj
 from pytest_gpucap.modelgen import ModelShape
-from pytest_gpucap.servers import LaunchSpec, ServerError, ServerHandle
-from pytest_gpucap.servers.llamacpp import parse_memory_report
+from pytest_gpucap.backends import LaunchSpec, ServerError, ServerHandle
+from pytest_gpucap.backends.llamacpp import parse_memory_report
 
 SMALL = ProjectorShape(image_size=32, patch_size=8, n_embd=32, n_ff=64, n_layer=2, n_head=2, projection_dim=64,
                        name="p")
@@ -238,7 +238,7 @@ def test_mmproj_config_runs_on_a_generated_model(capacity_run: CapacityRun) -> N
         """)
     result = capacity_run.run(matrix, "--gpucap-report", "rep")
     result.assert_outcomes(passed=1)
-    (record,) = results.read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl")
+    (record,) = records.read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl")
     assert record["config_id"] == "cpu-n2-ctx1k-mmproj-f16"
     argv = record["server"]["argv"]
     projector = Path(argv[argv.index("--mmproj") + 1])

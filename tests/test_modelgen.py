@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import own_server
-from pytest_gpucap.servers.process import free_port
+from pytest_gpucap.backends.process import free_port
 from pytest_gpucap import modelgen
 from pytest_gpucap.modelgen import ModelShape, ensure_model, write_model
 

@@ -1,7 +1,7 @@
 """The capacity write-up: rendered from saved records only, numbers equal to the records, hostile
 strings escaped, torn files still renderable, the CLI, and the HTML checked in real headless Chromium.
 
-Record fixtures follow ``results.ceiling_record``'s key layout (the reference 4090 study's Phase-1
+Record fixtures follow ``records.ceiling_record``'s key layout (the reference 4090 study's Phase-1
 figures) plus the planned workload and ramp record shapes; the checks sections (memory prediction,
 client/server cross-check, roofline, vLLM headroom and queueing) and the records of configs that were
 never measured use the shapes ``memory_model``, ``workload.harness`` and ``servers.vllm`` write.
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from pytest_gpucap import results
-from pytest_gpucap.config import SLO, CapacityConfig
+from pytest_gpucap import records
+from pytest_gpucap.matrix import SLO, CapacityConfig
 from pytest_gpucap.report import ReportError, render_report
-from pytest_gpucap.slo import Verdict, headroom, headroom_class
+from pytest_gpucap.verdicts import Verdict, headroom, headroom_class
 
 HOSTILE = "<script>alert(1)</script>"
 MODEL = "/models/gemma4-26b-a4b-q4.gguf"
@@ -43,7 +43,7 @@ def ceiling(n: int, ctx: int, used: float, free: float, boot: float, *, mmproj: 
             name: str | None = None, model: str = MODEL, argv_extra: tuple[str, ...] = (),
             outcome: str = "passed", host: dict[str, str] | None = None, predicted: float | None = None,
             slo: SLO = SLO(headroom_gib=1.5)) -> dict[str, Any]:
-    """A ceiling record laid out exactly as ``results.ceiling_record`` writes it (then ``outcome``)."""
+    """A ceiling record laid out exactly as ``records.ceiling_record`` writes it (then ``outcome``)."""
     cfg = CapacityConfig(profile="4090", n=n, ctx=ctx, mmproj=mmproj, cache_type_k="q8_0", cache_type_v="q8_0",
                          flash_attn="on", threads=16, name=name)
     kv_mib = n * ctx / 1024 * 17.0
@@ -52,7 +52,7 @@ def ceiling(n: int, ctx: int, used: float, free: float, boot: float, *, mmproj: 
             "--parallel", str(n), "--ctx-size", str(n * ctx), "--cache-type-k", "q8_0", "--cache-type-v", "q8_0",
             "--flash-attn", "on", "--threads", "16", *argv_extra]
     record: dict[str, Any] = {
-        "schema": results.SCHEMA_VERSION, "kind": "ceiling",
+        "schema": records.SCHEMA_VERSION, "kind": "ceiling",
         "test": f"capacity_tests/test_ceiling.py::test_ceiling[{cfg.id}]",
         "config_id": cfg.id, "config": asdict(cfg), "profile": "4090",
         "host": dict(host or HOST_4090),
@@ -147,9 +147,9 @@ def study_records() -> list[dict[str, Any]]:
     ]
 
 
-def write_results(directory: Path, records: list[dict[str, Any]]) -> Path:
-    for r in records:
-        results.append_jsonl(directory / "results.jsonl", r)
+def write_results(directory: Path, recs: list[dict[str, Any]]) -> Path:
+    for r in recs:
+        records.append_jsonl(directory / "results.jsonl", r)
     return directory / "results.jsonl"
 
 
@@ -467,7 +467,7 @@ def test_search_record_renders_every_probe(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- checks: prediction, cross-check, roofline, vLLM
 
 def with_prediction(rec: dict[str, Any], measured_over: float, kv_server_extra_mib: float = 0.0) -> dict[str, Any]:
-    """Attach a real memory-model prediction as ``results.ceiling_record`` does, with the server's buffers
+    """Attach a real memory-model prediction as ``records.ceiling_record`` does, with the server's buffers
     equal to the prediction (KV lines off by ``kv_server_extra_mib``) and the meter ``measured_over`` × it."""
     from pytest_gpucap import memory_model
     from pytest_gpucap.modelgen import ModelShape
@@ -612,7 +612,7 @@ def vllm_ceiling(n: int, ctx: int, seqs: float | None, free: float) -> dict[str,
                    "how many concurrent full-length sequences the KV pool holds vs N",
         "spare_sequences": None if seqs is None else seqs - n, "ok": None if seqs is None else seqs >= n,
         "kv_cache_tokens": None if seqs is None else int(seqs * ctx), "kv_cache_gib": 7.5, "kv_sizing": "utilization"}
-    if seqs is not None:  # results.ceiling_record adds this verdict beside the free-memory one
+    if seqs is not None:  # records.ceiling_record adds this verdict beside the free-memory one
         kv_verdict = Verdict("KV capacity (concurrent full-length sequences)", seqs, float(n), "seq")
         rec["verdicts"].append(_verdict(kv_verdict))
         rec["outcome"] = "passed" if seqs >= n else "failed"
@@ -671,7 +671,7 @@ def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None
 def unmeasured(kind: str, config_id: str, outcome: str, reason: str, test: str) -> dict[str, Any]:
     """A record of a config test that ended before measuring: config, outcome and reason only."""
     cfg = CapacityConfig(profile="4090", n=7, ctx=65536, cache_type_k="q8_0", cache_type_v="q8_0", name=config_id)
-    return {"schema": results.SCHEMA_VERSION, "kind": kind, "test": test, "config_id": cfg.id, "config": asdict(cfg),
+    return {"schema": records.SCHEMA_VERSION, "kind": kind, "test": test, "config_id": cfg.id, "config": asdict(cfg),
             "profile": "4090", "outcome": outcome, "reason": reason}
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from pytest_gpucap.config import CapacityConfig, HostProfile, Preflight, WatchdogLimits
-from pytest_gpucap.memory import DeviceMemory, MemorySnapshot
+from pytest_gpucap.matrix import CapacityConfig, HostProfile, Preflight, WatchdogLimits
+from pytest_gpucap.probes import DeviceMemory, MemorySnapshot
 from pytest_gpucap.safety import Watchdog, post_boot_reason, preflight_reason
 
 

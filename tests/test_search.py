@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from pytest_gpucap import memory_model as mm
-from pytest_gpucap.config import CapacityConfig, HostProfile, SLO
+from pytest_gpucap.matrix import CapacityConfig, HostProfile, SLO
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.search import (Outcome, SearchSpace, boot_and_check, grid_search, known_outcomes,
                                   monotonicity_violations, reusable_records, search_capacity)
-from pytest_gpucap.servers import LaunchSpec
+from pytest_gpucap.backends import LaunchSpec
 
 from conftest import CapacityRun, matrix_toml
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import CapacityRun, matrix_toml, own_server
-from pytest_gpucap.servers.process import OWNER_ENV
+from pytest_gpucap.backends.process import OWNER_ENV
 
 ONE_CONFIG = """
     [[profiles.cpu.configs]]

@@ -33,10 +33,10 @@ import psutil
 import pytest
 
 from pytest_gpucap import hfmodel
-from pytest_gpucap.config import CapacityConfig, Workload
+from pytest_gpucap.matrix import CapacityConfig, Workload
 from pytest_gpucap.hfmodel import HfModelShape, ensure_hf_model
-from pytest_gpucap.servers import vllm
-from pytest_gpucap.servers.process import ManagedProcess, ServerError, free_port, wait_healthy
+from pytest_gpucap.backends import vllm
+from pytest_gpucap.backends.process import ManagedProcess, ServerError, free_port, wait_healthy
 from pytest_gpucap.workload import runner
 from pytest_gpucap.workload.client import RequestRecord, StreamingClient
 
@@ -279,7 +279,7 @@ def test_hf_model_shape_rules(tmp_path: Path) -> None:
         HfModelShape.from_mapping({"layers": 2})
     assert SHAPE.kv_bytes_per_token() == KV_BYTES_PER_TOKEN
     # the GGUF generator's [models.NAME] keys work too (one table for both backends)
-    from pytest_gpucap.config import BUILTIN_MODELS
+    from pytest_gpucap.matrix import BUILTIN_MODELS
 
     tiny = HfModelShape.from_model_table(BUILTIN_MODELS["tiny"])
     assert (tiny.hidden_size, tiny.intermediate_size, tiny.head_size, tiny.name) == (256, 512, 64, "gpucap-tiny")

@@ -23,11 +23,11 @@ import httpx
 import pytest
 
 from conftest import CapacityRun, matrix_toml
-from pytest_gpucap.config import CapacityConfig, HostProfile, Workload
-from pytest_gpucap.memory import HostProbe
+from pytest_gpucap.matrix import CapacityConfig, HostProfile, Workload
+from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
-from pytest_gpucap.servers import LaunchSpec, ServerHandle
-from pytest_gpucap.servers.process import free_port
+from pytest_gpucap.backends import LaunchSpec, ServerHandle
+from pytest_gpucap.backends.process import free_port
 from pytest_gpucap.workload import runner
 from pytest_gpucap.workload.client import ErrorClass, RequestRecord, StreamingClient
 from pytest_gpucap.workload.prompts import DEFAULT_CHARS_PER_TOKEN, calibrate, reply_stub, tool_blob

@@ -16,10 +16,10 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-from .. import results
+from ..records import read_jsonl
 from . import fmt
 from .charts import Chart, to_svg
-from .checks import (
+from .crosschecks import (
     crosscheck_flags, crosscheck_table, goodput_table, low_efficiency, not_measured_table, prediction_table,
     queueing_table,
 )
@@ -81,7 +81,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     """Records from ``results.jsonl`` (torn last line tolerated); ReportError when there are none."""
     if not path.is_file():
         raise ReportError(f"{path}: no such file (run pytest with --gpucap-report DIR first)")
-    records = [r for r in results.read_jsonl(path) if isinstance(r, dict)]
+    records = [r for r in read_jsonl(path) if isinstance(r, dict)]
     if not records:
         raise ReportError(f"{path}: no result records in the file")
     return records

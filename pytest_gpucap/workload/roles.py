@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from ..config import Workload
+from ..matrix import Workload
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import httpx
 from .client import ErrorClass, RequestRecord, StreamingClient
 from .metrics import parse_prometheus, pcts, summarize
 from .prompts import filler, reply_stub, tool_blob
-from ..config import Workload as WorkloadSettings
+from ..matrix import Workload as WorkloadSettings
 from .roles import Role
 
 #: Returns a reason to stop (server died, watchdog fired) or None.

@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .servers import ServerHandle
-from .slo import Verdict, headroom, headroom_class
+from .backends import ServerHandle
+from .verdicts import Verdict, headroom, headroom_class
 
 SCHEMA_VERSION = 1
 PROPERTY_KEY = "gpucap"
@@ -81,7 +81,7 @@ def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], 
     if cfg.backend == "vllm":
         # vLLM pre-allocates its KV pool, so free memory after load says nothing about N x ctx:
         # the pool's capacity in concurrent full-length sequences must reach N.
-        from .servers import vllm
+        from .backends import vllm
 
         # Free memory is still recorded; it is the verdict only when vLLM did not report its pool.
         kv_headroom = vllm.headroom(handle.report, cfg)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Inference servers: the managed-process core, one module per backend, and the launcher."""
 
-from .launcher import LaunchSpec, PreflightSkip, ServerHandle
+from .handle import LaunchSpec, PreflightSkip, ServerHandle
 from .process import ServerError
 
 __all__ = ["LaunchSpec", "PreflightSkip", "ServerError", "ServerHandle"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .config import SLO
+from .matrix import SLO
 
 
 @dataclass(frozen=True)

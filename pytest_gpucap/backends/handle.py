@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import psutil
 
-from ..config import CapacityConfig, HostProfile
-from ..memory import MemoryProbe, MemorySnapshot, Sampler, take_snapshot
+from ..matrix import CapacityConfig, HostProfile
+from ..probes import MemoryProbe, MemorySnapshot, Sampler, take_snapshot
 from ..safety import Watchdog, post_boot_reason, preflight_reason
 from . import llamacpp, vllm
 from .process import ManagedProcess, ServerError, free_port, wait_healthy

@@ -10,14 +10,14 @@ import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..config import SLO, Workload
-from ..results import header, verdict_dicts
-from ..servers import ServerHandle
-from ..slo import Verdict, assert_slos, goodput, workload_verdicts
-from . import runner
-from .metrics import server_crosscheck
-from .prompts import calibrate
-from .roles import BUILTIN_WORKFLOWS, Role, resolve_workflow, scale
+from .matrix import SLO, Workload
+from .records import header, verdict_dicts
+from .backends import ServerHandle
+from .verdicts import Verdict, assert_slos, goodput, workload_verdicts
+from .workload import runner
+from .workload.metrics import server_crosscheck
+from .workload.prompts import calibrate
+from .workload.roles import BUILTIN_WORKFLOWS, Role, resolve_workflow, scale
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Harness:
     def chars_per_token(self) -> float:
         if self._cpt is None:
             if self.is_vllm:
-                from ..servers import vllm
+                from .backends import vllm
 
                 self._cpt = vllm.calibrate(self.handle.url, self.client_kw["model"], self.handle.api_key)
             else:
@@ -78,7 +78,7 @@ class Harness:
         """vLLM: /metrics every 0.5 s during the run (queueing, prefix cache, server latencies)."""
         if not self.is_vllm:
             return contextlib.nullcontext(None)
-        from ..servers import vllm
+        from .backends import vllm
 
         return vllm.MetricsPoller(self.handle.url, api_key=self.handle.api_key)
 
@@ -133,7 +133,7 @@ class Harness:
         self._record(record)
         result = WorkloadResult(record, verdicts, res)
         if res.aborted:
-            from ..servers import ServerError
+            from .backends import ServerError
 
             raise ServerError(f"workload {name} on {self.handle.config.id} stopped after {metrics['turns_ok']} "
                               f"turns ok, {metrics['turns_failed']} failed (all recorded): {res.aborted}")
@@ -146,7 +146,7 @@ class Harness:
         study's "cost scales with allocated context" hypothesis); a rate far below both is not
         bandwidth-bound.
         """
-        from .. import memory_model
+        from . import memory_model
 
         pred = self.handle.prediction
         bandwidth = self.handle.profile.bandwidth_gbps or memory_model.bandwidth_for(

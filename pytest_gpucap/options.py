@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .config import GENERATED_PREFIX
+from .matrix import GENERATED_PREFIX
 
 
 DEFAULT_MATRIX_PATH = Path("capacity_tests") / "gpucap.toml"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import CapacityConfig
+from ..matrix import CapacityConfig
 
 BINARY_ENV = "GPUCAP_LLAMA_SERVER"
 
