@@ -704,7 +704,7 @@ def _record_parts(record: Mapping[str, Any]) -> dict[str, float] | None:
 
 
 def calibrate(records: Sequence[Mapping[str, Any]], facts: Any = None) -> Calibration:
-    """Learn each profile's corrections from ceiling records (see ``records.ceiling_record``).
+    """Learn each profile's corrections from ceiling records (see ``ceiling.ceiling_record``).
 
     Uses ``record["memory"]["server_report"]`` (model/KV/compute MiB), ``used_after_load_mib`` minus
     ``baseline_used_mib`` and ``record["config"]``. ``facts`` (one ModelFacts, or a mapping from the

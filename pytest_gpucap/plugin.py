@@ -16,6 +16,7 @@ from .matrix import (
     BACKENDS, BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
 )
+from .ceiling import Ceiling, ceiling_record
 from .recorder import Recorder
 from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .backends import LaunchSpec, PreflightSkip, ServerHandle
@@ -370,25 +371,11 @@ def gpucap_slo(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) ->
     return slo
 
 
-@dataclass(frozen=True)
-class Ceiling:
-    """What the ceiling measurement found, already recorded on the test report."""
-
-    record: dict[str, Any]
-    verdicts: list[Verdict]
-
-    def assert_slos(self) -> None:
-        assert_slos(self.verdicts, self.record["config_id"])
-
-
 @pytest.fixture
 def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, gpucap_slo: SLO) -> Ceiling:
     """Hold the booted server, sample memory, and record the Phase-1 figures for this config."""
     gpucap_server.hold()
-    handle = gpucap_server
-    if gpucap_slo != handle.profile.slo:
-        handle = replace(handle, spec=replace(handle.spec, profile=replace(handle.profile, slo=gpucap_slo)))
-    record, verdicts = records.ceiling_record(handle, request.node.nodeid)
+    record, verdicts = ceiling_record(gpucap_server, request.node.nodeid, gpucap_slo)
     _attach(request.node, record)
     return Ceiling(record, verdicts)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import ServerHandle
-from .verdicts import Verdict, headroom, headroom_class
+from .verdicts import Verdict
 
 SCHEMA_VERSION = 1
 PROPERTY_KEY = "gpucap"
@@ -62,61 +62,6 @@ def one_line(text: str, limit: int = 300) -> str:
 
 def verdict_dicts(verdicts: list[Verdict]) -> list[dict[str, Any]]:
     return [asdict(v) | {"ok": v.ok, "margin": v.margin} for v in verdicts]
-
-
-def ceiling_record(handle: ServerHandle, test_id: str) -> tuple[dict[str, Any], list[Verdict]]:
-    """The Phase-1 record for one booted config, and its headroom verdict.
-
-    ``free_mib`` is the lowest free device memory seen from load through the hold window, so a
-    brief dip is not hidden by a later reading.
-    """
-    cfg, prof = handle.config, handle.profile
-    assert handle.after_load is not None and handle.sampler is not None
-    tl = handle.sampler.timeline
-    after = handle.after_load.device
-    free_mib = min(after.free_mib, tl.min_free_mib if tl.min_free_mib is not None else after.free_mib)
-    verdict = headroom(free_mib, prof.slo)
-    verdicts = [verdict]
-    kv_headroom = None
-    if cfg.backend == "vllm":
-        # vLLM pre-allocates its KV pool, so free memory after load says nothing about N x ctx:
-        # the pool's capacity in concurrent full-length sequences must reach N.
-        from .backends import vllm
-
-        # Free memory is still recorded; it is the verdict only when vLLM did not report its pool.
-        kv_headroom = vllm.headroom(handle.report, cfg)  # type: ignore[arg-type]
-        if kv_headroom["kv_capacity_sequences"] is not None:
-            verdicts = [Verdict("KV capacity (concurrent full-length sequences)",
-                                kv_headroom["kv_capacity_sequences"], float(cfg.n), "seq")]
-    record = header(handle, test_id, "ceiling")
-    record |= {
-        "memory": {
-            "probe": handle.probe.kind,
-            "device_total_mib": _mib(after.total_mib),
-            "baseline_used_mib": _mib(handle.baseline.device.used_mib if handle.baseline else None),
-            "used_after_load_mib": _mib(after.used_mib),
-            "free_after_load_mib": _mib(after.free_mib),
-            "free_mib": _mib(free_mib),
-            "peak_used_mib": _mib(tl.peak_used_mib),
-            "server_rss_mib": _mib(handle.after_load.server_rss_mib),
-            "host_available_min_mib": _mib(tl.min_host_available_mib),
-            "samples": len(tl.samples),
-            "server_report": handle.report.as_dict(),
-            "kv_per_slot_mib": handle.report.kv_per_slot_mib(cfg.n),
-        },
-        "slo": {"headroom_gib": prof.slo.headroom_gib},
-        "verdicts": verdict_dicts(verdicts),
-        "headroom_class": headroom_class(free_mib / 1024, prof.slo),
-    }
-    if handle.prediction is not None:
-        from .memory_model import prediction_error
-
-        record["memory"]["predicted"] = handle.prediction.as_dict()
-        record["memory"]["predicted_kv_per_slot_mib"] = record["memory"]["predicted"].get("kv_per_slot_mib")
-        record["memory"]["prediction_error"] = prediction_error(handle.prediction, record)
-    if kv_headroom is not None:
-        record["memory"]["kv_headroom"] = kv_headroom
-    return record, verdicts
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

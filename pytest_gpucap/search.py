@@ -460,7 +460,7 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
     (with ``server_report``), ready for results.jsonl and :func:`memory_model.calibrate`.
     """
     from .probes import HostProbe, NvmlProbe
-    from .records import ceiling_record
+    from .ceiling import ceiling_record
     from .backends import PreflightSkip, ServerError, ServerHandle
 
     spec = spec_factory(cfg)

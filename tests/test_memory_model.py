@@ -20,7 +20,7 @@ from pytest_gpucap import memory_model as mm
 from pytest_gpucap.matrix import CapacityConfig, HostProfile, SLO, load_matrix
 from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
-from pytest_gpucap.records import ceiling_record
+from pytest_gpucap.ceiling import ceiling_record
 from pytest_gpucap.backends import LaunchSpec, ServerHandle, llamacpp
 from pytest_gpucap.backends import handle as launcher
 

@@ -1,7 +1,7 @@
 """The capacity write-up: rendered from saved records only, numbers equal to the records, hostile
 strings escaped, torn files still renderable, the CLI, and the HTML checked in real headless Chromium.
 
-Record fixtures follow ``records.ceiling_record``'s key layout (the reference 4090 study's Phase-1
+Record fixtures follow ``ceiling.ceiling_record``'s key layout (the reference 4090 study's Phase-1
 figures) plus the planned workload and ramp record shapes; the checks sections (memory prediction,
 client/server cross-check, roofline, vLLM headroom and queueing) and the records of configs that were
 never measured use the shapes ``memory_model``, ``workload.harness`` and ``servers.vllm`` write.
@@ -43,7 +43,7 @@ def ceiling(n: int, ctx: int, used: float, free: float, boot: float, *, mmproj: 
             name: str | None = None, model: str = MODEL, argv_extra: tuple[str, ...] = (),
             outcome: str = "passed", host: dict[str, str] | None = None, predicted: float | None = None,
             slo: SLO = SLO(headroom_gib=1.5)) -> dict[str, Any]:
-    """A ceiling record laid out exactly as ``records.ceiling_record`` writes it (then ``outcome``)."""
+    """A ceiling record laid out exactly as ``ceiling.ceiling_record`` writes it (then ``outcome``)."""
     cfg = CapacityConfig(profile="4090", n=n, ctx=ctx, mmproj=mmproj, cache_type_k="q8_0", cache_type_v="q8_0",
                          flash_attn="on", threads=16, name=name)
     kv_mib = n * ctx / 1024 * 17.0
@@ -467,7 +467,7 @@ def test_search_record_renders_every_probe(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- checks: prediction, cross-check, roofline, vLLM
 
 def with_prediction(rec: dict[str, Any], measured_over: float, kv_server_extra_mib: float = 0.0) -> dict[str, Any]:
-    """Attach a real memory-model prediction as ``records.ceiling_record`` does, with the server's buffers
+    """Attach a real memory-model prediction as ``ceiling.ceiling_record`` does, with the server's buffers
     equal to the prediction (KV lines off by ``kv_server_extra_mib``) and the meter ``measured_over`` × it."""
     from pytest_gpucap import memory_model
     from pytest_gpucap.modelgen import ModelShape
