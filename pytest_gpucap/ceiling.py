@@ -68,7 +68,7 @@ def ceiling_record(handle: ServerHandle, test_id: str, slo: SLO | None = None) -
         "headroom_class": headroom_class(free_mib / 1024, slo),
     }
     if handle.prediction is not None:
-        from .memory_model import prediction_error
+        from .prediction import prediction_error
 
         record["memory"]["predicted"] = handle.prediction.as_dict()
         record["memory"]["predicted_kv_per_slot_mib"] = record["memory"]["predicted"].get("kv_per_slot_mib")

@@ -16,6 +16,7 @@ from .backends import ServerHandle
 from .verdicts import Verdict, assert_slos, goodput, workload_verdicts
 from .workload import runner
 from .workload.metrics import server_crosscheck
+from .workload.poller import MetricsPoller
 from .workload.prompts import calibrate
 from .workload.roles import BUILTIN_WORKFLOWS, Role, resolve_workflow, scale
 
@@ -53,34 +54,25 @@ class Harness:
         self._cpt: tuple[float, str] | None = None
 
     @property
-    def is_vllm(self) -> bool:
-        return self.handle.config.backend == "vllm"
-
-    @property
     def client_kw(self) -> dict[str, Any]:
-        """What the client must send: vLLM checks the model name and (optionally) the API key."""
-        if not self.is_vllm:
-            return {}
-        return {"api_key": self.handle.api_key, "model": self.handle.props.get("served_model_name", "gpucap")}
+        """What the client must send (the backend's model name and API key, where it wants them)."""
+        return self.handle.backend.client_options(self.handle)
 
     @property
     def chars_per_token(self) -> float:
         if self._cpt is None:
-            if self.is_vllm:
-                from .backends import vllm
-
-                self._cpt = vllm.calibrate(self.handle.url, self.client_kw["model"], self.handle.api_key)
-            else:
-                self._cpt = calibrate(self.handle.url)
+            backend = self.handle.backend
+            self._cpt = calibrate(self.handle.url, request=lambda text: backend.tokenize_request(self.handle, text),
+                                  api_key=self.handle.api_key)
         return self._cpt[0]
 
     def _poller(self) -> Any:
-        """vLLM: /metrics every 0.5 s during the run (queueing, prefix cache, server latencies)."""
-        if not self.is_vllm:
+        """A backend with polled metrics (vLLM): /metrics every 0.5 s during the run (queueing,
+        prefix cache, server latencies)."""
+        names = self.handle.backend.metrics
+        if not names.polled:
             return contextlib.nullcontext(None)
-        from .backends import vllm
-
-        return vllm.MetricsPoller(self.handle.url, api_key=self.handle.api_key)
+        return MetricsPoller(self.handle.url, names, api_key=self.handle.api_key)
 
     def _abort(self) -> str | None:
         try:
@@ -97,7 +89,8 @@ class Harness:
                 **extra: Any) -> WorkloadResult:
         metrics = res.summary()
         metrics["crosscheck"] = server_crosscheck(res.records, res.measure_from, res.server_metrics_before,
-                                                  res.server_metrics_after)
+                                                  res.server_metrics_after,
+                                                  self.handle.backend.metrics.generated_tokens)
         metrics["compactions"], metrics["clipped_turns"] = res.compactions, res.clipped_turns
         metrics.update(self._roofline(res, metrics["agg_tps"]))
         metrics["goodput"] = goodput(res.records, self.slo, res.measure_from)
@@ -146,20 +139,20 @@ class Harness:
         study's "cost scales with allocated context" hypothesis); a rate far below both is not
         bandwidth-bound.
         """
-        from . import memory_model
+        from . import prediction
 
         pred = self.handle.prediction
-        bandwidth = self.handle.profile.bandwidth_gbps or memory_model.bandwidth_for(
+        bandwidth = self.handle.profile.bandwidth_gbps or prediction.bandwidth_for(
             self.handle.probe.describe().get("gpu", ""))
         if pred is None or not hasattr(pred, "kv_caches") or not bandwidth:
             return {}
         ok = [r for r in res.records if r.ok and r.prompt_tokens is not None]
         used = round(sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in ok) / len(ok)) if ok else None
         cfg = self.handle.config
-        roof = memory_model.decode_roofline_tps(pred, cfg, bandwidth, used)
-        full = memory_model.decode_roofline_tps(pred, cfg, bandwidth, None)
+        roof = prediction.decode_roofline_tps(pred, cfg, bandwidth, used)
+        full = prediction.decode_roofline_tps(pred, cfg, bandwidth, None)
         return {"bandwidth_gbps": bandwidth, "context_used_tokens": used, "roofline_tps": roof,
-                "roofline_full_slots_tps": full, "efficiency": memory_model.efficiency(agg_tps, roof)}
+                "roofline_full_slots_tps": full, "efficiency": prediction.efficiency(agg_tps, roof)}
 
     def workflow(self, name: str) -> WorkloadResult:
         """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration."""

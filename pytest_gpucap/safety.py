@@ -14,26 +14,18 @@ from typing import Callable
 from .matrix import CapacityConfig, HostProfile
 from .probes import MemorySnapshot
 
-#: llama-server's host prompt cache limit when ``--cache-ram`` is not given.
-LLAMA_DEFAULT_CACHE_RAM_MIB = 8192
+def preflight_reason(profile: HostProfile, snap: MemorySnapshot, is_gpu: bool,
+                     reserve: tuple[float, str] = (0.0, "")) -> str | None:
+    """Why this config must not boot now, or None. Checked before boot; a reason means skip.
 
-
-def host_ram_reserved_mib(cfg: CapacityConfig) -> float:
-    """Host RAM the server may claim beyond its weights: llama.cpp's prompt cache."""
-    if cfg.backend != "llamacpp":
-        return 0.0
-    return float(LLAMA_DEFAULT_CACHE_RAM_MIB if cfg.cache_ram_mib is None else cfg.cache_ram_mib)
-
-
-def preflight_reason(profile: HostProfile, cfg: CapacityConfig, snap: MemorySnapshot,
-                     is_gpu: bool) -> str | None:
-    """Why this config must not boot now, or None. Checked before boot; a reason means skip."""
+    ``reserve`` is the host RAM the server may claim after load (its backend's
+    ``host_reserve``: MiB and what it is), counted on top of the floor.
+    """
     floor = profile.preflight.min_available_gib * 1024
-    need = floor + host_ram_reserved_mib(cfg)
+    reserve_mib, what = reserve
+    need = floor + reserve_mib
     if snap.host_available_mib < need:
-        extra = ""
-        if host_ram_reserved_mib(cfg):
-            extra = f" incl. {host_ram_reserved_mib(cfg):.0f} MiB prompt cache (--cache-ram; set cache_ram_mib)"
+        extra = f" incl. {reserve_mib:.0f} MiB {what}" if reserve_mib else ""
         return (f"preflight: MemAvailable {snap.host_available_mib / 1024:.1f} GiB < required "
                 f"{need / 1024:.1f} GiB (floor {profile.preflight.min_available_gib:g} GiB{extra})")
     if is_gpu and snap.device.free_mib < profile.preflight.min_free_gib * 1024:

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .matrix import CapacityConfig, SLO
-from .memory_model import Prediction
+from .prediction import Prediction
 
 MONOTONICITY = ("within one cache type and mmproj setting, a config that fails makes every config with "
                 "at least as many slots and at least as much context per slot fail; one that passes makes "
@@ -229,6 +229,10 @@ def _same(recorded: Any, current: Any) -> bool:
 
 # ---------------------------------------------------------------- search
 
+#: A grid point: (family index, ctx column, N row), indices into ``space.families()``, ``ctxs``, ``ns``.
+Key = tuple[int, int, int]
+
+
 def _objective(cfg: CapacityConfig, cache_rank: int) -> tuple[int, int, int, int]:
     return (cfg.n * cfg.ctx, cfg.n, int(cfg.mmproj), -cache_rank)
 
@@ -237,6 +241,154 @@ def default_predicted_ok(pred: Prediction) -> bool:
     """Predicted to meet the headroom SLO (or, without a budget, predicted to boot)."""
     ok = pred.meets_headroom
     return pred.fits if ok is None else ok
+
+
+def _run(evaluate: Callable[[CapacityConfig], Outcome], cfg: CapacityConfig) -> Outcome:
+    """One evaluation; a crash of it is a fail of this config, with the reason. Timed if it did not say."""
+    t = time.monotonic()
+    try:
+        o = evaluate(cfg)
+    except Exception as exc:
+        o = Outcome(False, reason=f"evaluation error: {type(exc).__name__}: {exc}")
+    if not o.seconds:
+        o = replace(o, seconds=time.monotonic() - t)
+    return o
+
+
+class _Search:
+    """What one :func:`search_capacity` knows about every grid point, and how it picks the next boot.
+
+    ``status[key]`` is ``(status, reason)`` in :data:`STATUSES` words for every decided point (a
+    status ending in "pass" passes, any other fails); a point without one is still open. Steps 1 and
+    2 of the module docstring happen in the constructor, step 3 in :meth:`infer`, step 4 in
+    :meth:`candidates` and the two ``choose_*`` strategies.
+    """
+
+    def __init__(self, base: CapacityConfig, space: SearchSpace, predict: Callable[[CapacityConfig], Prediction] | None,
+                 known: Mapping[str, Outcome], prune: str, predicted_ok: Callable[[Prediction], bool]) -> None:
+        self.space, self.fams, self.predicted_ok = space, space.families(), predicted_ok
+        self.cfgs: dict[Key, CapacityConfig] = {}
+        self.preds: dict[Key, Prediction | None] = {}
+        self.status: dict[Key, tuple[str, str]] = {}
+        self.outcomes: dict[Key, Outcome] = {}
+        self.order: dict[Key, int] = {}  # booted points, in boot order
+        self.known_used = 0
+        # strategy="columns", per (family, column): the step, started, bisecting, row of the last probe
+        self.step: dict[tuple[int, int], int] = {}
+        self.started: set[tuple[int, int]] = set()
+        self.bisecting: set[tuple[int, int]] = set()
+        self.col_last: dict[tuple[int, int], int] = {}
+        for f, (cache, mm) in enumerate(self.fams):
+            for j, ctx in enumerate(space.ctxs):
+                for i, n in enumerate(space.ns):
+                    key, cfg = (f, j, i), space.config(base, n, ctx, cache, mm)
+                    pred = self.preds[key] = predict(cfg) if predict else None
+                    self.cfgs[key] = cfg
+                    if cfg.id in known:  # step 2: reuse
+                        o = self.outcomes[key] = known[cfg.id]
+                        self.status[key] = ("known-pass" if o.passed else "known-fail", o.reason)
+                        self.known_used += 1
+                    elif pred is not None and prune != "none" and not pred.fits:  # step 1: prune
+                        self.status[key] = ("predicted-no-fit", pred.skip_reason() or "")
+                    elif pred is not None and prune == "slo" and not predicted_ok(pred):
+                        self.status[key] = ("predicted-slo-miss", f"predicted free {pred.free_mib:.0f} MiB "
+                                                                  f"< headroom {pred.headroom_gib} GiB")
+
+    def passed(self, key: Key) -> bool | None:
+        st = self.status.get(key)
+        return None if st is None else st[0].endswith("pass")
+
+    def rank(self, key: Key) -> tuple[int, int, int, int]:
+        return _objective(self.cfgs[key], self.space.cache_types.index(self.fams[key[0]][0]))
+
+    def infer(self) -> None:
+        """Step 3: propagate passes down-left and fails up-right within each family (monotonicity)."""
+        for f in range(len(self.fams)):
+            seen = [(k[2], k, st.endswith("pass")) for k, (st, _) in self.status.items()
+                    if k[0] == f and not st.startswith("inferred")]  # measured, known or predicted
+            for j in range(len(self.space.ctxs)):
+                # the largest passing N in any column with at least this ctx, the smallest failing N
+                # in any column with at most this ctx (and where they were seen)
+                top = max(((i, k) for i, k, ok in seen if ok and k[1] >= j), default=None)
+                bottom = min(((i, k) for i, k, ok in seen if not ok and k[1] <= j), default=None)
+                for i in range(len(self.space.ns)):
+                    key = (f, j, i)
+                    if key in self.status:
+                        continue
+                    if top is not None and i <= top[0]:
+                        self.status[key] = ("inferred-pass", f"{self.cfgs[top[1]].id} passed (monotonicity)")
+                    elif bottom is not None and i >= bottom[0]:
+                        self.status[key] = ("inferred-fail", f"{self.cfgs[bottom[1]].id} failed (monotonicity)")
+
+    def best(self) -> Key | None:
+        passes = [k for k in self.cfgs if self.passed(k)]
+        return max(passes, key=self.rank) if passes else None
+
+    def candidates(self) -> list[Key]:
+        """Step 4's bound: the open points that would beat the best pass so far."""
+        b = self.best()
+        return [k for k in self.cfgs if k not in self.status and (b is None or self.rank(k) > self.rank(b))]
+
+    def choose_column(self, cands: list[Key]) -> Key:
+        """Doubling then bisection on N in the column (ctx) holding the best candidate."""
+        top = max(cands, key=self.rank)
+        f, j = top[0], top[1]
+        col = sorted(k[2] for k in cands if k[0] == f and k[1] == j)
+        lo, hi = col[0], col[-1]
+        colkey = (f, j)
+        if colkey not in self.started:
+            self.started.add(colkey)
+            guess = [i for i in col if self.preds[(f, j, i)] is not None and self.predicted_ok(self.preds[(f, j, i)])]
+            i = guess[-1] if guess else lo  # start at the predicted frontier, else the smallest candidate
+            self.step[colkey] = 1
+        elif colkey not in self.bisecting and self.col_last[colkey] < lo:
+            self.step[colkey] *= 2  # the last probe here passed and nothing failed yet: double the step up
+            i = min(hi, self.col_last[colkey] + self.step[colkey] // 2)
+        else:
+            self.bisecting.add(colkey)  # a fail bounds the column: bisect what is left
+            i = (lo + hi) // 2
+        self.col_last[colkey] = i
+        return f, j, i
+
+    def choose_split(self, cands: list[Key]) -> Key:
+        """The probe that settles the most candidates: a pass settles every candidate it dominates
+        and every candidate ranked below it (it becomes the best); a fail settles every candidate
+        that dominates it. Weighted by the prediction (80/20) when there is one, else the worse of
+        the two outcomes (a 2-D bisection)."""
+        ranks = {k: self.rank(k) for k in cands}
+        # trust in the prediction: how often it agreed with the boots so far (Laplace-smoothed)
+        checked = [(self.predicted_ok(self.preds[k]), self.passed(k)) for k in self.order if self.preds[k] is not None]
+        trust = (sum(a == b for a, b in checked) + 1) / (len(checked) + 2)
+        weight = max(0.0, min(0.8, 2 * (trust - 0.5)))
+        best_key, best_score = None, None
+        for x in cands:
+            fx, jx, ix = x
+            rx = ranks[x]
+            on_pass = sum(1 for k in cands if ranks[k] <= rx or (k[0] == fx and k[1] <= jx and k[2] <= ix))
+            on_fail = sum(1 for k in cands if k[0] == fx and k[1] >= jx and k[2] >= ix)
+            pred = self.preds[x]
+            balanced = min(on_pass, on_fail)
+            if pred is None or weight == 0:
+                score: tuple[float, ...] = (balanced, max(on_pass, on_fail), rx)
+            else:
+                p = 0.5 + weight / 2 if self.predicted_ok(pred) else 0.5 - weight / 2
+                score = (weight * (p * on_pass + (1 - p) * on_fail) + (1 - weight) * balanced, rx)
+            if best_score is None or score > best_score:
+                best_key, best_score = x, score
+        assert best_key is not None
+        return best_key
+
+    def booted(self, key: Key, o: Outcome) -> None:
+        self.order[key] = len(self.order) + 1
+        self.outcomes[key] = o
+        self.status[key] = ("booted-pass" if o.passed else "booted-fail", o.reason)
+
+    def result(self, seconds: float) -> SearchResult:
+        b = self.best()
+        probes = [Probe(cfg, *self.status.get(key, ("not-needed", "cannot beat the knee (objective bound)")),
+                        self.preds[key], self.order.get(key), self.outcomes.get(key)) for key, cfg in self.cfgs.items()]
+        return SearchResult(self.cfgs[b] if b else None, probes, len(self.order), self.space.size, self.known_used,
+                            seconds=seconds)
 
 
 def search_capacity(base: CapacityConfig, space: SearchSpace, evaluate: Callable[[CapacityConfig], Outcome],
@@ -257,156 +409,21 @@ def search_capacity(base: CapacityConfig, space: SearchSpace, evaluate: Callable
     if strategy not in ("split", "columns"):
         raise ValueError("strategy must be 'split' or 'columns'")
     t0 = time.monotonic()
-    known = dict(known or {})
-    fams = space.families()
-    ns, ctxs = space.ns, space.ctxs
-    cfgs: dict[tuple[int, int, int], CapacityConfig] = {}
-    preds: dict[tuple[int, int, int], Prediction | None] = {}
-    state: dict[tuple[int, int, int], bool | None] = {}
-    status: dict[tuple[int, int, int], tuple[str, str]] = {}
-    outcomes: dict[tuple[int, int, int], Outcome] = {}
-    order: dict[tuple[int, int, int], int] = {}
-    known_used = 0
-    for f, (cache, mm) in enumerate(fams):
-        for j, ctx in enumerate(ctxs):
-            for i, n in enumerate(ns):
-                key = (f, j, i)
-                cfg = space.config(base, n, ctx, cache, mm)
-                cfgs[key] = cfg
-                pred = predict(cfg) if predict else None
-                preds[key] = pred
-                state[key] = None
-                if cfg.id in known:
-                    o = known[cfg.id]
-                    state[key] = o.passed
-                    status[key] = ("known-pass" if o.passed else "known-fail", o.reason)
-                    outcomes[key] = o
-                    known_used += 1
-                elif pred is not None and prune != "none" and not pred.fits:
-                    state[key] = False
-                    status[key] = ("predicted-no-fit", pred.skip_reason() or "")
-                elif pred is not None and prune == "slo" and not predicted_ok(pred):
-                    state[key] = False
-                    status[key] = ("predicted-slo-miss",
-                                   f"predicted free {pred.free_mib:.0f} MiB < headroom {pred.headroom_gib} GiB")
-
-    def rank(key: tuple[int, int, int]) -> tuple[int, int, int, int]:
-        return _objective(cfgs[key], space.cache_types.index(fams[key[0]][0]))
-
-    def infer() -> None:
-        """Propagate passes down-left and fails up-right within each family (monotonicity)."""
-        for f in range(len(fams)):
-            for j in range(len(ctxs)):
-                # the largest passing N in any column with at least this ctx, the smallest failing N
-                # in any column with at most this ctx (and where they were seen)
-                top = max(((i, (f, jj, i)) for (ff, jj, i), v in state.items()
-                           if ff == f and v and jj >= j and status[(ff, jj, i)][0] != "inferred-pass"),
-                          default=None)
-                bottom = min(((i, (f, jj, i)) for (ff, jj, i), v in state.items()
-                              if ff == f and v is False and jj <= j and status[(ff, jj, i)][0] != "inferred-fail"),
-                             default=None)
-                for i in range(len(ns)):
-                    key = (f, j, i)
-                    if state[key] is not None:
-                        continue
-                    if top is not None and i <= top[0]:
-                        state[key] = True
-                        status[key] = ("inferred-pass", f"{cfgs[top[1]].id} passed (monotonicity)")
-                    elif bottom is not None and i >= bottom[0]:
-                        state[key] = False
-                        status[key] = ("inferred-fail", f"{cfgs[bottom[1]].id} failed (monotonicity)")
-
-    def best() -> tuple[int, int, int] | None:
-        passes = [k for k, v in state.items() if v]
-        return max(passes, key=rank) if passes else None
-
-    def choose_column(cands: list[tuple[int, int, int]]) -> tuple[int, int, int]:
-        """Doubling then bisection on N in the column (ctx) holding the best candidate."""
-        top = max(cands, key=rank)
-        f, j = top[0], top[1]
-        col = sorted(k[2] for k in cands if k[0] == f and k[1] == j)
-        lo, hi = col[0], col[-1]
-        colkey = (f, j)
-        if colkey not in started:
-            started.add(colkey)
-            guess = [i for i in col if preds[(f, j, i)] is not None and predicted_ok(preds[(f, j, i)])]
-            i = guess[-1] if guess else lo  # start at the predicted frontier, else the smallest candidate
-            step[colkey] = 1
-        elif colkey not in bisecting and col_last[colkey] < lo:
-            step[colkey] *= 2  # the last probe here passed and nothing failed yet: double the step up
-            i = min(hi, col_last[colkey] + step[colkey] // 2)
-        else:
-            bisecting.add(colkey)  # a fail bounds the column: bisect what is left
-            i = (lo + hi) // 2
-        col_last[colkey] = i
-        return f, j, i
-
-    def choose_split(cands: list[tuple[int, int, int]]) -> tuple[int, int, int]:
-        """The probe that settles the most candidates: a pass settles every candidate it dominates
-        and every candidate ranked below it (it becomes the best); a fail settles every candidate
-        that dominates it. Weighted by the prediction (80/20) when there is one, else the worse of
-        the two outcomes (a 2-D bisection)."""
-        ranks = {k: rank(k) for k in cands}
-        # trust in the prediction: how often it agreed with the boots so far (Laplace-smoothed)
-        checked = [(predicted_ok(preds[k]), state[k]) for k in order if preds[k] is not None]
-        trust = (sum(a == b for a, b in checked) + 1) / (len(checked) + 2)
-        weight = max(0.0, min(0.8, 2 * (trust - 0.5)))
-        best_key, best_score = None, None
-        for x in cands:
-            fx, jx, ix = x
-            rx = ranks[x]
-            on_pass = sum(1 for k in cands if ranks[k] <= rx or (k[0] == fx and k[1] <= jx and k[2] <= ix))
-            on_fail = sum(1 for k in cands if k[0] == fx and k[1] >= jx and k[2] >= ix)
-            pred = preds[x]
-            balanced = min(on_pass, on_fail)
-            if pred is None or weight == 0:
-                score: tuple[float, ...] = (balanced, max(on_pass, on_fail), rx)
-            else:
-                p = 0.5 + weight / 2 if predicted_ok(pred) else 0.5 - weight / 2
-                score = (weight * (p * on_pass + (1 - p) * on_fail) + (1 - weight) * balanced, rx)
-            if best_score is None or score > best_score:
-                best_key, best_score = x, score
-        assert best_key is not None
-        return best_key
-
-    boots = 0
-    step: dict[tuple[int, int], int] = {}  # per (family, column): the doubling step after passes
-    started: set[tuple[int, int]] = set()
-    bisecting: set[tuple[int, int]] = set()
-    col_last: dict[tuple[int, int], int] = {}
+    search = _Search(base, space, predict, dict(known or {}), prune, predicted_ok)
+    choose = search.choose_split if strategy == "split" else search.choose_column
     while True:
-        infer()
-        b = best()
-        cands = [k for k, v in state.items() if v is None and (b is None or rank(k) > rank(b))]
-        if not cands or (max_boots is not None and boots >= max_boots):
+        search.infer()
+        cands = search.candidates()
+        if not cands or (max_boots is not None and len(search.order) >= max_boots):
             break
-        if strategy == "split":
-            f, j, i = choose_split(cands)
-        else:
-            f, j, i = choose_column(cands)
-        key = (f, j, i)
-        cfg = cfgs[key]
-        t = time.monotonic()
-        try:
-            o = evaluate(cfg)
-        except Exception as exc:  # a crash of the evaluation is a fail of this config, with the reason
-            o = Outcome(False, reason=f"evaluation error: {type(exc).__name__}: {exc}")
-        if not o.seconds:
-            o = replace(o, seconds=time.monotonic() - t)
-        boots += 1
-        order[key] = boots
-        outcomes[key] = o
-        state[key] = o.passed
-        status[key] = ("booted-pass" if o.passed else "booted-fail", o.reason)
+        key = choose(cands)
+        cfg = search.cfgs[key]
+        o = _run(evaluate, cfg)
+        search.booted(key, o)
         if log:
-            log(f"search boot #{boots}: {cfg.id} {'pass' if o.passed else 'FAIL'} ({o.reason})")
-    infer()
-    b = best()
-    probes = []
-    for key, cfg in cfgs.items():
-        st, reason = status.get(key, ("not-needed", "cannot beat the knee (objective bound)"))
-        probes.append(Probe(cfg, st, reason, preds[key], order.get(key), outcomes.get(key)))
-    return SearchResult(cfgs[b] if b else None, probes, boots, space.size, known_used, seconds=time.monotonic() - t0)
+            log(f"search boot #{len(search.order)}: {cfg.id} {'pass' if o.passed else 'FAIL'} ({o.reason})")
+    search.infer()
+    return search.result(time.monotonic() - t0)
 
 
 def grid_search(base: CapacityConfig, space: SearchSpace, evaluate: Callable[[CapacityConfig], Outcome],
@@ -416,13 +433,7 @@ def grid_search(base: CapacityConfig, space: SearchSpace, evaluate: Callable[[Ca
     probes = []
     best: tuple[tuple[int, int, int, int], CapacityConfig] | None = None
     for k, cfg in enumerate(space.configs(base), start=1):
-        t = time.monotonic()
-        try:
-            o = evaluate(cfg)
-        except Exception as exc:
-            o = Outcome(False, reason=f"evaluation error: {type(exc).__name__}: {exc}")
-        if not o.seconds:
-            o = replace(o, seconds=time.monotonic() - t)
+        o = _run(evaluate, cfg)
         probes.append(Probe(cfg, "booted-pass" if o.passed else "booted-fail", o.reason, None, k, o))
         if log:
             log(f"grid boot #{k}: {cfg.id} {'pass' if o.passed else 'FAIL'}")
@@ -457,15 +468,14 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
     and an ``NvmlProbe`` on cuda ones. ``checks(handle) -> [Verdict]`` adds verdicts (e.g. a short
     workload's latency). ``slo`` overrides the profile's SLO. The server is always torn down; a boot
     failure or preflight refusal is a fail with its reason. ``Outcome.record`` is the ceiling record
-    (with ``server_report``), ready for results.jsonl and :func:`memory_model.calibrate`.
+    (with ``server_report``), ready for results.jsonl and :func:`prediction.calibrate`.
     """
     from .probes import HostProbe, NvmlProbe
     from .ceiling import ceiling_record
     from .backends import PreflightSkip, ServerError, ServerHandle
 
     spec = spec_factory(cfg)
-    profile = spec.profile if slo is None else replace(spec.profile, slo=slo)
-    spec = replace(spec, profile=profile)
+    profile = spec.profile
     own_probe = probe is None
     if probe is None:
         probe = (NvmlProbe(profile.gpu_index, profile.memory_gib * 1024) if profile.device == "cuda"
@@ -483,7 +493,7 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
             if handle.process is not None:
                 tail = " | " + " / ".join(handle.process.log_tail().strip().splitlines()[-3:])
             return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0)
-        record, verdicts = ceiling_record(handle, cfg.id)
+        record, verdicts = ceiling_record(handle, cfg.id, slo)
         verdicts = list(verdicts)
         if checks is not None:
             verdicts += list(checks(handle))

@@ -177,7 +177,7 @@ def plugin_server(binary: Path, model: Path, cfg: CapacityConfig, log_dir: Path,
                   mmproj: Path | None = None) -> Iterator[ServerHandle]:
     """A llama-server booted through the plugin's own ServerHandle on a 2 GiB host profile, and
     stopped afterwards whatever happened."""
-    spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=log_dir, binary=binary,
+    spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=log_dir, command=(str(binary),),
                       model=model, mmproj=mmproj, boot_timeout_s=60, hold_s=0.2)
     handle = ServerHandle(spec, HostProbe(2048))
     try:

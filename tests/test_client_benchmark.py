@@ -20,6 +20,7 @@ from conftest import plugin_server
 from pytest_gpucap.matrix import CapacityConfig, Workload
 from pytest_gpucap.backends import ServerHandle
 from pytest_gpucap.workload import runner
+from pytest_gpucap.backends.llamacpp import LlamaCpp
 from pytest_gpucap.workload.metrics import server_crosscheck
 from pytest_gpucap.workload.prompts import calibrate
 
@@ -58,7 +59,8 @@ def test_client_ceiling_at_64_streams(benchmark: Any, wide_server: ServerHandle)
 
     res, cpu_s = benchmark.pedantic(drive, rounds=1, iterations=1)
     m = res.summary()
-    cross = server_crosscheck(res.records, res.measure_from, res.server_metrics_before, res.server_metrics_after)
+    cross = server_crosscheck(res.records, res.measure_from, res.server_metrics_before, res.server_metrics_after,
+                              LlamaCpp.metrics.generated_tokens)
     harness_tokens = m["completion_tokens"]
     server_tokens = res.server_metrics_after[PREDICTED] - res.server_metrics_before.get(PREDICTED, 0.0)
     figures = {

@@ -42,7 +42,7 @@ def _no_traceback(result: pytest.RunResult) -> None:
     """Errors the plugin raises must reach the user as messages, not as our stack."""
     text = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in text
-    assert "launcher.py" not in text and "process.py" not in text and "plugin.py" not in text
+    assert "handle.py" not in text and "base.py" not in text and "process.py" not in text and "plugin.py" not in text
 
 
 # ---------------------------------------------------------------- boot, verify, teardown, report

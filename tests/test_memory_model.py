@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from conftest import assert_weights_in_model_buffers
-from pytest_gpucap import memory_model as mm
-from pytest_gpucap.matrix import CapacityConfig, HostProfile, SLO, load_matrix
+from pytest_gpucap import prediction as mm
+from pytest_gpucap.matrix import CACHE_TYPES, CapacityConfig, HostProfile, SLO, load_matrix
+from pytest_gpucap.terminal import fit_table
 from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.ceiling import ceiling_record
 from pytest_gpucap.backends import LaunchSpec, ServerHandle, llamacpp
-from pytest_gpucap.backends import handle as launcher
 
 MIB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def booted(llama_server_bin: Path, model_cache: Path, tmp_path_factory: pytest.T
     profile = HostProfile(name="cpu", memory_gib=2.0)
     out = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(launcher.llamacpp, "verify_running", _verify_padded)
+        mp.setattr(llamacpp, "verify_running", _verify_padded)
         for shape, cache, n, ctx, fa in CASES:
             cfg = CapacityConfig(profile="cpu", n=n, ctx=ctx, cache_type_k=cache, cache_type_v=cache,
                                  flash_attn=fa, threads=1, cache_ram_mib=0, name=f"{shape.name}-n{n}-c{ctx}-{cache}")
@@ -87,7 +87,7 @@ def booted(llama_server_bin: Path, model_cache: Path, tmp_path_factory: pytest.T
             facts = mm.read_model_facts(model)
             pred = mm.predict(cfg, facts, profile=profile)
             predict_s = time.perf_counter() - t0
-            spec = LaunchSpec(config=cfg, profile=profile, log_dir=log_dir, binary=llama_server_bin, model=model,
+            spec = LaunchSpec(config=cfg, profile=profile, log_dir=log_dir, command=(str(llama_server_bin),), model=model,
                               boot_timeout_s=60, hold_s=0.2)
             handle = ServerHandle(spec, HostProbe(2048))
             try:
@@ -131,7 +131,7 @@ def test_kv_prediction_equals_server_report_exactly(booted: list[Booted]) -> Non
     print("\nKV agreement (predicted vs llama-server):\n" + "\n".join(rows))
     shapes = {b.shape.name for b in booted}
     caches = {b.cfg.cache_type_k for b in booted}
-    assert len(shapes) >= 6 and caches == set(mm.CACHE_TYPES) and any(b.shape.sliding_window for b in booted)
+    assert len(shapes) >= 6 and caches == set(CACHE_TYPES) and any(b.shape.sliding_window for b in booted)
 
 
 def test_weights_match_model_buffer(booted: list[Booted]) -> None:
@@ -230,7 +230,7 @@ def test_fit_table_is_fast_and_boots_nothing(monkeypatch: pytest.MonkeyPatch) ->
     own, missing = mm.predict_matrix(matrix)  # profiles whose model is a generated one
     # the GPU profiles name no model (it is passed with --gpucap-model): stand in a generated one
     preds, none_missing = mm.predict_matrix(matrix, model="generated:tiny")
-    table = mm.fit_table(preds)
+    table = fit_table(preds)
     per_config = (time.perf_counter() - t0) / (len(own) + len(preds))
     print(f"\n{table}\n{len(preds)} configs, {per_config * 1000:.2f} ms per config; "
           f"without --gpucap-model: {len(own)} predicted, {len(missing)} need a model")

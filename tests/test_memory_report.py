@@ -18,7 +18,7 @@ MIB = 1024 * 1024
 
 def boot(binary: Path, model: Path, cfg: CapacityConfig, log_dir: Path) -> ServerHandle:
     spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=log_dir,
-                      binary=binary, model=model, boot_timeout_s=60, hold_s=0.2)
+                      command=(str(binary),), model=model, boot_timeout_s=60, hold_s=0.2)
     return ServerHandle(spec, HostProbe(2048)).boot()
 
 

@@ -20,7 +20,11 @@ from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.backends import LaunchSpec, ServerHandle
 from pytest_gpucap.verdicts import Verdict, assert_slos, workload_verdicts
 from pytest_gpucap.workload.client import ErrorClass, RequestRecord, StreamingClient
-from pytest_gpucap.workload.metrics import parse_prometheus, pcts, percentile, server_crosscheck, summarize
+from pytest_gpucap.backends.llamacpp import LlamaCpp
+from pytest_gpucap.promtext import sums as parse_prometheus
+from pytest_gpucap.workload.metrics import pcts, percentile, server_crosscheck, summarize
+
+TOKENS = LlamaCpp.metrics.generated_tokens
 
 T0 = 1000.0  # measurement starts here; anything scheduled earlier is warm-up
 
@@ -167,22 +171,22 @@ def test_server_crosscheck_ratios() -> None:
     agree = [ok_rec("Dev", T0 + i, 0.1, 1.1, 100, timings=dict(timings)) for i in range(3)]
     before = {"llamacpp:tokens_predicted_total": 1000.0}
     after = {"llamacpp:tokens_predicted_total": 1300.0}
-    out = server_crosscheck(agree, T0, before, after)
+    out = server_crosscheck(agree, T0, before, after, TOKENS)
     assert out["client_tokens"] == 300 and out["server_timing_tokens"] == 300
     assert out["server_metrics_tokens"] == 300
     assert out["token_ratio"] == pytest.approx(1.0) and out["metrics_token_ratio"] == pytest.approx(1.0)
     assert out["decode_rate_ratio"] == pytest.approx(1.0)
     # the server produced tokens the client never counted (a lost request): the ratio says so
-    short = server_crosscheck(agree, T0, before, {"llamacpp:tokens_predicted_total": 1400.0})
+    short = server_crosscheck(agree, T0, before, {"llamacpp:tokens_predicted_total": 1400.0}, TOKENS)
     assert short["metrics_token_ratio"] == pytest.approx(0.75)
     assert out["client_behind"] is False
     # the client reads each stream at half the server's pace: flagged
     behind = [ok_rec("Dev", T0 + i, 0.1, 2.1, 100, timings=dict(timings)) for i in range(3)]
-    out = server_crosscheck(behind, T0, before, after)
+    out = server_crosscheck(behind, T0, before, after, TOKENS)
     assert out["decode_rate_ratio"] == pytest.approx(0.5) and out["client_behind"] is True
     # a server without timings or /metrics gives no ratio (and no false alarm)
     bare = [ok_rec("Dev", T0, 0.1, 1.1, 100)]
-    out = server_crosscheck(bare, T0, {}, {})
+    out = server_crosscheck(bare, T0, {}, {}, TOKENS)
     assert out["token_ratio"] is None and out["decode_rate_ratio"] is None
     assert out["server_metrics_tokens"] is None and out["metrics_token_ratio"] is None
     assert out["client_behind"] is False
@@ -201,7 +205,7 @@ def test_parse_prometheus_on_a_real_llama_server(llama_server_bin: Path, tiny_mo
     """The counters the cross-check relies on, read from the text a real llama-server serves."""
     cfg = CapacityConfig(profile="cpu", n=1, ctx=512, threads=1, cache_ram_mib=0)
     spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=tmp_path,
-                      binary=llama_server_bin, model=tiny_model, boot_timeout_s=60, hold_s=0.2)
+                      command=(str(llama_server_bin),), model=tiny_model, boot_timeout_s=60, hold_s=0.2)
     handle = ServerHandle(spec, HostProbe(2048))
     try:
         handle.boot()
@@ -225,7 +229,7 @@ def test_parse_prometheus_on_a_real_llama_server(llama_server_bin: Path, tiny_mo
     assert rec.completion_tokens == 7
     assert after["llamacpp:tokens_predicted_total"] - before.get("llamacpp:tokens_predicted_total", 0) == 7
     assert after["llamacpp:prompt_tokens_total"] - before.get("llamacpp:prompt_tokens_total", 0) == rec.prompt_tokens
-    cross = server_crosscheck([rec], 0.0, before, after)
+    cross = server_crosscheck([rec], 0.0, before, after, TOKENS)
     assert cross["server_metrics_tokens"] == 7 and cross["token_ratio"] == pytest.approx(1.0)
     assert cross["metrics_token_ratio"] == pytest.approx(1.0)
 

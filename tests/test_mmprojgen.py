@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import CapacityRun, plugin_server
-from pytest_gpucap import memory_model, mmprojgen, records
+from pytest_gpucap import mmprojgen, prediction, records
 from pytest_gpucap.matrix import CapacityConfig, HostProfile
 from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.mmprojgen import ProjectorShape, ensure_mmproj, write_mmproj
@@ -76,7 +76,7 @@ def test_file_has_the_keys_and_tensors_clip_reads(tmp_path: Path) -> None:
     assert tuple(int(d) for d in tensors["v.position_embd.weight"].shape) == (32, SMALL.n_patches)
     # mtmd checks the projector's output width (mm.2.weight ne[1]) against the text model's n_embd
     assert int(tensors["mm.2.weight"].shape[1]) == SMALL.projection_dim
-    assert memory_model.mmproj_bytes(path) == SMALL.approx_bytes() < path.stat().st_size
+    assert prediction.mmproj_bytes(path) == SMALL.approx_bytes() < path.stat().st_size
 
 
 def test_same_shape_gives_identical_bytes(tmp_path: Path) -> None:
@@ -207,7 +207,7 @@ def test_projector_width_mismatch_fails_boot(llama_server_bin: Path, tiny_model:
     proj = ensure_mmproj(ProjectorShape(projection_dim=128, name="narrow"), tmp_path)
     cfg = CapacityConfig(profile="cpu", n=1, ctx=512, mmproj=True, threads=1, cache_ram_mib=0)
     spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=tmp_path,
-                      binary=llama_server_bin, model=tiny_model, mmproj=proj, boot_timeout_s=60, hold_s=0.2)
+                      command=(str(llama_server_bin),), model=tiny_model, mmproj=proj, boot_timeout_s=60, hold_s=0.2)
     handle = ServerHandle(spec, HostProbe(2048))
     try:
         mismatch = r"mismatch between text model \(n_embd = 256\) and mmproj \(n_embd = 128\)"

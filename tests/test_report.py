@@ -4,7 +4,7 @@ strings escaped, torn files still renderable, the CLI, and the HTML checked in r
 Record fixtures follow ``ceiling.ceiling_record``'s key layout (the reference 4090 study's Phase-1
 figures) plus the planned workload and ramp record shapes; the checks sections (memory prediction,
 client/server cross-check, roofline, vLLM headroom and queueing) and the records of configs that were
-never measured use the shapes ``memory_model``, ``workload.harness`` and ``servers.vllm`` write.
+never measured use the shapes ``prediction``, ``workload.harness`` and ``servers.vllm`` write.
 """
 
 from __future__ import annotations
@@ -469,13 +469,13 @@ def test_search_record_renders_every_probe(tmp_path: Path) -> None:
 def with_prediction(rec: dict[str, Any], measured_over: float, kv_server_extra_mib: float = 0.0) -> dict[str, Any]:
     """Attach a real memory-model prediction as ``ceiling.ceiling_record`` does, with the server's buffers
     equal to the prediction (KV lines off by ``kv_server_extra_mib``) and the meter ``measured_over`` × it."""
-    from pytest_gpucap import memory_model
+    from pytest_gpucap import prediction
     from pytest_gpucap.modelgen import ModelShape
 
     cfg = CapacityConfig(**{**rec["config"], "extra_args": tuple(rec["config"]["extra_args"]),
                             "env": tuple(rec["config"]["env"])})
-    facts = memory_model.facts_from_shape(ModelShape(n_layer=4, n_embd=512, n_head=8, n_head_kv=2))
-    pred = memory_model.predict(cfg, facts)
+    facts = prediction.facts_from_shape(ModelShape(n_layer=4, n_embd=512, n_head=8, n_head_kv=2))
+    pred = prediction.predict(cfg, facts)
     mem = rec["memory"]
     kv = pred.kv_mib + kv_server_extra_mib
     mem["server_report"] |= {"kv_mib": kv, "kv_buffer_mib": {"CUDA0": kv}, "model_mib": {"CUDA0": pred.weights_mib},
@@ -484,7 +484,7 @@ def with_prediction(rec: dict[str, Any], measured_over: float, kv_server_extra_m
     mem["used_after_load_mib"] = round(mem["baseline_used_mib"] + pred.total_mib * measured_over, 1)
     mem["predicted"] = pred.as_dict()
     mem["predicted_kv_per_slot_mib"] = mem["predicted"]["kv_per_slot_mib"]
-    mem["prediction_error"] = memory_model.prediction_error(pred, rec)
+    mem["prediction_error"] = prediction.prediction_error(pred, rec)
     return rec
 
 

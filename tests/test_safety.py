@@ -6,6 +6,7 @@ import time
 
 from pytest_gpucap.matrix import CapacityConfig, HostProfile, Preflight, WatchdogLimits
 from pytest_gpucap.probes import DeviceMemory, MemorySnapshot
+from pytest_gpucap.backends.llamacpp import LlamaCpp
 from pytest_gpucap.safety import Watchdog, post_boot_reason, preflight_reason
 
 
@@ -16,11 +17,11 @@ def snap(available_mib: float, free_mib: float) -> MemorySnapshot:
 def test_preflight_counts_the_prompt_cache_against_host_ram() -> None:
     prof = HostProfile(name="4090", device="cuda", preflight=Preflight(min_available_gib=13, min_free_gib=1))
     cfg = CapacityConfig(profile="4090", n=3, ctx=65536)
-    reason = preflight_reason(prof, cfg, snap(14 * 1024, 20000), is_gpu=True)
+    reason = preflight_reason(prof, snap(14 * 1024, 20000), True, LlamaCpp().host_reserve(cfg))
     assert reason and "21.0 GiB" in reason and "--cache-ram" in reason
     small_cache = CapacityConfig(profile="4090", n=3, ctx=65536, cache_ram_mib=512)
-    assert preflight_reason(prof, small_cache, snap(14 * 1024, 20000), is_gpu=True) is None
-    assert "free VRAM 500 MiB" in (preflight_reason(prof, small_cache, snap(14 * 1024, 500), True) or "")
+    assert preflight_reason(prof, snap(14 * 1024, 20000), True, LlamaCpp().host_reserve(small_cache)) is None
+    assert "free VRAM 500 MiB" in (preflight_reason(prof, snap(14 * 1024, 500), True, LlamaCpp().host_reserve(small_cache)) or "")
 
 
 def test_post_boot_floor() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pytest_gpucap import memory_model as mm
+from pytest_gpucap import prediction as mm
 from pytest_gpucap.matrix import CapacityConfig, HostProfile, SLO
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.search import (Outcome, SearchSpace, boot_and_check, grid_search, known_outcomes,
@@ -191,7 +191,7 @@ def test_search_matches_full_grid_on_real_servers(llama_server_bin: Path, model_
     facts = mm.read_model_facts(model)
 
     def spec_factory(cfg: CapacityConfig) -> LaunchSpec:
-        return LaunchSpec(config=cfg, profile=SEARCH_PROFILE, log_dir=tmp_path, binary=llama_server_bin, model=model,
+        return LaunchSpec(config=cfg, profile=SEARCH_PROFILE, log_dir=tmp_path, command=(str(llama_server_bin),), model=model,
                           boot_timeout_s=60, hold_s=0.2)
 
     def evaluate(cfg: CapacityConfig) -> Outcome:

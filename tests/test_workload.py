@@ -39,7 +39,7 @@ SLOT_CTX = 512
 def boot(binary: Path, model: Path, cfg: CapacityConfig, log_dir: Path) -> ServerHandle:
     """A real llama-server through the plugin's own launcher (own session, group kill on stop)."""
     spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=log_dir,
-                      binary=binary, model=model, boot_timeout_s=60, hold_s=0.2)
+                      command=(str(binary),), model=model, boot_timeout_s=60, hold_s=0.2)
     handle = ServerHandle(spec, HostProbe(2048))
     try:
         return handle.boot()

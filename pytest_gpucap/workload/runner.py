@@ -14,7 +14,8 @@ from typing import Any, Awaitable, Callable
 import httpx
 
 from .client import ErrorClass, RequestRecord, StreamingClient
-from .metrics import parse_prometheus, pcts, summarize
+from ..promtext import sums
+from .metrics import pcts, summarize
 from .prompts import filler, reply_stub, tool_blob
 from ..matrix import Workload as WorkloadSettings
 from .roles import Role
@@ -84,7 +85,7 @@ async def _scrape(url: str) -> dict[str, float]:
     try:
         async with httpx.AsyncClient(timeout=5.0) as client:
             resp = await client.get(f"{url}/metrics")
-            return parse_prometheus(resp.text) if resp.status_code == 200 else {}
+            return sums(resp.text) if resp.status_code == 200 else {}
     except httpx.HTTPError:
         return {}
 
