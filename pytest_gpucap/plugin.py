@@ -7,25 +7,24 @@ import platform
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from . import prediction, records, terminal
 from .matrix import (
-    BACKENDS, BUILTIN_MODELS, DEFAULT_MATRIX, GENERATED_PREFIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
+    BACKENDS, DEFAULT_MATRIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
 )
 from .ceiling import Ceiling, ceiling_record
 from .recorder import Recorder
 from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
-from .backends import LaunchSpec, PreflightSkip, ServerError, ServerHandle, backend_for
+from .backends import LaunchSpec, PreflightSkip, ServerError, ServerHandle
 from .backends.process import sweep_leftovers
 from .resolve import Missing, Resolver
 from .search import (
     Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, reusable_records, search_capacity,
 )
-from .verdicts import Verdict, assert_slos
 from .harness import Harness
 from .options import Settings, add_options, resolve_settings
 from .workload.roles import roles_from_matrix
@@ -300,10 +299,12 @@ def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, 
     return Ceiling(record, verdicts)
 
 
-def _attach(node: pytest.Item, record: dict[str, Any]) -> None:
+def _attach(node: pytest.Item, record: records.Record | dict[str, Any]) -> None:
     """Put a record on the test report (reaches the xdist controller) plus flat JUnit properties.
 
-    User hooks (``pytest_gpucap_record``) see it first and may add fields."""
+    It travels as its JSON dict. User hooks (``pytest_gpucap_record``) see it first and may add fields."""
+    if isinstance(record, records.Record):
+        record = record.to_dict()
     node.config.hook.pytest_gpucap_record(record=record)
     node.user_properties.append((records.PROPERTY_KEY, record))
     prefix = records.record_name(record)
@@ -393,9 +394,7 @@ class SearchRun:
                                    str(model or ""))
         known = known_outcomes(earlier + [r for r in state.records if r.get("kind") == "ceiling"])
         result = search_capacity(self.base, self.space, evaluate, predict=predict, known=known, prune=prune)
-        record = {"schema": records.SCHEMA_VERSION, "kind": "search", "test": node.nodeid,
-                  "config_id": f"{profile.name}-search", "profile": profile.name, **result.as_dict()}
-        _attach(node, record)
+        _attach(node, records.SearchRecord.of(node.nodeid, profile.name, result.as_dict()))
         return result
 
 
@@ -466,6 +465,7 @@ def _record_outcome(item: pytest.Item, call: pytest.CallInfo[None], report: pyte
     if any(key == records.PROPERTY_KEY for key, _ in report.user_properties):
         return
     kind = "ceiling" if "gpucap_ceiling" in getattr(item, "fixturenames", ()) else "unmeasured"
-    report.user_properties.append((records.PROPERTY_KEY, records.outcome_record(cfg, item.nodeid, kind, reason)))
+    record = records.outcome_record(cfg, item.nodeid, kind, reason)
+    report.user_properties.append((records.PROPERTY_KEY, record.to_dict()))
 
 

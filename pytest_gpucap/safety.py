@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable
 
-from .matrix import CapacityConfig, HostProfile
+from .matrix import HostProfile
 from .probes import MemorySnapshot
 
 def preflight_reason(profile: HostProfile, snap: MemorySnapshot, is_gpu: bool,

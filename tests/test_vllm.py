@@ -35,8 +35,12 @@ import pytest
 from pytest_gpucap import hfmodel
 from pytest_gpucap.matrix import CapacityConfig, Workload
 from pytest_gpucap.hfmodel import HfModelShape, ensure_hf_model
-from pytest_gpucap.backends import vllm
-from pytest_gpucap.backends.process import ManagedProcess, ServerError, free_port, wait_healthy
+from pytest_gpucap.backends import LaunchSpec, ServerHandle, vllm
+from pytest_gpucap.backends.process import ManagedProcess, ServerError
+from pytest_gpucap.matrix import HostProfile
+from pytest_gpucap.probes import HostProbe
+from pytest_gpucap.workload.poller import MetricsPoller, histogram, prefix_cache_hit_rate, scrape_metrics
+from pytest_gpucap.promtext import parse_samples
 from pytest_gpucap.workload import runner
 from pytest_gpucap.workload.client import RequestRecord, StreamingClient
 
@@ -58,39 +62,10 @@ CHARS_PER_TOKEN = 3.3
 
 # ---------------------------------------------------------------- configs
 
-@dataclass(frozen=True)
-class _VllmConfig:
-    """Stand-in with the field names CapacityConfig gains for vLLM (used until they are wired)."""
-
-    n: int
-    ctx: int
-    profile: str = "cpu"
-    backend: str = "vllm"
-    extra_args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    name: str | None = None
-    gpu_memory_utilization: float | None = None
-    kv_cache_memory_bytes: int | None = None
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool | None = None
-    tensor_parallel_size: int | None = None
-    dtype: str | None = None
-    quantization: str | None = None
-    served_model_name: str | None = None
-    enforce_eager: bool | None = None
-    api_key_env: str | None = None
-
-    @property
-    def id(self) -> str:
-        return self.name or f"{self.profile}-vllm-n{self.n}-ctx{self.ctx}"
-
-
-def make_cfg(**kw: Any) -> Any:
-    """A CapacityConfig when it has the vLLM fields, else the stand-in with the same names."""
-    try:
-        return CapacityConfig(profile="cpu", backend="vllm", **kw)
-    except TypeError:
-        return _VllmConfig(**kw)
+def make_cfg(**kw: Any) -> CapacityConfig:
+    """A vLLM config; its servers carry this run's tag so the module can check nothing survives."""
+    env = tuple(kw.pop("env", ())) + ((TAG_ENV, RUN_TAG),)
+    return CapacityConfig(profile="cpu", backend="vllm", env=env, **kw)
 
 
 # ---------------------------------------------------------------- pure: argv, env, lookup, parsing
@@ -259,13 +234,13 @@ def test_histogram_quantiles_and_deltas() -> None:
         'vllm:num_requests_waiting{engine="0"} 3.0',
         'vllm:num_requests_waiting{engine="1"} 1.0',
     ])
-    m = vllm.scrape_metrics(text)
+    m = scrape_metrics(text, vllm.METRICS)
     assert m["num_requests_waiting"] == 4.0
     q = m["queue_time"]
     assert q.count == 10 and q.mean == pytest.approx(0.95)
     assert q.quantile(0.5) == pytest.approx(0.5 + 0.5 * (5 - 4) / 4)  # rank 5 inside (0.5, 1.0]
     assert q.quantile(0.99) == 1.0  # in the +Inf bucket: the last finite bound
-    delta = q.minus(vllm.histogram(vllm.parse_samples(text.replace("8.0", "4.0")), "vllm:request_queue_time_seconds"))
+    delta = q.minus(histogram(parse_samples(text.replace("8.0", "4.0")), "vllm:request_queue_time_seconds"))
     assert delta.count == 4 and dict(delta.buckets)[math.inf] == 4.0
 
 
@@ -333,30 +308,55 @@ def _nothing_left_behind() -> Iterator[None]:
 
 @dataclass
 class VllmServer:
-    """What the launcher will do for a vLLM config, in the small: spawn, wait, verify, stop."""
+    """A vLLM server booted through the plugin's own handle (boot, verify, smoke request, stop)."""
 
-    cfg: Any
-    proc: ManagedProcess
-    url: str
-    tmp_dir: Path
-    argv: list[str]
-    boot_s: float | None = None
-    leftovers: list[str] | None = None
-    api_key: str | None = None
-    stopped: bool = False
+    handle: ServerHandle
+
+    @property
+    def cfg(self) -> CapacityConfig:
+        return self.handle.config
+
+    @property
+    def proc(self) -> ManagedProcess:
+        assert self.handle.process is not None
+        return self.handle.process
+
+    @property
+    def url(self) -> str:
+        return self.handle.url
+
+    @property
+    def tmp_dir(self) -> Path:
+        assert self.handle.tmp_dir is not None
+        return self.handle.tmp_dir
+
+    @property
+    def argv(self) -> list[str]:
+        return self.handle.argv
+
+    @property
+    def boot_s(self) -> float | None:
+        return self.handle.boot_s
+
+    @property
+    def api_key(self) -> str | None:
+        return self.handle.api_key
+
+    @property
+    def stopped(self) -> bool:
+        return self.handle.teardown is not None
 
     @property
     def log(self) -> str:
         return self.proc.log_text()
 
     def stop(self) -> list[str]:
-        if not self.stopped:
-            self.stopped = True
-            info = self.proc.stop(grace_s=15.0)
-            self.leftovers = vllm.remove_tmp_dir(self.tmp_dir)
-            print(f"\n[{self.cfg.id}] boot {self.boot_s or 0:.1f} s, stop {info.seconds:.1f} s"
+        was_up = not self.stopped
+        info = self.handle.stop()
+        if was_up:
+            print(f"\n[{self.cfg.id}] boot {self.boot_s or 0:.1f} s, stop {info.stop_s:.1f} s"
                   f"{' (SIGKILL after grace)' if info.killed else ''}, rc {info.returncode}")
-        return self.leftovers or []
+        return info.temp_leftovers
 
 
 @dataclass
@@ -366,27 +366,19 @@ class Booter:
     boot_times: dict[str, float] = field(default_factory=dict)
     last: VllmServer | None = None
 
-    def start(self, cfg: Any, model: Path, environ: dict[str, str] | None = None) -> VllmServer:
-        port = free_port()
-        tmp_dir = vllm.make_tmp_dir(cfg.id)
-        assert self.lookup.argv is not None
-        argv = vllm.build_argv(self.lookup.argv, cfg, model, port, SERVED)
-        base = dict(os.environ if environ is None else environ)
-        env = {**vllm.child_env(cfg, tmp_dir, base), TAG_ENV: RUN_TAG}
-        proc = ManagedProcess(argv, self.log_dir / f"{cfg.id}-{port}.log", env=env)
-        server = VllmServer(cfg, proc, f"http://127.0.0.1:{port}", tmp_dir, argv, api_key=vllm.api_key(cfg, base))
+    def boot(self, cfg: CapacityConfig, model: Path) -> VllmServer:
+        """Boot through ``ServerHandle``: the same path the capacity suite takes."""
+        spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=8.0), log_dir=self.log_dir,
+                          command=self.lookup.argv, model=model, boot_timeout_s=BOOT_TIMEOUT_S, hold_s=0.2,
+                          preflight=False)
+        server = VllmServer(ServerHandle(spec, HostProbe(8 * 1024)))
         self.last = server
-        proc.start()
-        return server
-
-    def boot(self, cfg: Any, model: Path, environ: dict[str, str] | None = None) -> VllmServer:
-        server = self.start(cfg, model, environ)
         try:
-            server.boot_s = wait_healthy(server.proc, f"{server.url}/health", BOOT_TIMEOUT_S, what=f"vLLM {cfg.id}")
+            server.handle.boot()
         except BaseException:
             server.stop()
             raise
-        self.boot_times[cfg.id] = server.boot_s
+        self.boot_times[cfg.id] = server.boot_s or 0.0
         return server
 
 
@@ -396,7 +388,7 @@ def booter(vllm_command: vllm.CommandLookup, tmp_path_factory: pytest.TempPathFa
 
 
 def _metrics(server: VllmServer) -> dict[str, Any]:
-    return vllm.scrape_metrics(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    return scrape_metrics(httpx.get(f"{server.url}/metrics", timeout=10).text, vllm.METRICS)
 
 
 def _fixed(server: VllmServer, concurrency: int, n: int, max_tokens: int, shared_prefix: int = 0,
@@ -409,12 +401,14 @@ def _fixed(server: VllmServer, concurrency: int, n: int, max_tokens: int, shared
 def server(request: pytest.FixtureRequest, booter: Booter, hf_model: Path) -> Iterator[VllmServer]:
     """One server per test class (``CFG``, optional ``environ()``), stopped when the class is done."""
     cls = request.cls
-    environ = cls.environ() if hasattr(cls, "environ") else None
-    booted = booter.boot(cls.CFG, hf_model, environ)
-    try:
-        yield booted
-    finally:
-        booted.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (cls.environ() if hasattr(cls, "environ") else {}).items():
+            mp.setenv(key, value)
+        booted = booter.boot(cls.CFG, hf_model)
+        try:
+            yield booted
+        finally:
+            booted.stop()
 
 
 class TestServer:
@@ -487,7 +481,7 @@ class TestServer:
         assert client_ttft[-1] >= ttft.sum / ttft.count * 0.5  # same order of magnitude, client sees more
 
     def test_prefix_cache_hits_on_shared_prefix(self, server: VllmServer) -> None:
-        with vllm.MetricsPoller(server.url) as poller:
+        with MetricsPoller(server.url, vllm.METRICS) as poller:
             # 600 shared tokens = 4 full 128-token CPU blocks, cacheable after the first request
             result = _fixed(server, concurrency=2, n=6, max_tokens=4, shared_prefix=600)
         assert result.summary()["turns_ok"] == 6
@@ -503,7 +497,7 @@ class TestServer:
         too short for gauges sampled every 0.5 s), and the poller samples every 0.2 s.
         """
         t0 = time.monotonic()
-        with vllm.MetricsPoller(server.url, interval_s=0.2) as poller:
+        with MetricsPoller(server.url, vllm.METRICS, interval_s=0.2) as poller:
             result = _fixed(server, concurrency=8, n=24, max_tokens=64)
         assert result.summary()["turns_ok"] == 24 and result.summary()["turns_failed"] == 0
         view = poller.summary(since=t0, max_num_seqs=self.CFG.n)
@@ -555,7 +549,7 @@ class TestPrefixOffWithKey:
 
     @classmethod
     def environ(cls) -> dict[str, str]:
-        return {**os.environ, cls.KEY_ENV: cls.SECRET}
+        return {cls.KEY_ENV: cls.SECRET}
 
     def test_no_hits_with_caching_off(self, server: VllmServer) -> None:
         prefix = "You are a coding agent. " * 120  # ~600 tokens, shared
@@ -566,7 +560,7 @@ class TestPrefixOffWithKey:
         after = _metrics(server)
         assert all(r.ok and r.completion_tokens == 4 for r in recs), [r.detail for r in recs]
         assert after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"] == 0
-        assert vllm.prefix_cache_hit_rate(before, after) in (None, 0.0)
+        assert prefix_cache_hit_rate(before, after) in (None, 0.0)
         assert all(not r.cached_tokens for r in recs)
         assert vllm.parse_memory_log(server.log).enable_prefix_caching is False
 
@@ -607,18 +601,14 @@ class TestUnservable:
                              n_vocab=512, max_position_embeddings=2048, name="gpucap-vllm-head16")
         model = ensure_hf_model(shape, hf_cache, python=vllm_command.python, servable=False)
         cfg = make_cfg(n=1, ctx=512, kv_cache_memory_bytes=4 << 20, name="cpu-vllm-head16")
-        server = booter.boot(cfg, model)  # /health says 200: the engine has not run a step yet
-        try:
-            problem = vllm.smoke_check(server.url, SERVED, timeout_s=60)
-            assert problem is not None and "failed" in problem
-            deadline = time.monotonic() + 10
-            cause = None
-            while cause is None and time.monotonic() < deadline:
-                cause = vllm.engine_failure(server.log)
-                time.sleep(0.2)
-            assert cause and "head_dim=16" in cause
-        finally:
-            server.stop()
+        # /health says 200 (the engine has not run a step yet): the boot's smoke request finds out
+        with pytest.raises(ServerError, match="answers /health but cannot serve") as info:
+            booter.boot(cfg, model)
+        assert "failed" in str(info.value)
+        server = booter.last
+        assert server is not None and server.stopped
+        cause = vllm.engine_failure(server.log)
+        assert cause and "head_dim=16" in cause
         assert not server.proc.group_alive() and not server.tmp_dir.exists()
 
     def test_corrupt_config_fails_at_boot(self, booter: Booter, hf_model: Path, tmp_path: Path) -> None:

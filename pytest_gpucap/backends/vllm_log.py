@@ -8,10 +8,8 @@ decimals, token counts are exact.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from ..promtext import labels_of
