@@ -1,6 +1,6 @@
 """Phase 1 — the memory ceiling: each configuration boots, runs what was asked, and leaves headroom."""
 
-from pytest_gpucap.plugin import Ceiling
+from pytest_gpucap import Ceiling
 
 
 def test_ceiling(gpucap_ceiling: Ceiling) -> None:

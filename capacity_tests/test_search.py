@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytest_gpucap.plugin import SearchRun
+from pytest_gpucap import SearchRun
 
 
 @pytest.mark.cpu

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytest_gpucap.harness import Harness
+from pytest_gpucap import Harness
 
 
 @pytest.mark.parametrize("workflow", ["A", "B"])

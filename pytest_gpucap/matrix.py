@@ -35,6 +35,16 @@ class SLO:
     queue_p95_s: float | None = None  # vLLM: server-side queue time p95 (from /metrics) budget
     ramp_p95_s: float | None = None  # per-step turn p95 budget in the agent-connection ramp
 
+    def headroom_class(self, free_gib: float) -> str:
+        """The study's words for free memory against this SLO: Comfortable at >= 2x the headroom
+        budget, Marginal at >= the budget, else Risky. The one definition of the rule: judgements go
+        through ``verdicts.headroom_class``; the prediction (below verdicts) reads it here."""
+        if free_gib >= 2 * self.headroom_gib:
+            return "Comfortable"
+        if free_gib >= self.headroom_gib:
+            return "Marginal"
+        return "Risky"
+
     def role_p95(self) -> dict[str, float]:
         return dict(self.p95_s)
 
@@ -456,8 +466,3 @@ DEFAULT_MATRIX = Matrix(
     configs=(),
     models={},
 )
-
-
-def with_profile_defaults(profile: HostProfile, **changes: Any) -> HostProfile:
-    """A copy of a profile with some fields replaced (used for option overrides)."""
-    return replace(profile, **changes)

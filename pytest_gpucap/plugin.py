@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import platform
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,9 +21,8 @@ from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .backends import LaunchSpec, PreflightSkip, ServerError, ServerHandle
 from .backends.process import sweep_leftovers
 from .resolve import Missing, Resolver
-from .search import (
-    Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, reusable_records, search_capacity,
-)
+from .search import SearchSpace
+from .search_run import SearchRun, SearchSession
 from .harness import Harness
 from .options import Settings, add_options, resolve_settings
 from .workload.roles import roles_from_matrix
@@ -358,44 +356,16 @@ def gpucap_workload(request: pytest.FixtureRequest, gpucap_server: ServerHandle,
                    dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config))
 
 
-@dataclass
-class SearchRun:
-    """The ``gpucap_search`` fixture: run the capacity search declared by the test's marker."""
-
-    request: pytest.FixtureRequest
-    base: CapacityConfig
-    space: SearchSpace
-
-    def run(self, prune: str = "fit") -> SearchResult:
-        """Prune by prediction, boot only the configs that decide the knee, record every probe."""
-        state = self.request.config.stash[STATE]
-        _ensure_swept(state)
-        profile = state.matrix.profile(self.base.profile)
-        probe = _probe(state, profile)
-        node = self.request.node
-
-        def spec_for(cfg: CapacityConfig) -> LaunchSpec:
-            return launch_spec(self.request, cfg)
-
-        def evaluate(cfg: CapacityConfig) -> Outcome:
-            outcome = boot_and_check(cfg, spec_for, probe=probe)
-            if outcome.record is not None:
-                _attach(node, {**outcome.record, "test": node.nodeid, "search_probe": True})
-            return outcome
-
-        base_spec = spec_for(self.base)
-        model = base_spec.model
-
-        def predict(cfg: CapacityConfig) -> Any:
-            return prediction.predict_for(cfg, profile, model, None, state.calibration) if model else None
-
-        host = {"python": platform.python_version(), **probe.describe()}
-        earlier = reusable_records(state.previous_records, self.base, host, base_spec.binary_version,
-                                   str(model or ""))
-        known = known_outcomes(earlier + [r for r in state.records if r.get("kind") == "ceiling"])
-        result = search_capacity(self.base, self.space, evaluate, predict=predict, known=known, prune=prune)
-        _attach(node, records.SearchRecord.of(node.nodeid, profile.name, result.as_dict()))
-        return result
+def _search_session(request: pytest.FixtureRequest, base: CapacityConfig) -> SearchSession:
+    """What a capacity search borrows from the session: lookups, the probe, the records so far."""
+    state = request.config.stash[STATE]
+    _ensure_swept(state)
+    node = request.node
+    return SearchSession(spec_for=lambda cfg: launch_spec(request, cfg),
+                         probe=_probe(state, state.matrix.profile(base.profile)),
+                         attach=lambda record: _attach(node, record), test_id=node.nodeid,
+                         calibration=state.calibration, previous_records=state.previous_records,
+                         records=state.records)
 
 
 @pytest.fixture
@@ -421,7 +391,7 @@ def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
         pytest.fail(f"{where}: {exc}", pytrace=False)
     if kw:
         pytest.fail(f"{where}: unknown arguments {sorted(kw)}", pytrace=False)
-    return SearchRun(request, base, space)
+    return SearchRun(base, space, lambda: _search_session(request, base))
 
 
 # ---------------------------------------------------------------- reporting

@@ -365,12 +365,13 @@ class Booter:
     log_dir: Path
     boot_times: dict[str, float] = field(default_factory=dict)
     last: VllmServer | None = None
+    progress: list[str] = field(default_factory=list)
 
-    def boot(self, cfg: CapacityConfig, model: Path) -> VllmServer:
+    def boot(self, cfg: CapacityConfig, model: Path, boot_timeout_s: float = BOOT_TIMEOUT_S) -> VllmServer:
         """Boot through ``ServerHandle``: the same path the capacity suite takes."""
         spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=8.0), log_dir=self.log_dir,
-                          command=self.lookup.argv, model=model, boot_timeout_s=BOOT_TIMEOUT_S, hold_s=0.2,
-                          preflight=False)
+                          command=self.lookup.argv, model=model, boot_timeout_s=boot_timeout_s, hold_s=0.2,
+                          preflight=False, progress=self.progress.append)
         server = VllmServer(ServerHandle(spec, HostProbe(8 * 1024)))
         self.last = server
         try:
@@ -404,7 +405,7 @@ def server(request: pytest.FixtureRequest, booter: Booter, hf_model: Path) -> It
     with pytest.MonkeyPatch.context() as mp:
         for key, value in (cls.environ() if hasattr(cls, "environ") else {}).items():
             mp.setenv(key, value)
-        booted = booter.boot(cls.CFG, hf_model)
+        booted = booter.boot(cls.CFG, hf_model, getattr(cls, "BOOT_TIMEOUT_S", BOOT_TIMEOUT_S))
         try:
             yield booted
         finally:
@@ -546,6 +547,15 @@ class TestPrefixOffWithKey:
     CFG = make_cfg(n=2, ctx=1024, kv_cache_memory_bytes=KV_BYTES // 2, enable_prefix_caching=False,
                    api_key_env=KEY_ENV, name="cpu-vllm-n2-ctx1k-nocache")
     SECRET = "sk-test-" + secrets.token_hex(12)
+    #: Far below any vLLM boot on a CPU: readiness must keep waiting while the boot is busy.
+    BOOT_TIMEOUT_S = 1.0
+
+    def test_a_boot_past_its_timeout_is_waited_for_while_busy(self, server: VllmServer, booter: Booter) -> None:
+        """The measured newcomer failure: a first boot still "Waiting for application startup" at the
+        profile's timeout. vLLM's readiness extends the deadline while its log or CPU is busy."""
+        assert server.boot_s is not None and server.boot_s > self.BOOT_TIMEOUT_S
+        notes = [n for n in booter.progress if self.CFG.id in n]
+        assert notes and "still starting" in notes[0], booter.progress
 
     @classmethod
     def environ(cls) -> dict[str, str]:

@@ -36,7 +36,9 @@ import httpx
 from ..matrix import CapacityConfig
 from .base import Backend, CommandLookup, MemoryReport, MetricNames
 from .process import Readiness, ServerError
-from .vllm_log import VllmMemoryReport, cache_config_info, engine_failure, parse_memory_log
+from .vllm_log import (  # noqa: F401 - parsing and the headroom rule are read as vllm.* too
+    VllmMemoryReport, cache_config_info, engine_failure, headroom, kv_capacity_sequences, parse_memory_log,
+)
 
 if TYPE_CHECKING:
     from .handle import LaunchSpec, ServerHandle
@@ -377,34 +379,6 @@ def smoke_check(url: str, served_name: str = DEFAULT_SERVED_NAME, api_key: str |
     if not usage or not usage.get("completion_tokens"):
         return "first request ended without usage (the engine produced no tokens)"
     return None
-
-
-# ---------------------------------------------------------------- headroom on vLLM
-
-def kv_capacity_sequences(report: VllmMemoryReport, cfg: Any) -> float | None:
-    """Concurrent full-length (``ctx``-token) sequences the pre-allocated KV pool holds.
-
-    On vLLM, free memory after load says nothing (the KV pool was sized up front); the question
-    "does N × ctx fit?" is answered by this number ≥ N.
-    """
-    return report.kv_capacity_sequences(cfg.ctx)
-
-
-def headroom(report: VllmMemoryReport, cfg: Any) -> dict[str, Any]:
-    """The headroom verdict for a vLLM config, in the report's own words."""
-    seqs = kv_capacity_sequences(report, cfg)
-    return {
-        "kind": "kv_capacity",
-        "explain": ("vLLM pre-allocates its KV cache, so free memory after load is not headroom; "
-                    "headroom is how many concurrent full-length sequences the KV pool holds vs N"),
-        "kv_capacity_sequences": seqs,
-        "n": cfg.n,
-        "spare_sequences": None if seqs is None else seqs - cfg.n,
-        "ok": None if seqs is None else seqs >= cfg.n,
-        "kv_cache_tokens": report.kv_cache_tokens,
-        "kv_cache_gib": report.kv_cache_gib,
-        "kv_sizing": report.kv_sizing,
-    }
 
 
 #: Gauges and counters a run reports (vLLM name → key).

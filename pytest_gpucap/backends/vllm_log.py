@@ -232,3 +232,29 @@ def engine_failure(log_text: str) -> str | None:
     return lines[-1] if lines else None  # a chained traceback ends with the error actually raised
 
 
+# ---------------------------------------------------------------- headroom on vLLM
+
+def kv_capacity_sequences(report: VllmMemoryReport, cfg: Any) -> float | None:
+    """Concurrent full-length (``ctx``-token) sequences the pre-allocated KV pool holds.
+
+    On vLLM, free memory after load says nothing (the KV pool was sized up front); the question
+    "does N × ctx fit?" is answered by this number ≥ N.
+    """
+    return report.kv_capacity_sequences(cfg.ctx)
+
+
+def headroom(report: VllmMemoryReport, cfg: Any) -> dict[str, Any]:
+    """The headroom verdict for a vLLM config, in the report's own words."""
+    seqs = kv_capacity_sequences(report, cfg)
+    return {
+        "kind": "kv_capacity",
+        "explain": ("vLLM pre-allocates its KV cache, so free memory after load is not headroom; "
+                    "headroom is how many concurrent full-length sequences the KV pool holds vs N"),
+        "kv_capacity_sequences": seqs,
+        "n": cfg.n,
+        "spare_sequences": None if seqs is None else seqs - cfg.n,
+        "ok": None if seqs is None else seqs >= cfg.n,
+        "kv_cache_tokens": report.kv_cache_tokens,
+        "kv_cache_gib": report.kv_cache_gib,
+        "kv_sizing": report.kv_sizing,
+    }

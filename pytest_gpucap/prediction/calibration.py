@@ -113,7 +113,7 @@ def _facts_for(record: Mapping[str, Any], facts: Any) -> ModelFacts | None:
     if model and Path(model).is_file():
         try:
             return read_model_facts(Path(model))
-        except Exception:
+        except (OSError, ValueError, KeyError, IndexError):  # unreadable or unusual GGUF: not calibrated
             return None
     return None
 

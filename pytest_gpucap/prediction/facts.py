@@ -335,5 +335,5 @@ def mmproj_bytes(path: Path) -> int:
         from gguf import GGUFReader
 
         return int(sum(int(t.n_bytes) for t in GGUFReader(path).tensors))
-    except Exception:
+    except (ValueError, KeyError, IndexError, OSError):  # not a GGUF the reader knows: count its bytes
         return path.stat().st_size

@@ -117,11 +117,6 @@ class KvCachePrediction:
         """(size, K, V) exactly as llama-server prints them in MiB."""
         return printed_mib(self.bytes), printed_mib(self.k_bytes), printed_mib(self.v_bytes)
 
-    def log_line(self) -> str:
-        size, k, v = self.printed
-        return (f"llama_kv_cache: size = {size:>7} MiB ({self.cells:6d} cells, {self.layers:3d} layers, "
-                f"{self.seqs:2d}/{self.streams} seqs), K ({self.type_k}): {k:>7} MiB, V ({self.type_v}): {v:>7} MiB")
-
 
 def kv_problems(cfg: CapacityConfig, facts: ModelFacts) -> list[str]:
     """Why llama-server would refuse this cache type at boot (llama_init_from_model checks)."""

@@ -99,20 +99,6 @@ class Prediction:
         }
 
 
-def _headroom_class(free_gib: float, slo: SLO) -> str:
-    """The study's verdict words for predicted free memory.
-
-    A copy of ``pytest_gpucap.verdicts.headroom_class`` (Comfortable at >= 2x the SLO, Marginal at >=
-    the SLO, else Risky), which judges measured free memory: ``verdicts`` sits above this package
-    (it needs pytest), so the rule is repeated here. Change the two together.
-    """
-    if free_gib >= 2 * slo.headroom_gib:
-        return "Comfortable"
-    if free_gib >= slo.headroom_gib:
-        return "Marginal"
-    return "Risky"
-
-
 def predict(cfg: CapacityConfig, facts: ModelFacts, mmproj_bytes: int = 0, compute_mib: float | None = None,
             calibration: Calibration | ProfileCalibration | None = None, profile: HostProfile | None = None,
             baseline_used_mib: float = 0.0, budget_mib: float | None = None) -> Prediction:
@@ -164,7 +150,7 @@ def predict(cfg: CapacityConfig, facts: ModelFacts, mmproj_bytes: int = 0, compu
         free = budget - baseline_used_mib - total
         slo: SLO = profile.slo if profile else SLO()
         slo_gib = slo.headroom_gib
-        verdict = "No fit" if (free < 0 or problems) else _headroom_class(free / 1024, slo)
+        verdict = "No fit" if (free < 0 or problems) else slo.headroom_class(free / 1024)
     cell_bytes = []
     per_tok = kv_bytes_per_token(facts, cfg.cache_type_k, cfg.cache_type_v, lay.flash_attn) if not problems else {}
     for c in caches:

@@ -76,12 +76,6 @@ class RequestRecord:
         d, n = self.decode_s, self.completion_tokens
         return d / (n - 1) if d is not None and n and n > 1 else None
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "chunk_times"}
-        out["error"] = self.error.value if self.error else None
-        out["chunks"] = len(self.chunk_times)
-        return out
-
 
 _SSL_CONTEXT: ssl.SSLContext | None = None
 
