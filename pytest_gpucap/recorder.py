@@ -3,6 +3,7 @@ benchmark entries, the calibration file and the terminal summary (xdist-safe: re
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,27 +11,6 @@ from typing import Any
 import pytest
 
 from . import benchmarks, compare, prediction, provenance, records
-
-
-def summary_line(rec: dict[str, Any]) -> str:
-    """One terminal line per record: the figures and the verdict."""
-    head = f"{rec['config_id']:<28} {rec['kind']:<8} {rec['outcome']:<7}"
-    if rec.get("reason"):
-        return f"{head} {rec['reason']}"
-    if rec["kind"] == "ceiling":
-        mem = rec["memory"]
-        return (f"{head} used {mem['used_after_load_mib']:>8.0f} MiB  free {mem['free_mib']:>8.0f} MiB  "
-                f"boot {rec['boot_s']:>5.2f} s  {rec['headroom_class']}")
-    if rec["kind"] == "workload":
-        m = rec["metrics"]
-        roles = "  ".join(f"{r} p50/p95 {v['p50_s'] or 0:.1f}/{v['p95_s'] or 0:.1f} s" for r, v in m["roles"].items())
-        return (f"{head} {rec['workload']['name']}: {m['agg_tps']:.1f} tok/s agg, {m['per_call_tps']:.1f} per call, "
-                f"turns {m['turns_ok']} ok/{m['turns_failed']} failed  {roles}")
-    if rec["kind"] == "ramp":
-        return f"{head} max clean N {rec['max_clean_n']}, knee {rec['knee_n'] or '-'} (ceiling {rec['ceiling']})"
-    if rec["kind"] == "search":
-        return f"{head} knee {rec['knee'] or '-'} with {rec['boots']} boots of a {rec['grid_size']}-config grid"
-    return head
 
 
 class Recorder:
@@ -44,12 +24,18 @@ class Recorder:
         self.results_path = state.settings.report_dir / "results.jsonl" if state.settings.report_dir else None
         self.regressions: list[compare.Row] | None = None
         self.baseline_error: str | None = None
+        self.previous_error: str | None = None
+        self.section_errors: list[str] = []
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         out = self.results_path
         if out is not None and out.exists() and out.stat().st_size:
-            # The earlier run's records stay readable: the capacity search reuses its measurements.
-            self.state.previous_records = records.read_jsonl(out)
+            # The earlier run's records stay readable: the capacity search reuses its measurements
+            # (not those of another schema version: the search boots those configs again).
+            try:
+                self.state.previous_records = records.read_jsonl(out)
+            except records.SchemaError as exc:
+                self.previous_error = str(exc)
             out.rename(out.with_name(f"results-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -72,6 +58,7 @@ class Recorder:
         report_dir = self.state.settings.report_dir
         if report_dir is not None:
             provenance.write_session(report_dir / "session.json", session.config, self.state.binary_version)
+            self._save_sections(report_dir, session.config)
             if self.state.records:
                 from .report import render_report
 
@@ -82,6 +69,29 @@ class Recorder:
         provenance.github_step_summary(self.state.records, report_dir if self.rendered else None)
         self._save_calibration()
         self._gate(session)
+
+    def _save_sections(self, report_dir: Path, config: pytest.Config) -> None:
+        """Sections from ``pytest_gpucap_report_sections`` hooks, saved beside results.jsonl so the
+        write-up (and a later ``python -m pytest_gpucap report DIR``) shows them."""
+        from .hookspec import ReportSection
+        from .report.render import SECTIONS_NAME
+
+        sections = []
+        for returned in config.hook.pytest_gpucap_report_sections(records=list(self.state.records)):
+            for item in returned or ():
+                if not isinstance(item, ReportSection):
+                    self.section_errors.append(f"pytest_gpucap_report_sections returned {item!r} (not shown): "
+                                               "return a list of pytest_gpucap.ReportSection(title, markdown, html=None)")
+                    continue
+                sections.append({"title": item.title, "markdown": item.markdown, "html": item.html})
+        path = report_dir / SECTIONS_NAME
+        if sections:
+            from .files import write_atomically
+
+            text = json.dumps(sections, indent=1)
+            write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        elif path.exists():
+            path.unlink()
 
     def _gate(self, session: pytest.Session) -> None:
         """With ``--gpucap-baseline``: fail the session when a tracked figure regressed past the threshold."""
@@ -100,7 +110,8 @@ class Recorder:
 
     def _save_calibration(self) -> None:
         path = self.state.settings.calibration_path
-        ceilings = [r for r in self.state.records if r.get("kind") == "ceiling" and r.get("memory")]
+        # The calibration sits below the records layer, so it is handed the measured ceilings' dicts.
+        ceilings = [r for r in self.state.records if isinstance(records.parse(r), records.CeilingRecord)]
         if path is None or not ceilings:
             return
         learned = prediction.calibrate(ceilings)
@@ -110,12 +121,16 @@ class Recorder:
         state = self.state
         if state.swept:
             terminalreporter.write_line(f"gpucap: removed leftover servers of an earlier session: {state.swept}")
+        if self.previous_error:
+            terminalreporter.write_line(f"gpucap: earlier results not reused: {self.previous_error}")
         self._gate_summary(terminalreporter)
+        for line in self.section_errors:
+            terminalreporter.write_line(f"gpucap: {line}", red=True)
         if not state.records:
             return
         terminalreporter.section("gpucap capacity")
         for rec in state.records:
-            terminalreporter.write_line(summary_line(rec))
+            terminalreporter.write_line(records.summary_line(rec))
         if self.results_path is not None:
             terminalreporter.write_line(f"results: {self.results_path}")
         for path in self.rendered:

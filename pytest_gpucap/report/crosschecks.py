@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..records import PredictionPart, QueueTimes, Record
 from . import fmt
-from .tables import Cell, Table, _n, _table, get, measured, of_kind, workload_label
+from .tables import (
+    Cell, Table, _n, _table, ceiling_memory, ident, of_kind, reason_of, workload_label, workload_parts,
+)
+
+NO_PART = PredictionPart.from_dict({})
+NO_QUEUE = QueueTimes.from_dict({})
 
 #: Prediction error within this share of the measured total counts as on target (the issue's goal).
 PREDICTION_GOAL_PCT = 5.0
@@ -33,32 +39,35 @@ def _ratio(value: Any) -> str:
     return fmt.num(value, 3)
 
 
-def _label(rec: dict[str, Any]) -> str:
+def _label(rec: Record) -> str:
     """``config (workload)`` for the sentences under a table."""
-    cid = str(rec.get("config_id", "?"))
-    name = workload_label(str(get(rec, "workload.name", "") or ""), fmt.agents(get(rec, "workload.agents")))
+    cid = ident(rec)
+    w = workload_parts(rec)[0]
+    name = workload_label(str(w.name or ""), fmt.agents(w.agents))
     return f"{cid} ({name})" if name and name != fmt.DASH else cid
 
 
 # ---------------------------------------------------------------- memory prediction
 
-def _kv_match(kv: dict[str, Any]) -> Cell:
+def _kv_match(kv: PredictionPart) -> Cell:
     """Exact when every predicted KV cache line equals the server's printed MiB, else the difference
     (a server that logs no per-cache lines can only be compared on the total)."""
-    if fmt.missing(kv.get("server_mib")):
+    if fmt.missing(kv.server_mib):
         return Cell(fmt.DASH)
-    if kv.get("exact"):
+    if kv.exact:
         return Cell("exact", "ok")
-    diff = fmt.as_float(kv.get("diff_mib"))
-    if not kv.get("lines_server") and diff is not None and abs(diff) < 0.005:
+    diff = fmt.as_float(kv.diff_mib)
+    if not kv.lines_server and diff is not None and abs(diff) < 0.005:
         return Cell("equal total (no per-cache lines logged)", "ok")
     return Cell(f"off by {_signed(diff, 2)} MiB", "bad")
 
 
-def _part(rec: dict[str, Any], name: str) -> dict[str, Any]:
-    """One row of ``memory.prediction_error`` (total, kv, weights, compute); empty when absent."""
-    part = get(rec, f"memory.prediction_error.{name}")
-    return part if isinstance(part, dict) else {}
+def _parts(rec: Record) -> tuple[PredictionPart, PredictionPart]:
+    """The total and KV rows of ``memory.prediction_error``; empty when absent."""
+    err = ceiling_memory(rec).prediction_error
+    if err is None:
+        return NO_PART, NO_PART
+    return err.total or NO_PART, err.kv or NO_PART
 
 
 def _error_cell(pct: float | None) -> Cell:
@@ -67,7 +76,7 @@ def _error_cell(pct: float | None) -> Cell:
     return Cell(_signed(pct, 1, "%"), "num ok" if abs(pct) <= PREDICTION_GOAL_PCT else "num warn")
 
 
-def prediction_table(records: list[dict[str, Any]]) -> Table:
+def prediction_table(records: list[Record]) -> Table:
     """Predicted vs server-reported vs measured total memory per config, and the KV cache agreement."""
     cols = [("Config", False), ("N", True), ("ctx/slot", True), ("Predicted total (MiB)", True),
             ("Server-reported total (MiB)", True), ("Measured (MiB)", True), ("Error (MiB)", True),
@@ -75,22 +84,23 @@ def prediction_table(records: list[dict[str, Any]]) -> Table:
             ("Compute term", False)]
     rows, errors = [], []
     for r in of_kind(records, "ceiling"):
-        pred = get(r, "memory.predicted")
-        if not isinstance(pred, dict):
+        pred = ceiling_memory(r).predicted
+        if pred is None:
             continue
-        total, kv = _part(r, "total"), _part(r, "kv")
-        pct = fmt.as_float(total.get("error_pct"))
+        total, kv = _parts(r)
+        pct = fmt.as_float(total.error_pct)
         if pct is not None:
-            errors.append((abs(pct), pct, str(r.get("config_id", "?"))))
-        source = fmt.text(pred.get("compute_source"))
-        if pred.get("calibrated") and source != "calibrated":
+            errors.append((abs(pct), pct, ident(r)))
+        source = fmt.text(pred.compute_source)
+        if pred.calibrated and source != "calibrated":
             source += " (calibrated)"
+        cfg = r.config  # type: ignore[attr-defined]
         rows.append([
-            Cell(str(r.get("config_id", "?"))), _n(fmt.integer(get(r, "config.n"))),
-            _n(fmt.integer(get(r, "config.ctx"))), _n(fmt.mib(total.get("predicted_mib", pred.get("total_mib")))),
-            _n(fmt.mib(total.get("server_mib"))), _n(fmt.mib(total.get("measured_mib"))),
-            _n(_signed(total.get("error_mib"))), _error_cell(pct),
-            _n(fmt.mib(kv.get("predicted_mib", pred.get("kv_mib")))), _n(fmt.mib(kv.get("server_mib"))),
+            Cell(ident(r)), _n(fmt.integer(cfg.n)), _n(fmt.integer(cfg.ctx)),
+            _n(fmt.mib(pred.total_mib if total.predicted_mib is None else total.predicted_mib)),
+            _n(fmt.mib(total.server_mib)), _n(fmt.mib(total.measured_mib)),
+            _n(_signed(total.error_mib)), _error_cell(pct),
+            _n(fmt.mib(pred.kv_mib if kv.predicted_mib is None else kv.predicted_mib)), _n(fmt.mib(kv.server_mib)),
             _kv_match(kv), Cell(source),
         ])
     table = _table(cols, rows)
@@ -114,24 +124,25 @@ def prediction_table(records: list[dict[str, Any]]) -> Table:
 
 # ---------------------------------------------------------------- client vs server
 
-def crosscheck_table(records: list[dict[str, Any]]) -> Table:
+def crosscheck_table(records: list[Record]) -> Table:
     """The harness's token count and decode rate against the server's own counters, per workload run."""
     cols = [("Config", False), ("Workload", False), ("Client tokens", True), ("Server tokens (timings)", True),
             ("Server tokens (/metrics)", True), ("Token ratio", True), ("/metrics ratio", True),
             ("Decode-rate ratio", True), ("Tokens from", False), ("Client behind", False)]
     rows = []
     for r in of_kind(records, "workload"):
-        cc = get(r, "metrics.crosscheck")
-        if not isinstance(cc, dict):
+        w, m, _ = workload_parts(r)
+        cc = m.crosscheck
+        if cc is None:
             continue
-        behind = bool(cc.get("client_behind"))
-        usage_missing = fmt.as_int(get(r, "metrics.usage_missing")) or 0
+        behind = bool(cc.client_behind)
+        usage_missing = fmt.as_int(m.usage_missing) or 0
         rows.append([
-            Cell(str(r.get("config_id", "?"))), Cell(fmt.text(get(r, "workload.name")), "text"),
-            _n(fmt.integer(cc.get("client_tokens"))), _n(fmt.integer(cc.get("server_timing_tokens") or None)),
-            _n(fmt.integer(cc.get("server_metrics_tokens"))), _n(_ratio(cc.get("token_ratio"))),
-            _n(_ratio(cc.get("metrics_token_ratio"))), _n(_ratio(cc.get("decode_rate_ratio"))),
-            Cell(fmt.text(r.get("tokens_from")), "warn" if usage_missing else ""),
+            Cell(ident(r)), Cell(fmt.text(w.name), "text"),
+            _n(fmt.integer(cc.client_tokens)), _n(fmt.integer(cc.server_timing_tokens or None)),
+            _n(fmt.integer(cc.server_metrics_tokens)), _n(_ratio(cc.token_ratio)),
+            _n(_ratio(cc.metrics_token_ratio)), _n(_ratio(cc.decode_rate_ratio)),
+            Cell(fmt.text(getattr(r, "tokens_from", None)), "warn" if usage_missing else ""),
             Cell("yes" if behind else "no", "bad" if behind else "ok"),
         ])
     table = _table(cols, rows)
@@ -145,50 +156,52 @@ def crosscheck_table(records: list[dict[str, Any]]) -> Table:
     return table
 
 
-def crosscheck_flags(records: list[dict[str, Any]]) -> list[str]:
+def crosscheck_flags(records: list[Record]) -> list[str]:
     """One sentence per run whose figures the cross-check puts in doubt (or could not check)."""
     out = []
     for r in of_kind(records, "workload"):
-        if not measured(r):
+        if not r.measured:
             continue
-        cc = get(r, "metrics.crosscheck")
-        usage_missing = fmt.as_int(get(r, "metrics.usage_missing")) or 0
-        turns_ok = fmt.as_int(get(r, "metrics.turns_ok")) or 0
+        m = workload_parts(r)[1]
+        cc = m.crosscheck
+        usage_missing = fmt.as_int(m.usage_missing) or 0
+        turns_ok = fmt.as_int(m.turns_ok) or 0
         label = _label(r)
         if usage_missing:
             what = "any turn" if usage_missing >= turns_ok else f"{usage_missing} of {turns_ok} turns"
             out.append(f"{label}: the server gave no token usage on {what}: their tokens are not counted, "
                        "so TPS understates the run.")
-        if not isinstance(cc, dict):
+        if cc is None:
             continue
-        if cc.get("client_behind"):
+        if cc.client_behind:
             out.append(f"{label}: client fell behind the server: figures understate it "
-                       f"(decode-rate ratio {_ratio(cc.get('decode_rate_ratio'))}).")
-        ratio = fmt.as_float(cc.get("token_ratio"))
+                       f"(decode-rate ratio {_ratio(cc.decode_rate_ratio)}).")
+        ratio = fmt.as_float(cc.token_ratio)
         if ratio is not None and abs(ratio - 1) > TOKEN_RATIO_TOLERANCE:
             out.append(f"{label}: client and server token counts disagree (ratio {_ratio(ratio)}).")
-        if not cc.get("server_timing_tokens") and fmt.missing(cc.get("server_metrics_tokens")):
+        if not cc.server_timing_tokens and fmt.missing(cc.server_metrics_tokens):
             out.append(f"{label}: the server reported no timings and no token counter: "
                        "the client's figures could not be cross-checked.")
     return out
 
 
-def goodput_table(records: list[dict[str, Any]]) -> Table:
+def goodput_table(records: list[Record]) -> Table:
     """Turns that met every per-turn budget: the throughput that counts under the SLOs."""
     cols = [("Config", False), ("Workload", False), ("Good / finished turns", True), ("Goodput", True),
             ("Good turns/s", True), ("Good tokens/s", True), ("Agg TPS", True)]
     rows = []
     for r in of_kind(records, "workload"):
-        g = get(r, "metrics.goodput")
-        if not isinstance(g, dict):
+        w, m, _ = workload_parts(r)
+        g = m.goodput
+        if g is None:
             continue
-        frac = fmt.as_float(g.get("fraction"))
+        frac = fmt.as_float(g.fraction)
         pct = fmt.DASH if frac is None else f"{100 * frac:.0f}%"
         cls = "num" if frac is None else ("num ok" if frac >= 1 else "num warn")
-        rows.append([Cell(str(r.get("config_id", "?"))), Cell(fmt.text(get(r, "workload.name")), "text"),
-                     _n(f"{fmt.integer(g.get('good_turns'))} / {fmt.integer(g.get('finished_turns'))}"),
-                     Cell(pct, cls), _n(fmt.num(g.get("turns_per_s"), 3)), _n(fmt.tps(g.get("tokens_per_s"))),
-                     _n(fmt.tps(get(r, "metrics.agg_tps")))])
+        rows.append([Cell(ident(r)), Cell(fmt.text(w.name), "text"),
+                     _n(f"{fmt.integer(g.good_turns)} / {fmt.integer(g.finished_turns)}"),
+                     Cell(pct, cls), _n(fmt.num(g.turns_per_s, 3)), _n(fmt.tps(g.tokens_per_s)),
+                     _n(fmt.tps(m.agg_tps))])
     table = _table(cols, rows)
     table.notes = ["A good turn finished without error, within its role's p95 budget (as a per-turn limit) "
                    "and within the TTFT budget; Goodput = good ÷ finished turns; rates are over the run's window."]
@@ -197,17 +210,18 @@ def goodput_table(records: list[dict[str, Any]]) -> Table:
 
 # ---------------------------------------------------------------- roofline
 
-def low_efficiency(records: list[dict[str, Any]]) -> list[str]:
+def low_efficiency(records: list[Record]) -> list[str]:
     """Runs far below the bandwidth roofline: the study's "256K collapse" is not a bandwidth limit."""
     out = []
     for r in of_kind(records, "workload"):
-        eff = fmt.as_float(get(r, "metrics.efficiency"))
+        m = workload_parts(r)[1]
+        eff = fmt.as_float(m.efficiency)
         if eff is None or eff >= LOW_EFFICIENCY:
             continue
-        agg = fmt.as_float(get(r, "metrics.agg_tps"))
-        roof = fmt.tps(get(r, "metrics.roofline_tps"))
+        agg = fmt.as_float(m.agg_tps)
+        roof = fmt.tps(m.roofline_tps)
         text = f"{_label(r)}: {100 * eff:.0f}% of the roofline ({fmt.tps(agg)} of {roof} tok/s)"
-        full = fmt.as_float(get(r, "metrics.roofline_full_slots_tps"))
+        full = fmt.as_float(m.roofline_full_slots_tps)
         if full and agg is not None:
             text += f"; {100 * agg / full:.0f}% of the all-slots-full ceiling ({fmt.tps(full)} tok/s)"
         out.append(text + ".")
@@ -216,35 +230,31 @@ def low_efficiency(records: list[dict[str, Any]]) -> list[str]:
 
 # ---------------------------------------------------------------- vLLM queueing
 
-def _hist(server: dict[str, Any], key: str, q: str) -> Any:
-    h = server.get(key)
-    return h.get(q) if isinstance(h, dict) else None
-
-
-def queueing_table(records: list[dict[str, Any]]) -> Table:
+def queueing_table(records: list[Record]) -> Table:
     """vLLM's own view of a run: offered load above --max-num-seqs shows as waiting, queue time, preemption."""
     cols = [("Config", False), ("Workload", False), ("Queue mean (s)", True), ("Queue p95 (s)", True),
             ("Max waiting", True), ("Waiting time share", True), ("Max running / max-num-seqs", True),
             ("Preemptions", True), ("Max KV usage", True), ("Prefix-cache hits", True), ("Overloaded", False)]
     rows = []
     for r in of_kind(records, "workload"):
-        s = get(r, "metrics.server")
-        if not isinstance(s, dict):
+        w, m, _ = workload_parts(r)
+        s = m.server
+        if s is None:
             continue
-        if not s.get("samples"):
-            over = Cell(f"no /metrics samples ({fmt.integer(s.get('scrape_errors'))} scrape errors)", "warn")
+        if not s.samples:
+            over = Cell(f"no /metrics samples ({fmt.integer(s.scrape_errors)} scrape errors)", "warn")
         else:
-            over = Cell("yes" if s.get("overloaded") else "no", "bad" if s.get("overloaded") else "ok")
-        cap = s.get("max_num_seqs")
-        running = fmt.integer(s.get("max_running")) + (f" / {fmt.integer(cap)}" if not fmt.missing(cap) else "")
-        share, kv, hits = s.get("waiting_fraction"), s.get("max_kv_cache_usage"), s.get("prefix_cache_hit_rate")
+            over = Cell("yes" if s.overloaded else "no", "bad" if s.overloaded else "ok")
+        cap = s.max_num_seqs
+        running = fmt.integer(s.max_running) + (f" / {fmt.integer(cap)}" if not fmt.missing(cap) else "")
+        queue = s.queue_time_s or NO_QUEUE
         rows.append([
-            Cell(str(r.get("config_id", "?"))), Cell(fmt.text(get(r, "workload.name")), "text"),
-            _n(fmt.secs(_hist(s, "queue_time_s", "mean"))), _n(fmt.secs(_hist(s, "queue_time_s", "p95"))),
-            _n(fmt.integer(s.get("max_waiting"))), _n(_share(share)),
-            Cell(running, "num warn" if s.get("running_at_cap") else "num"),
-            Cell(fmt.integer(s.get("preemptions")), "num bad" if s.get("preemptions") else "num"),
-            _n(_share(kv)), _n(_share(hits)), over,
+            Cell(ident(r)), Cell(fmt.text(w.name), "text"),
+            _n(fmt.secs(queue.mean)), _n(fmt.secs(queue.p95)),
+            _n(fmt.integer(s.max_waiting)), _n(_share(s.waiting_fraction)),
+            Cell(running, "num warn" if s.running_at_cap else "num"),
+            Cell(fmt.integer(s.preemptions), "num bad" if s.preemptions else "num"),
+            _n(_share(s.max_kv_cache_usage)), _n(_share(s.prefix_cache_hit_rate)), over,
         ])
     table = _table(cols, rows)
     table.notes = [
@@ -265,17 +275,17 @@ def _share(value: Any) -> str:
 
 # ---------------------------------------------------------------- not measured
 
-def not_measured_table(records: list[dict[str, Any]]) -> Table:
+def not_measured_table(records: list[Record]) -> Table:
     """Configs with no figures (skipped at preflight, boot failed, failed before recording) and why."""
     cols = [("Config", False), ("Tests", False), ("Outcome", False), ("Reason", False)]
     # A config skipped at setup skips every test of it for one reason: one row lists them all.
     groups: dict[tuple[str, str, str], list[str]] = {}
     for r in records:
-        if not isinstance(r, dict) or r.get("kind") not in ("unmeasured", "ceiling") or measured(r):
+        if r.kind not in ("unmeasured", "ceiling") or r.measured:
             continue
-        reason = fmt.text(r.get("reason") or r.get("skip_reason") or r.get("error"))
-        key = (str(r.get("config_id", "?")), str(r.get("outcome") or fmt.DASH), reason)
-        groups.setdefault(key, []).append(fmt.text(r.get("test")))
+        reason = fmt.text(reason_of(r))
+        key = (ident(r), str(r.outcome or fmt.DASH), reason)
+        groups.setdefault(key, []).append(fmt.text(r.test))
     rows = [[Cell(cid), Cell(", ".join(tests), "text"), Cell(outcome, {"failed": "bad", "skipped": "warn"}.get(outcome, "")),
              Cell(reason, "text")] for (cid, outcome, reason), tests in groups.items()]
     return _table(cols, rows)

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..records import Record, workload_name
 from . import fmt
-from .tables import failed_verdicts, get, of_kind, workload_label
+from .tables import (
+    ceiling_memory, failed_verdicts, ident, of_kind, profile_of, reason_of, workload_label, workload_parts,
+)
 
 
 @dataclass(frozen=True)
@@ -42,27 +45,26 @@ class Recommendation:
     losers: list[tuple[str, str]] = field(default_factory=list)
 
 
-def latest(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+def latest(records: list[Record], kind: str) -> list[Record]:
     """The last record per (config, workload): a re-run appended later supersedes the earlier one."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
+    out: dict[tuple[str, str], Record] = {}
     for r in of_kind(records, kind):
-        out[(str(r.get("config_id")), str(get(r, "workload.name", "")))] = r
+        out[(str(r.config_id), workload_name(r))] = r
     return list(out.values())
 
 
-def _failures(rec: dict[str, Any], prefix: str = "") -> list[str]:
+def _failures(rec: Record, prefix: str = "") -> list[str]:
     fails = [prefix + f for f in failed_verdicts(rec)]
-    outcome = rec.get("outcome")
+    outcome = rec.outcome
     if not fails and outcome not in (None, "passed"):
-        reason = rec.get("reason") or rec.get("skip_reason") or rec.get("error")
+        reason = reason_of(rec)
         fails.append(f"{prefix}test {outcome}" + (f" ({reason})" if reason else ""))
     return fails
 
 
-def _candidate(rec: dict[str, Any], failures: list[str], tiebreak: Any) -> Candidate:
-    return Candidate(str(rec.get("config_id", "?")), fmt.as_int(get(rec, "config.n")),
-                     fmt.as_int(get(rec, "config.ctx")), tuple(failures),
-                     fmt.as_float(tiebreak))
+def _candidate(rec: Record, failures: list[str], tiebreak: Any) -> Candidate:
+    cfg = rec.config  # type: ignore[attr-defined]
+    return Candidate(ident(rec), fmt.as_int(cfg.n), fmt.as_int(cfg.ctx), tuple(failures), fmt.as_float(tiebreak))
 
 
 def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str) -> Recommendation:
@@ -85,28 +87,29 @@ def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str
     return rec
 
 
-def recommendations(records: list[dict[str, Any]]) -> list[Recommendation]:
+def recommendations(records: list[Record]) -> list[Recommendation]:
     out: list[Recommendation] = []
-    ceilings = {str(r.get("config_id")): r for r in latest(records, "ceiling")}
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    ceilings = {str(r.config_id): r for r in latest(records, "ceiling")}
+    groups: dict[tuple[str, str], list[Record]] = {}
     for r in latest(records, "workload"):
-        label = workload_label(str(get(r, "workload.name", "") or ""), fmt.agents(get(r, "workload.agents")))
-        groups.setdefault((str(r.get("profile", "")), label), []).append(r)
+        w = workload_parts(r)[0]
+        label = workload_label(str(w.name or ""), fmt.agents(w.agents))
+        groups.setdefault((profile_of(r), label), []).append(r)
     for (profile, label), recs in groups.items():
         cands = []
         for r in recs:
             fails = _failures(r)
-            ceiling = ceilings.get(str(r.get("config_id")))
+            ceiling = ceilings.get(str(r.config_id))
             if ceiling is not None:
                 fails += _failures(ceiling, "ceiling: ")
-            cands.append(_candidate(r, fails, get(r, "metrics.agg_tps")))
+            cands.append(_candidate(r, fails, workload_parts(r)[1].agg_tps))
         out.append(_choose(f"Workload {label} (profile {profile})",
                            "largest N×ctx (then N) whose workload verdicts and memory ceiling verdicts all pass",
                            cands, "aggregate TPS"))
     by_profile: dict[str, list[Candidate]] = {}
     for r in ceilings.values():
-        cand = _candidate(r, _failures(r), get(r, "memory.free_mib"))
-        by_profile.setdefault(str(r.get("profile", "")), []).append(cand)
+        cand = _candidate(r, _failures(r), ceiling_memory(r).free_mib)
+        by_profile.setdefault(profile_of(r), []).append(cand)
     for profile, cands in by_profile.items():
         out.append(_choose(f"Memory ceiling only (profile {profile})",
                            "largest N×ctx (then N) whose ceiling verdicts pass (headroom SLO; on vLLM, "

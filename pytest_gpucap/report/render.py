@@ -16,7 +16,8 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-from ..records import read_jsonl
+from ..records import MeasuredRecord, RampRecord, Record, SchemaError, SearchRecord, as_record, read_records
+from ..verdicts import HEADROOM_CLASSES, HEADROOM_RULE, headroom_bands, judged_by_kv_capacity
 from . import fmt
 from .charts import Chart, to_svg
 from .crosschecks import (
@@ -26,19 +27,22 @@ from .crosschecks import (
 from .recommend import recommendations
 from .scaling import memory_chart, ramp_charts, workload_charts
 from .tables import (
-    ceiling_table, get, is_vllm, kv_table, measured, of_kind, ramp_table, roles_table, scaling_tables, search_table,
-    verdicts_table, workload_table,
+    ceiling_memory, ceiling_table, ident, kv_table, of_kind, profile_of, ramp_table, roles_table, scaling_tables,
+    search_table, verdicts_table, workload_table,
 )
 
 #: Record kinds with a section of their own; any other kind is only counted.
 SHOWN_KINDS = ("ceiling", "workload", "ramp", "search", "unmeasured")
 RESULTS_NAME = "results.jsonl"
 SESSION_NAME = "session.json"
+#: Extra sections from ``pytest_gpucap_report_sections`` hooks, saved so a re-render keeps them.
+SECTIONS_NAME = "sections.json"
 CHART_DIR = "charts"
 
 
 class ReportError(Exception):
-    """Nothing to render (missing or empty results file); the message is one line."""
+    """Nothing to render (missing or empty results file, or one of another schema version); the message
+    is one line."""
 
 
 class MdRaw(str):
@@ -77,11 +81,15 @@ def _environments() -> tuple[Environment, Environment]:
     return md, html
 
 
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """Records from ``results.jsonl`` (torn last line tolerated); ReportError when there are none."""
+def load_records(path: Path) -> list[Record]:
+    """Records from ``results.jsonl`` (torn last line tolerated); ReportError when there are none or
+    the file was written by a schema version this one cannot read."""
     if not path.is_file():
         raise ReportError(f"{path}: no such file (run pytest with --gpucap-report DIR first)")
-    records = [r for r in read_jsonl(path) if isinstance(r, dict)]
+    try:
+        records = read_records(path)
+    except SchemaError as exc:
+        raise ReportError(str(exc)) from None
     if not records:
         raise ReportError(f"{path}: no result records in the file")
     return records
@@ -100,60 +108,80 @@ def load_session(path: Path) -> tuple[dict[str, Any] | None, str]:
     return data, ""
 
 
-def _slo_rules(records: list[dict[str, Any]]) -> list[str]:
+def load_sections(path: Path) -> list[dict[str, Any]]:
+    """Extra sections saved by the session (title, markdown, optional html); none when absent."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: extra report sections unreadable ({exc.__class__.__name__}: {exc})") from None
+    out = []
+    for item in data if isinstance(data, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("title"), str) and isinstance(item.get("markdown"), str):
+            html = item.get("html")
+            out.append({"title": item["title"], "markdown": item["markdown"],
+                        "html": Markup(html) if isinstance(html, str) else None})
+    return out
+
+
+def _slo_rules(records: list[Record]) -> list[str]:
     """The free-memory rule per profile, from measured llama.cpp-style records (vLLM's rule is its own)."""
     seen: dict[tuple[str, Any], None] = {}
     for r in of_kind(records, "ceiling"):
-        if not measured(r) or is_vllm(r):
+        if not r.measured or judged_by_kv_capacity(r):
             continue
-        seen[(str(r.get("profile", "")), fmt.as_float(get(r, "slo.headroom_gib")))] = None
+        seen[(profile_of(r), fmt.as_float(r.slo.headroom_gib))] = None  # type: ignore[attr-defined]
     rules = []
     for profile, slo in seen:
         if slo is None:
             rules.append(f"profile {profile}: no headroom SLO recorded")
             continue
-        rules.append(f"profile {profile}: SLO {fmt.gib(slo)} GiB — Comfortable ≥ {fmt.gib(2 * float(slo))} GiB free, "
-                     f"Marginal ≥ {fmt.gib(slo)} GiB, Risky below")
+        (top, top_gib), (mid, mid_gib), (low, _) = headroom_bands(slo)
+        rules.append(f"profile {profile}: SLO {fmt.gib(slo)} GiB — {top} ≥ {fmt.gib(top_gib)} GiB free, "
+                     f"{mid} ≥ {fmt.gib(mid_gib)} GiB, {low} below")
     return rules
 
 
-def _vllm_notes(records: list[dict[str, Any]]) -> list[str]:
+def _vllm_notes(records: list[Record]) -> list[str]:
     """What "headroom" means on vLLM, said once however many vLLM configs there are."""
     notes: dict[str, None] = {}
     for r in of_kind(records, "ceiling"):
-        if not measured(r) or not is_vllm(r):
+        if not r.measured or not judged_by_kv_capacity(r):
             continue
-        explain = get(r, "memory.kv_headroom.explain")
+        kv = ceiling_memory(r).kv_headroom
+        explain = kv.explain if kv is not None else None
         notes[str(explain) if explain else "vLLM pre-allocates its KV cache, so free memory after load is not "
               "headroom; no KV capacity was recorded for this config"] = None
     if notes:
         notes["vLLM rows: the verdict is KV capacity in concurrent full-length (ctx/slot) sequences ≥ N; "
-              "the Comfortable / Marginal / Risky free-memory class does not apply"] = None
+              f"the {' / '.join(HEADROOM_CLASSES)} free-memory class does not apply"] = None
     return list(notes)
 
 
-def _environment(records: list[dict[str, Any]], session: dict[str, Any] | None) -> dict[str, Any]:
+def _environment(records: list[Record], session: dict[str, Any] | None) -> dict[str, Any]:
+    measured = [r for r in records if isinstance(r, MeasuredRecord)]
     hosts: dict[str, dict[str, Any]] = {}
-    for r in records:
-        host = r.get("host")
+    for r in measured:
+        host = r.host
         if isinstance(host, dict):
             key = json.dumps(host, sort_keys=True, default=str)
             entry = hosts.setdefault(key, {"profiles": [], "facts": sorted((str(k), str(v)) for k, v in host.items())})
-            if str(r.get("profile", "")) not in entry["profiles"]:
-                entry["profiles"].append(str(r.get("profile", "")))
+            if profile_of(r) not in entry["profiles"]:
+                entry["profiles"].append(profile_of(r))
     servers = []
     seen: set[str] = set()
-    for r in records:
-        srv = r.get("server")
-        cid = str(r.get("config_id", "?"))
-        if not isinstance(srv, dict) or cid in seen:
+    for r in measured:
+        srv = r.server
+        cid = ident(r)
+        if srv.absent or cid in seen:
             continue
         seen.add(cid)
-        argv = srv.get("argv") or []
+        argv = srv.argv or []
         servers.append({
-            "config_id": cid, "backend": fmt.text(srv.get("backend")), "version": fmt.text(srv.get("version")),
-            "binary": fmt.text(srv.get("binary")), "model": fmt.text(srv.get("model")),
-            "slots": fmt.integer(srv.get("total_slots")), "n_ctx_slot": fmt.integer(srv.get("n_ctx_slot")),
+            "config_id": cid, "backend": fmt.text(srv.backend), "version": fmt.text(srv.version),
+            "binary": fmt.text(srv.binary), "model": fmt.text(srv.model),
+            "slots": fmt.integer(srv.total_slots), "n_ctx_slot": fmt.integer(srv.n_ctx_slot),
             "argv": shlex.join(str(a) for a in argv) if isinstance(argv, list) else str(argv),
         })
     sess: dict[str, Any] = {}
@@ -170,9 +198,10 @@ def _environment(records: list[dict[str, Any]], session: dict[str, Any] | None) 
     return {"hosts": list(hosts.values()), "servers": servers, "session": sess}
 
 
-def build_context(records: list[dict[str, Any]], session: dict[str, Any] | None = None,
+def build_context(records: list[Record] | list[dict[str, Any]], session: dict[str, Any] | None = None,
                   session_note: str = "") -> tuple[dict[str, Any], list[Chart]]:
     """Everything both templates show, computed once so the Markdown and HTML cannot disagree."""
+    records = [as_record(r) for r in records]
     charts: list[Chart] = []
     mem = memory_chart(records)
     if mem:
@@ -180,24 +209,23 @@ def build_context(records: list[dict[str, Any]], session: dict[str, Any] | None 
     wl_charts = workload_charts(records)
     charts += wl_charts
     ramps = []
-    for i, r in enumerate(of_kind(records, "ramp"), start=1):
+    for i, r in enumerate((r for r in records if isinstance(r, RampRecord)), start=1):
         rc = ramp_charts(r, i)
         charts += rc
-        ramps.append({"config_id": str(r.get("config_id", "?")), "table": ramp_table(r),
-                      "workload": fmt.text(get(r, "workload.name")), "max_clean_n": fmt.integer(r.get("max_clean_n")),
-                      "knee_n": fmt.integer(r.get("knee_n")), "charts": rc, "outcome": fmt.text(r.get("outcome"))})
-    searches = [{"profile": fmt.text(r.get("profile")), "knee": fmt.text(r.get("knee")),
-                  "boots": fmt.integer(r.get("boots")), "grid": fmt.integer(r.get("grid_size")),
-                  "assumption": fmt.text(r.get("assumption")), "table": search_table(r),
-                  "outcome": fmt.text(r.get("outcome"))} for r in of_kind(records, "search")]
+        ramps.append({"config_id": ident(r), "table": ramp_table(r), "max_clean_n": fmt.integer(r.max_clean_n),
+                      "knee_n": fmt.integer(r.knee_n), "charts": rc, "outcome": fmt.text(r.outcome)})
+    searches = [{"profile": fmt.text(r.profile), "knee": fmt.text(r.knee),
+                  "boots": fmt.integer(r.boots), "grid": fmt.integer(r.grid_size),
+                  "assumption": fmt.text(r.assumption), "table": search_table(r),
+                  "outcome": fmt.text(r.outcome)} for r in records if isinstance(r, SearchRecord)]
     kinds: dict[str, int] = {}
     for r in records:
-        kinds[str(r.get("kind"))] = kinds.get(str(r.get("kind")), 0) + 1
-    profiles = sorted({str(r.get("profile", "")) for r in records if r.get("profile")})
+        kinds[str(r.kind)] = kinds.get(str(r.kind), 0) + 1
+    profiles = sorted({str(r.profile) for r in records if r.profile})
     context = {
         "profiles": profiles, "n_records": len(records), "kinds": sorted(kinds.items()),
         "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in SHOWN_KINDS),
-        "searches": searches,
+        "searches": searches, "headroom_rule": HEADROOM_RULE,
         "rounding_note": fmt.ROUNDING_NOTE,
         "ceiling": ceiling_table(records), "slo_rules": _slo_rules(records), "vllm_notes": _vllm_notes(records),
         "kv": kv_table(records), "prediction": prediction_table(records),
@@ -208,7 +236,7 @@ def build_context(records: list[dict[str, Any]], session: dict[str, Any] | None 
         "not_measured": not_measured_table(records), "scaling": scaling_tables(records),
         "memory_chart": mem, "workload_charts": wl_charts, "ramps": ramps,
         "recommendations": recommendations(records), "env": _environment(records, session),
-        "session_note": session_note, "chart_dir": CHART_DIR, "summary": False,
+        "session_note": session_note, "chart_dir": CHART_DIR, "summary": False, "extra_sections": [],
     }
     return context, charts
 
@@ -222,6 +250,7 @@ def render_report(report_dir: Path) -> list[Path]:
     records = load_records(report_dir / RESULTS_NAME)
     session, note = load_session(report_dir / SESSION_NAME)
     context, charts = build_context(records, session, note)
+    context["extra_sections"] = load_sections(report_dir / SECTIONS_NAME)
     svgs = {c.slug: to_svg(c) for c in charts}
     chart_dir = report_dir / CHART_DIR
     chart_dir.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..records import RampRecord, Record
 from . import fmt
 from .charts import Chart, Series, slugify
-from .tables import ceiling_frame, workload_frame, workload_label
+from .tables import ceiling_frame, ident, workload_frame, workload_label
 
 
 def _points(frame: Any, x: str, y: str) -> list[tuple[float, float]]:
@@ -18,7 +19,7 @@ def _points(frame: Any, x: str, y: str) -> list[tuple[float, float]]:
     return pts
 
 
-def memory_chart(records: list[dict[str, Any]]) -> Chart | None:
+def memory_chart(records: list[Record]) -> Chart | None:
     """Used memory after load vs N×ctx, one series per profile and KV type (the slope is KV cost)."""
     df = ceiling_frame(records)
     if df.empty:
@@ -38,7 +39,7 @@ def memory_chart(records: list[dict[str, Any]]) -> Chart | None:
     return chart if chart.has_points() else None
 
 
-def workload_charts(records: list[dict[str, Any]]) -> list[Chart]:
+def workload_charts(records: list[Record]) -> list[Chart]:
     """TPS and latency vs per-slot context at fixed N: one series per (profile, N, workload)."""
     df = workload_frame(records)
     if df.empty:
@@ -60,14 +61,14 @@ def workload_charts(records: list[dict[str, Any]]) -> list[Chart]:
     return [c for c in (tps, lat) if c.has_points()]
 
 
-def ramp_charts(record: dict[str, Any], index: int) -> list[Chart]:
+def ramp_charts(record: RampRecord, index: int) -> list[Chart]:
     """Latency and memory vs N for one ramp record."""
-    steps = [s for s in record.get("steps") or [] if isinstance(s, dict)]
-    cid = str(record.get("config_id", "?"))
+    steps = record.steps
+    cid = ident(record)
     slug = f"ramp-{index}-{slugify(cid)}"
 
     def series(name: str, key: str, dashed: bool = False) -> Series:
-        pts = [(fmt.as_float(s.get("n")), fmt.as_float(s.get(key))) for s in steps]
+        pts = [(fmt.as_float(s.n), fmt.as_float(getattr(s, key))) for s in steps]
         return Series(name, [(x, y) for x, y in pts if x is not None and y is not None], dashed)
 
     lat = Chart(f"{slug}-latency", f"Ramp latency vs N — {cid}", "concurrent agents (N)", "seconds", x_kind="int",

@@ -12,12 +12,20 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ..prediction import is_host_buffer
+from ..records import (
+    CeilingMemory, CeilingRecord, KvHeadroom, RampRecord, Record, SearchRecord, WorkloadInfo, WorkloadMemory, WorkloadMetrics,
+    WorkloadRecord,
+)
+from ..verdicts import HEADROOM_CLASSES, counted_breaches, judged_by_kv_capacity
 from . import fmt
 
-VERDICT_CLASS = {"Comfortable": "ok", "Marginal": "warn", "Risky": "bad"}
+VERDICT_CLASS = dict(zip(HEADROOM_CLASSES, ("ok", "warn", "bad")))
 OUTCOME_CLASS = {"passed": "ok", "failed": "bad", "skipped": "warn"}
 LEAD_ROLE = "Dev"
-FREE_MEMORY_VERDICT = "headroom"  # slo.headroom's name: free memory after load vs the SLO
+#: Stand-ins for the sections of a record that measured nothing (every figure reads as missing).
+NO_CEILING = CeilingMemory.from_dict({})
+NO_METRICS, NO_WORKLOAD, NO_WORKLOAD_MEMORY = (WorkloadMetrics.from_dict({}), WorkloadInfo.from_dict({}),
+                                               WorkloadMemory.from_dict({}))
 
 
 @dataclass(frozen=True)
@@ -41,33 +49,32 @@ class Table:
         return bool(self.rows)
 
 
-def get(record: Any, path: str, default: Any = None) -> Any:
-    """``get(rec, "memory.free_mib")``: nested lookup that tolerates missing levels."""
-    cur = record
-    for key in path.split("."):
-        if not isinstance(cur, dict) or key not in cur:
-            return default
-        cur = cur[key]
-    return cur
+def of_kind(records: Iterable[Record], kind: str) -> list[Record]:
+    """Records of one kind, measured or not (a ceiling test that was skipped is a ``ceiling`` too)."""
+    return [r for r in records if r.kind == kind]
 
 
-def _num(record: Any, path: str) -> float | None:
-    """A recorded figure as a float; None when absent or not a number (a hand-edited or foreign record)."""
-    return fmt.as_float(get(record, path))
+def ident(record: Record) -> str:
+    return "?" if record.config_id is None else str(record.config_id)
 
 
-def of_kind(records: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for r in records if isinstance(r, dict) and r.get("kind") == kind]
+def profile_of(record: Record) -> str:
+    return "" if record.profile is None else str(record.profile)
 
 
-def measured(record: dict[str, Any]) -> bool:
-    """False for a record of a config that ended before measuring (skipped, boot failed): config and reason only."""
-    return isinstance(record.get("memory"), dict) or isinstance(record.get("metrics"), dict)
+def reason_of(record: Record) -> Any:
+    """Why a test did not pass (``skip_reason``/``error``: how records of earlier versions said it)."""
+    return record.reason or record.extra.get("skip_reason") or record.extra.get("error")
 
 
-def is_vllm(record: dict[str, Any]) -> bool:
-    """vLLM pre-allocates its KV pool, so free memory after load is not its headroom."""
-    return get(record, "config.backend") == "vllm" or isinstance(get(record, "memory.kv_headroom"), dict)
+def ceiling_memory(record: Record) -> CeilingMemory:
+    return record.memory if isinstance(record, CeilingRecord) else NO_CEILING
+
+
+def workload_parts(record: Record) -> tuple[WorkloadInfo, WorkloadMetrics, WorkloadMemory]:
+    if isinstance(record, WorkloadRecord):
+        return record.workload, record.metrics, record.memory
+    return NO_WORKLOAD, NO_METRICS, NO_WORKLOAD_MEMORY
 
 
 def _total(n: Any, ctx: Any) -> int | None:
@@ -83,65 +90,63 @@ def _n(v: Any) -> Cell:
     return Cell(v if isinstance(v, str) else str(v), "num")
 
 
-def _outcome(rec: dict[str, Any]) -> Cell:
-    outcome = str(rec.get("outcome") or fmt.DASH)
-    reason = rec.get("reason") or rec.get("skip_reason") or rec.get("error")
+def _outcome(rec: Record) -> Cell:
+    outcome = str(rec.outcome or fmt.DASH)
+    reason = reason_of(rec)
     text = f"{outcome}: {reason}" if reason else outcome
     return Cell(text, OUTCOME_CLASS.get(outcome, ""))
 
 
-def failed_verdicts(rec: dict[str, Any]) -> list[str]:
-    """One phrase per breached verdict, e.g. ``headroom 0.31 GiB below budget 0.50 GiB``."""
+def failed_verdicts(rec: Record) -> list[str]:
+    """One phrase per breach that counts against the config, e.g. ``headroom 0.31 GiB below budget 0.50 GiB``."""
     out = []
-    for v in rec.get("verdicts") or []:
-        if not isinstance(v, dict) or v.get("ok", True):
-            continue
-        if v.get("name") == FREE_MEMORY_VERDICT and is_vllm(rec):
-            continue  # vLLM fills memory by design; its KV-capacity verdict is the headroom check
-        op = "below budget" if v.get("higher_is_better", True) else "above budget"
-        unit = v.get("unit", "")
-        out.append(f"{v.get('name')} {fmt.num(v.get('measured'), 2)} {unit} {op} {fmt.num(v.get('budget'), 2)} {unit}"
+    for v in counted_breaches(rec):
+        op = "below budget" if v.higher_is_better else "above budget"
+        out.append(f"{v.name} {fmt.num(v.measured, 2)} {v.unit} {op} {fmt.num(v.budget, 2)} {v.unit}"
                    .replace("  ", " ").strip())
     return out
 
 
 # ---------------------------------------------------------------- ceiling
 
-def ceiling_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+def ceiling_frame(records: list[Record]) -> pd.DataFrame:
     """One row per ceiling record, numeric columns as recorded."""
     rows = []
     for r in of_kind(records, "ceiling"):
-        n, ctx = fmt.as_int(get(r, "config.n")), fmt.as_int(get(r, "config.ctx"))
-        rep = get(r, "memory.server_report")
-        rep = rep if isinstance(rep, dict) else {}
+        cfg, mem = r.config, ceiling_memory(r)  # type: ignore[attr-defined]
+        n, ctx = fmt.as_int(cfg.n), fmt.as_int(cfg.ctx)
+        rep = mem.server_report
+        measured_rec = r if isinstance(r, CeilingRecord) else None
         rows.append({
-            "config_id": str(r.get("config_id", "?")), "profile": str(r.get("profile", "")),
+            "config_id": ident(r), "profile": profile_of(r),
             "n": n, "ctx": ctx, "total_ctx": _total(n, ctx),
-            "cache_k": get(r, "config.cache_type_k"), "cache_v": get(r, "config.cache_type_v"),
-            "mmproj": bool(get(r, "config.mmproj", False)),
-            "probe": get(r, "memory.probe"),
-            "used": _num(r, "memory.used_after_load_mib"), "free": _num(r, "memory.free_mib"),
-            "baseline": _num(r, "memory.baseline_used_mib"), "boot": fmt.as_float(r.get("boot_s")),
-            "headroom_class": r.get("headroom_class"), "slo": _num(r, "slo.headroom_gib"),
-            "kv_per_slot": _num(r, "memory.kv_per_slot_mib"),
-            "predicted": _num(r, "memory.predicted_kv_per_slot_mib"),
-            "model_map": rep.get("model_mib"), "kv_map": rep.get("kv_buffer_mib"),
-            "compute_map": rep.get("compute_mib"), "output_map": rep.get("output_mib"),
-            "vllm": is_vllm(r), "kv_headroom": get(r, "memory.kv_headroom"), "measured": measured(r),
+            "cache_k": cfg.cache_type_k, "cache_v": cfg.cache_type_v,
+            "mmproj": bool(cfg.mmproj),
+            "probe": mem.probe,
+            "used": fmt.as_float(mem.used_after_load_mib), "free": fmt.as_float(mem.free_mib),
+            "baseline": fmt.as_float(mem.baseline_used_mib),
+            "boot": fmt.as_float(measured_rec.boot_s) if measured_rec else None,
+            "headroom_class": measured_rec.headroom_class if measured_rec else None,
+            "slo": fmt.as_float(measured_rec.slo.headroom_gib) if measured_rec else None,
+            "kv_per_slot": fmt.as_float(mem.kv_per_slot_mib),
+            "predicted": fmt.as_float(mem.predicted_kv_per_slot_mib),
+            "model_map": rep.model_mib, "kv_map": rep.kv_buffer_mib,
+            "compute_map": rep.compute_mib, "output_map": rep.output_mib,
+            "vllm": judged_by_kv_capacity(r), "kv_headroom": mem.kv_headroom, "measured": r.measured,
             "record": r,
         })
     return pd.DataFrame(rows)
 
 
-def kv_capacity_text(kv_headroom: Any, n: Any) -> Cell:
+def kv_capacity_text(kv_headroom: KvHeadroom | None, n: Any) -> Cell:
     """vLLM's headroom in its own terms: how many full-length sequences the pre-allocated KV pool holds vs N."""
-    if not isinstance(kv_headroom, dict):
+    if not isinstance(kv_headroom, KvHeadroom):  # None, or NaN once it passed through a frame
         return Cell(fmt.DASH)
-    seqs = kv_headroom.get("kv_capacity_sequences")
-    n = kv_headroom.get("n", n)
+    seqs = kv_headroom.kv_capacity_sequences
+    n = n if kv_headroom.n is None else kv_headroom.n
     if fmt.missing(seqs):
         return Cell(f"KV capacity not reported (N={fmt.integer(n)})", "warn")
-    ok = kv_headroom.get("ok")
+    ok = kv_headroom.ok
     cls = "" if ok is None else ("ok" if ok else "bad")
     return Cell(f"KV pool holds {fmt.num(seqs)} full-length sequences for N={fmt.integer(n)}", cls)
 
@@ -154,7 +159,7 @@ def _headroom_cells(row: Any) -> list[Cell]:
     return [_n(fmt.gib(row.slo)), Cell(verdict, VERDICT_CLASS.get(verdict, ""))]
 
 
-def ceiling_table(records: list[dict[str, Any]]) -> Table:
+def ceiling_table(records: list[Record]) -> Table:
     df = ceiling_frame(records)
     cols = [("Config", False), ("N", True), ("ctx/slot", True), ("total ctx", True),
             ("Used after load (MiB)", True), ("Free (MiB)", True), ("Boot (s)", True),
@@ -177,7 +182,7 @@ def _device_sum(mapping: Any, gpu_only: bool) -> float:
 
 
 
-def kv_table(records: list[dict[str, Any]]) -> Table:
+def kv_table(records: list[Record]) -> Table:
     """Per-slot KV: theoretical vs server-reported vs measured, plus the server's own breakdown."""
     df = ceiling_frame(records)
     cols = [("Config", False), ("N", True), ("ctx/slot", True), ("KV type (K/V)", False),
@@ -233,25 +238,28 @@ def kv_table(records: list[dict[str, Any]]) -> Table:
 
 # ---------------------------------------------------------------- workload
 
-def workload_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+def workload_frame(records: list[Record]) -> pd.DataFrame:
     rows = []
     for r in of_kind(records, "workload"):
-        n, ctx = fmt.as_int(get(r, "config.n")), fmt.as_int(get(r, "config.ctx"))
-        errors = get(r, "metrics.errors") or {}
+        cfg = r.config  # type: ignore[attr-defined]
+        w, m, mem = workload_parts(r)
+        n, ctx = fmt.as_int(cfg.n), fmt.as_int(cfg.ctx)
+        errors = m.errors or {}
+        lead = m.roles.get(LEAD_ROLE)
         rows.append({
-            "config_id": str(r.get("config_id", "?")), "profile": str(r.get("profile", "")),
+            "config_id": ident(r), "profile": profile_of(r),
             "n": n, "ctx": ctx, "total_ctx": _total(n, ctx),
-            "workload": str(get(r, "workload.name", "") or ""), "agents": fmt.agents(get(r, "workload.agents")),
-            "agg_tps": _num(r, "metrics.agg_tps"), "per_call_tps": _num(r, "metrics.per_call_tps"),
-            "ttft_p50": _num(r, "metrics.ttft_s.p50"), "ttft_p95": _num(r, "metrics.ttft_s.p95"),
-            "e2e_p50": _num(r, "metrics.e2e_s.p50"), "e2e_p95": _num(r, "metrics.e2e_s.p95"),
-            "lead_p50": _num(r, f"metrics.roles.{LEAD_ROLE}.p50_s"),
-            "lead_p95": _num(r, f"metrics.roles.{LEAD_ROLE}.p95_s"),
-            "turns_ok": _num(r, "metrics.turns_ok"), "turns_failed": _num(r, "metrics.turns_failed"),
+            "workload": str(w.name or ""), "agents": fmt.agents(w.agents),
+            "agg_tps": fmt.as_float(m.agg_tps), "per_call_tps": fmt.as_float(m.per_call_tps),
+            "ttft_p50": fmt.as_float(m.ttft_s.p50), "ttft_p95": fmt.as_float(m.ttft_s.p95),
+            "e2e_p50": fmt.as_float(m.e2e_s.p50), "e2e_p95": fmt.as_float(m.e2e_s.p95),
+            "lead_p50": fmt.as_float(lead.p50_s) if lead else None,
+            "lead_p95": fmt.as_float(lead.p95_s) if lead else None,
+            "turns_ok": fmt.as_float(m.turns_ok), "turns_failed": fmt.as_float(m.turns_failed),
             "errors": ", ".join(f"{k} {v}" for k, v in sorted(errors.items()) if v) if isinstance(errors, dict) else "",
-            "free_at_boot": _num(r, "memory.free_at_boot_mib"), "min_free": _num(r, "memory.min_free_mib"),
-            "duration": _num(r, "workload.duration_s"), "record": r,
-            "roofline": _num(r, "metrics.roofline_tps"), "efficiency": _num(r, "metrics.efficiency"),
+            "free_at_boot": fmt.as_float(mem.free_at_boot_mib), "min_free": fmt.as_float(mem.min_free_mib),
+            "duration": fmt.as_float(w.duration_s), "record": r,
+            "roofline": fmt.as_float(m.roofline_tps), "efficiency": fmt.as_float(m.efficiency),
         })
     return pd.DataFrame(rows)
 
@@ -270,7 +278,7 @@ def workload_label(name: str, agents: str) -> str:
     return name or agents
 
 
-def workload_table(records: list[dict[str, Any]]) -> Table:
+def workload_table(records: list[Record]) -> Table:
     df = workload_frame(records)
     cols = [("Config", False), ("Slots", True), ("ctx/slot", True), ("Workload", False), ("Agg TPS", True),
             ("Roofline TPS", True), ("Efficiency", True),
@@ -294,42 +302,36 @@ def workload_table(records: list[dict[str, Any]]) -> Table:
     return _table(cols, rows)
 
 
-def verdicts_table(records: list[dict[str, Any]]) -> Table:
+def verdicts_table(records: list[Record]) -> Table:
     """Every SLO verdict of the workload records: measured vs budget, margin, ok or breach."""
     cols = [("Config", False), ("Workload", False), ("SLO", False), ("Measured", True), ("Budget", True),
             ("Margin", True), ("Unit", False), ("Result", False)]
     rows = []
     for r in of_kind(records, "workload"):
-        for v in r.get("verdicts") or []:
-            if not isinstance(v, dict):
-                continue
-            op = "≥" if v.get("higher_is_better", True) else "≤"
-            ok = bool(v.get("ok"))
-            rows.append([Cell(str(r.get("config_id", "?"))), Cell(fmt.text(get(r, "workload.name"))),
-                         Cell(fmt.text(v.get("name"))), _n(fmt.num(v.get("measured"), 2)),
-                         _n(f"{op} {fmt.num(v.get('budget'), 2)}"), _n(fmt.num(v.get("margin"), 2)),
-                         Cell(fmt.text(v.get("unit"))), Cell("ok" if ok else "BREACH", "ok" if ok else "bad")])
+        name = fmt.text(workload_parts(r)[0].name)
+        for v in getattr(r, "verdicts", ()):
+            op = "≥" if v.higher_is_better else "≤"
+            rows.append([Cell(ident(r)), Cell(name), Cell(fmt.text(v.name)), _n(fmt.num(v.measured, 2)),
+                         _n(f"{op} {fmt.num(v.budget, 2)}"), _n(fmt.num(v.margin, 2)),
+                         Cell(fmt.text(v.unit)), Cell("ok" if v.ok else "BREACH", "ok" if v.ok else "bad")])
     return _table(cols, rows)
 
 
-def roles_table(records: list[dict[str, Any]]) -> Table:
+def roles_table(records: list[Record]) -> Table:
     cols = [("Config", False), ("Workload", False), ("Role", False), ("p50 (s)", True), ("p95 (s)", True),
             ("Turns ok", True), ("Turns failed", True), ("TPS", True)]
     rows = []
     for r in of_kind(records, "workload"):
-        roles = get(r, "metrics.roles") or {}
-        if not isinstance(roles, dict):
-            continue
-        for role, m in roles.items():
-            m = m if isinstance(m, dict) else {}
-            rows.append([Cell(str(r.get("config_id", "?"))), Cell(str(get(r, "workload.name", "") or fmt.DASH)),
-                         Cell(str(role)), _n(fmt.secs(m.get("p50_s"))), _n(fmt.secs(m.get("p95_s"))),
-                         _n(fmt.integer(m.get("turns_ok"))), _n(fmt.integer(m.get("turns_failed"))),
-                         _n(fmt.tps(m.get("tps")))])
+        w, metrics, _ = workload_parts(r)
+        for role, m in metrics.roles.items():
+            rows.append([Cell(ident(r)), Cell(str(w.name or fmt.DASH)),
+                         Cell(str(role)), _n(fmt.secs(m.p50_s)), _n(fmt.secs(m.p95_s)),
+                         _n(fmt.integer(m.turns_ok)), _n(fmt.integer(m.turns_failed)),
+                         _n(fmt.tps(m.tps))])
     return _table(cols, rows)
 
 
-def scaling_tables(records: list[dict[str, Any]]) -> list[tuple[str, Table]]:
+def scaling_tables(records: list[Record]) -> list[tuple[str, Table]]:
     """Per (profile, N, workload) with ≥ 2 context sizes: the reference's 'scaling curve' table."""
     df = workload_frame(records)
     out: list[tuple[str, Table]] = []
@@ -357,42 +359,38 @@ def scaling_tables(records: list[dict[str, Any]]) -> list[tuple[str, Table]]:
 
 # ---------------------------------------------------------------- ramp
 
-def ramp_table(record: dict[str, Any]) -> Table:
+def ramp_table(record: RampRecord) -> Table:
     cols = [("N", True), ("Turns ok", True), ("Errors", True), ("TTFT p50 (s)", True), ("TTFT p95 (s)", True),
             ("Turn p50 (s)", True), ("Turn p95 (s)", True), ("Server RSS (MiB)", True),
             ("Device used (MiB)", True), ("", False)]
-    knee, clean = record.get("knee_n"), record.get("max_clean_n")
+    knee, clean = record.knee_n, record.max_clean_n
     rows = []
-    for s in record.get("steps") or []:
-        if not isinstance(s, dict):
-            continue
+    for s in record.steps:
         marks = []
-        if s.get("n") == clean:
+        if s.n == clean:
             marks.append("max clean N")
-        if s.get("n") == knee:
+        if s.n == knee:
             marks.append("knee")
-        rows.append([_n(fmt.integer(s.get("n"))), _n(fmt.integer(s.get("ok"))),
-                     Cell(fmt.integer(s.get("errors")), "num bad" if s.get("errors") else "num"),
-                     _n(fmt.secs(s.get("ttft_p50_s"))), _n(fmt.secs(s.get("ttft_p95_s"))),
-                     _n(fmt.secs(s.get("turn_p50_s"))), _n(fmt.secs(s.get("turn_p95_s"))),
-                     _n(fmt.mib(s.get("server_rss_mib"))), _n(fmt.mib(s.get("device_used_mib"))),
+        rows.append([_n(fmt.integer(s.n)), _n(fmt.integer(s.ok)),
+                     Cell(fmt.integer(s.errors), "num bad" if s.errors else "num"),
+                     _n(fmt.secs(s.ttft_p50_s)), _n(fmt.secs(s.ttft_p95_s)),
+                     _n(fmt.secs(s.turn_p50_s)), _n(fmt.secs(s.turn_p95_s)),
+                     _n(fmt.mib(s.server_rss_mib)), _n(fmt.mib(s.device_used_mib)),
                      Cell(", ".join(marks), "warn" if "knee" in marks else "")])
     return _table(cols, rows)
 
 
-def search_table(record: dict[str, Any]) -> Table:
+def search_table(record: SearchRecord) -> Table:
     """Every probe of a capacity search: how it was decided (predicted, booted, known) and why."""
     cols = [("Config", False), ("N", True), ("ctx/slot", True), ("KV type", False), ("Decided by", False),
             ("Predicted free (MiB)", True), ("Boot #", True), ("Why", False)]
-    knee = record.get("knee")
+    knee = record.knee
     rows = []
-    for p in record.get("probes") or []:
-        if not isinstance(p, dict):
-            continue
-        status = str(p.get("status", ""))
-        css = "good" if p.get("config_id") == knee else ("bad" if "fail" in status or "no-fit" in status else "")
-        rows.append([Cell(str(p.get("config_id", "?")), css), _n(fmt.integer(p.get("n"))),
-                     _n(fmt.integer(p.get("ctx"))), Cell(fmt.text(p.get("cache_type"))), Cell(status),
-                     _n(fmt.mib(p.get("predicted_free_mib"))), _n(fmt.integer(p.get("boot_order"))),
-                     Cell(fmt.text(p.get("reason")), "text")])
+    for p in record.probes:
+        status = "" if p.status is None else str(p.status)
+        css = "good" if p.config_id == knee else ("bad" if "fail" in status or "no-fit" in status else "")
+        rows.append([Cell("?" if p.config_id is None else str(p.config_id), css), _n(fmt.integer(p.n)),
+                     _n(fmt.integer(p.ctx)), Cell(fmt.text(p.cache_type)), Cell(status),
+                     _n(fmt.mib(p.predicted_free_mib)), _n(fmt.integer(p.boot_order)),
+                     Cell(fmt.text(p.reason), "text")])
     return _table(cols, rows)
