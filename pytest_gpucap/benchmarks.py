@@ -9,14 +9,14 @@ regression is an increase like every other entry). Memory figures travel in ``ex
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Mapping
 
 import pytest
 
-from .records import headline, record_name
+from .records import Record, as_record, headline, record_name
 
 
-def _time_like(record: dict[str, Any]) -> dict[str, float]:
+def _time_like(record: Record) -> dict[str, float]:
     figures = headline(record)
     out = {k: v for k, v in figures.items() if k.endswith("_s")}
     if figures.get("agg_tps"):
@@ -24,7 +24,7 @@ def _time_like(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def add_record(config: pytest.Config, record: dict[str, Any]) -> int:
+def add_record(config: pytest.Config, record: Record | Mapping[str, Any]) -> int:
     """Append one benchmark entry per time-like figure of ``record``; returns how many were added."""
     session = getattr(config, "_benchmarksession", None)
     if session is None or getattr(session, "disabled", False):
@@ -36,12 +36,13 @@ def add_record(config: pytest.Config, record: dict[str, Any]) -> int:
     except ImportError:  # pragma: no cover - pytest-benchmark is a dependency
         return 0
     added = 0
+    record = as_record(record)
     extra = {k: v for k, v in headline(record).items() if not k.endswith("_s")}
     for metric, value in _time_like(record).items():
         name = f"gpucap[{record_name(record)}::{metric}]"
-        fixture = SimpleNamespace(name=name, fullname=f"{record['test']}::{metric}", group=f"gpucap {metric}",
-                                  param=record["config_id"], params={"config": record["config_id"]},
-                                  extra_info={"outcome": record.get("outcome"), **extra},
+        fixture = SimpleNamespace(name=name, fullname=f"{record.test}::{metric}", group=f"gpucap {metric}",
+                                  param=record.config_id, params={"config": record.config_id},
+                                  extra_info={"outcome": record.outcome, **extra},
                                   cprofile_stats=None, has_error=False)
         meta = Metadata(fixture, iterations=1, options={"source": "pytest-gpucap"})
         meta.stats.update(value)

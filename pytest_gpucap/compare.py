@@ -11,22 +11,15 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from .records import read_jsonl
+from .records import TRACKED, Figure, Record, SchemaError, as_record, read_jsonl, workload_name
 
 DEFAULT_THRESHOLD_PCT = 5.0
 
-# kind -> (metric name, record path, higher is better)
-TRACKED: dict[str, tuple[tuple[str, str, bool], ...]] = {
-    "ceiling": (("used_after_load_mib", "memory.used_after_load_mib", False),
-                ("free_mib", "memory.free_mib", True),
-                ("boot_s", "boot_s", False)),
-    "workload": (("agg_tps", "metrics.agg_tps", True),
-                 ("per_call_tps", "metrics.per_call_tps", True),
-                 ("e2e_p95_s", "metrics.e2e_s.p95", False)),
-    "ramp": (("max_clean_n", "max_clean_n", True),),
-}
+#: The figures the gate judges: the tracked figures (``records.TRACKED``) marked ``gated``.
+GATED: tuple[Figure, ...] = tuple(f for f in TRACKED if f.gated)
+KINDS = tuple(dict.fromkeys(f.kind for f in GATED))
 
 
 class CompareError(Exception):
@@ -85,33 +78,20 @@ class Row:
         return "better" if self.delta else ""
 
 
-def _get(record: dict[str, Any], path: str) -> float | None:
-    cur: Any = record
-    for key in path.split("."):
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(key)
-    if isinstance(cur, bool) or not isinstance(cur, (int, float)) or math.isnan(cur):
-        return None
-    return float(cur)
+def _key(record: Record) -> tuple[str, str, str]:
+    return record.kind, str(record.config_id), workload_name(record)
 
 
-def _key(record: dict[str, Any]) -> tuple[str, str, str]:
-    workload = record.get("workload")
-    name = workload.get("name", "") if isinstance(workload, dict) else ""
-    return str(record.get("kind")), str(record.get("config_id")), str(name or "")
-
-
-def _latest(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+def _latest(records: Iterable[Record | Mapping[str, Any]]) -> dict[tuple[str, str, str], Record]:
     """Last record per (kind, config, workload): a re-run appended later supersedes the earlier one."""
-    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    out: dict[tuple[str, str, str], Record] = {}
     for r in records:
-        if isinstance(r, dict) and r.get("kind") in TRACKED:
-            out[_key(r)] = r
+        if isinstance(r, (Record, Mapping)) and (rec := as_record(r)).kind in KINDS:
+            out[_key(rec)] = rec
     return out
 
 
-def compare_records(old: list[dict[str, Any]], new: list[dict[str, Any]],
+def compare_records(old: list[Record | Mapping[str, Any]], new: list[Record | Mapping[str, Any]],
                     threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> tuple[list[Row], list[Row]]:
     """All metric rows (old order, then configs only in new) and the rows that regressed past the threshold."""
     a, b = _latest(old), _latest(new)
@@ -119,19 +99,23 @@ def compare_records(old: list[dict[str, Any]], new: list[dict[str, Any]],
     for key in [*a, *(k for k in b if k not in a)]:
         kind, cid, workload = key
         ra, rb = a.get(key), b.get(key)
-        for metric, path, higher in TRACKED[kind]:
-            rows.append(Row(kind, cid, workload, metric, _get(ra, path) if ra else None,
-                            _get(rb, path) if rb else None, higher, threshold_pct))
+        for fig in (f for f in GATED if f.kind == kind):
+            rows.append(Row(kind, cid, workload, fig.name, fig.values(ra)[fig.name] if ra else None,
+                            fig.values(rb)[fig.name] if rb else None, fig.higher_is_better, threshold_pct))
     return rows, [r for r in rows if r.regression]
 
 
 def load(path: Path) -> list[dict[str, Any]]:
-    """Records from a results.jsonl, or from DIR/results.jsonl when given a directory."""
+    """Record dicts from a results.jsonl, or from DIR/results.jsonl when given a directory (one line
+    naming the file and the version when it was written by another schema version)."""
     path = Path(path)
     file = path / "results.jsonl" if path.is_dir() else path
     if not file.is_file():
         raise CompareError(f"{file}: no such file (pass a results.jsonl or the report directory holding one)")
-    records = [r for r in read_jsonl(file) if isinstance(r, dict)]
+    try:
+        records = read_jsonl(file)
+    except SchemaError as exc:
+        raise CompareError(str(exc)) from None
     if not records:
         raise CompareError(f"{file}: no result records in the file")
     return records

@@ -11,9 +11,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from .matrix import SLO, Workload
-from .records import header, verdict_dicts
-from .backends import ServerHandle
-from .verdicts import Verdict, assert_slos, goodput, workload_verdicts
+from .records import (
+    RampRecord, RampStep, SloBudgets, Verdict, WorkloadInfo, WorkloadMemory, WorkloadMetrics, WorkloadRecord,
+    header, parse,
+)
+from .backends import ServerError, ServerHandle
+from .verdicts import assert_slos, goodput, workload_verdicts
 from .workload import runner
 from .workload.metrics import server_crosscheck
 from .workload.poller import MetricsPoller
@@ -23,7 +26,8 @@ from .workload.roles import BUILTIN_WORKFLOWS, Role, resolve_workflow, scale
 
 @dataclass
 class WorkloadResult:
-    """Metrics, verdicts and the record of one load run."""
+    """Metrics, verdicts and the record of one load run (``record`` is the JSON dict written to
+    results.jsonl; ``typed`` the same record as a ``WorkloadRecord``)."""
 
     record: dict[str, Any]
     verdicts: list[Verdict]
@@ -32,6 +36,10 @@ class WorkloadResult:
     @property
     def metrics(self) -> dict[str, Any]:
         return self.record["metrics"]
+
+    @property
+    def typed(self) -> WorkloadRecord:
+        return parse(self.record)  # type: ignore[return-value]
 
     def assert_slos(self) -> None:
         assert_slos(self.verdicts, f"{self.record['config_id']} {self.record['workload']['name']}")
@@ -77,7 +85,7 @@ class Harness:
     def _abort(self) -> str | None:
         try:
             self.handle.check_alive()
-        except BaseException as exc:  # ServerError is pytest's Failed outcome
+        except ServerError as exc:  # died or stopped by the watchdog: the run ends with this reason
             return str(exc)
         return None
 
@@ -87,49 +95,46 @@ class Harness:
 
     def _finish(self, name: str, agents: list[str], res: runner.RunResult, verdicts_extra: list[Verdict] = (),
                 **extra: Any) -> WorkloadResult:
-        metrics = res.summary()
-        metrics["crosscheck"] = server_crosscheck(res.records, res.measure_from, res.server_metrics_before,
+        summary = res.summary()
+        summary["crosscheck"] = server_crosscheck(res.records, res.measure_from, res.server_metrics_before,
                                                   res.server_metrics_after,
                                                   self.handle.backend.metrics.generated_tokens)
-        metrics["compactions"], metrics["clipped_turns"] = res.compactions, res.clipped_turns
-        metrics.update(self._roofline(res, metrics["agg_tps"]))
-        metrics["goodput"] = goodput(res.records, self.slo, res.measure_from)
+        summary["compactions"], summary["clipped_turns"] = res.compactions, res.clipped_turns
+        summary.update(self._roofline(res, summary["agg_tps"]))
+        summary["goodput"] = goodput(res.records, self.slo, res.measure_from)
         poller = extra.pop("poller", None)
         if poller is not None:
-            server = poller.summary(res.started, res.ended, max_num_seqs=self.handle.config.n)
-            metrics["server"] = server
-            q95 = (server.get("queue_time_s") or {}).get("p95")
-            if self.slo.queue_p95_s is not None and q95 is not None:
-                verdicts_extra = [*verdicts_extra, Verdict("server queue time p95", q95, self.slo.queue_p95_s, "s",
-                                                           higher_is_better=False)]
+            summary["server"] = poller.summary(res.started, res.ended, max_num_seqs=self.handle.config.n)
+        metrics = WorkloadMetrics.from_dict(summary)
         verdicts = workload_verdicts(metrics, self.slo) + list(verdicts_extra)
         tl = self.handle.sampler.timeline if self.handle.sampler else None
         window = [s for s in (tl.samples if tl else []) if res.started <= s.t <= res.ended]
-        record = header(self.handle, self.test_id, "workload") | {
-            "workload": {"name": name, "agents": agents, "duration_s": self.settings.duration_s,
-                         "warmup_s": self.settings.warmup_s, "token_scale": self.settings.token_scale,
-                         "cadence_scale": self.settings.cadence_scale, "rtt_s": self.settings.rtt_s,
-                         "seed": self.settings.seed, "chars_per_token": self.chars_per_token,
-                         "calibration": self._cpt[1] if self._cpt else None, **extra},
-            "metrics": metrics,
-            "memory": {
-                "free_at_boot_mib": self.handle.after_load.device.free_mib if self.handle.after_load else None,
-                "min_free_mib": min((s.device.free_mib for s in window), default=None),
-                "peak_server_rss_mib": max((s.server_rss_mib or 0 for s in window), default=None),
-            },
-            "aborted": res.aborted,
-            "tokens_from": "server usage" if metrics["usage_missing"] == 0 else
-                           f"server usage missing on {metrics['usage_missing']} turns",
-            "slo": _slo_dict(self.slo),
-            "verdicts": verdict_dicts(verdicts),
-        }
+        typed = WorkloadRecord(
+            **header(self.handle, self.test_id),
+            workload=WorkloadInfo(name=name, agents=agents, duration_s=self.settings.duration_s,
+                                  warmup_s=self.settings.warmup_s, token_scale=self.settings.token_scale,
+                                  cadence_scale=self.settings.cadence_scale, rtt_s=self.settings.rtt_s,
+                                  seed=self.settings.seed, chars_per_token=self.chars_per_token,
+                                  calibration=self._cpt[1] if self._cpt else None, extra=extra),
+            metrics=metrics,
+            memory=WorkloadMemory(
+                free_at_boot_mib=self.handle.after_load.device.free_mib if self.handle.after_load else None,
+                min_free_mib=min((s.device.free_mib for s in window), default=None),
+                peak_server_rss_mib=max((s.server_rss_mib or 0 for s in window), default=None)),
+            aborted=res.aborted,
+            tokens_from="server usage" if metrics.usage_missing == 0 else
+                        f"server usage missing on {metrics.usage_missing} turns",
+            slo=SloBudgets.of(self.slo),
+            verdicts=tuple(verdicts),
+        )
+        record = typed.to_dict()
         self._record(record)
         result = WorkloadResult(record, verdicts, res)
         if res.aborted:
             from .backends import ServerError
 
-            raise ServerError(f"workload {name} on {self.handle.config.id} stopped after {metrics['turns_ok']} "
-                              f"turns ok, {metrics['turns_failed']} failed (all recorded): {res.aborted}")
+            raise ServerError(f"workload {name} on {self.handle.config.id} stopped after {metrics.turns_ok} "
+                              f"turns ok, {metrics.turns_failed} failed (all recorded): {res.aborted}")
         return result
 
     def _roofline(self, res: runner.RunResult, agg_tps: float) -> dict[str, Any]:
@@ -202,11 +207,16 @@ class Harness:
         result = runner.run(runner.run_ramp(self.handle.url, self.settings, self.chars_per_token, memory,
                                             self.slo.ramp_p95_s, abort=self._abort, progress=self.progress,
                                             **self.client_kw))
-        record = header(self.handle, self.test_id, "ramp") | result | {
-            "ceiling": self.settings.ramp_ceiling, "context_tokens": self.settings.ramp_context_tokens,
-            "max_tokens": self.settings.ramp_max_tokens, "rtt_s": self.settings.rtt_s,
-            "slo": _slo_dict(self.slo),
-        }
+        result = dict(result)
+        typed = RampRecord(
+            **header(self.handle, self.test_id),
+            steps=tuple(RampStep.from_dict(s) for s in result.pop("steps")), aborted=result.pop("aborted", None),
+            nofile=result.pop("nofile", None), max_clean_n=result.pop("max_clean_n", None),
+            knee_n=result.pop("knee_n", None), ceiling=self.settings.ramp_ceiling,
+            context_tokens=self.settings.ramp_context_tokens, max_tokens=self.settings.ramp_max_tokens,
+            rtt_s=self.settings.rtt_s, slo=SloBudgets.of(self.slo), extra=result,
+        )
+        record = typed.to_dict()
         self._record(record)
         return record
 
@@ -216,10 +226,3 @@ class Harness:
                         self.test_id, self._record, self.progress)
         other.workflows, other._cpt = self.workflows, self._cpt
         return other
-
-
-def _slo_dict(slo: SLO) -> dict[str, Any]:
-    return {"headroom_gib": slo.headroom_gib, "p95_s": dict(slo.p95_s), "min_agg_tps": slo.min_agg_tps,
-            "max_error_rate": slo.max_error_rate, "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s,
-            "queue_p95_s": slo.queue_p95_s}
-

@@ -63,7 +63,7 @@ def github_step_summary(records: list[dict[str, Any]], report_dir: Path | None) 
 
         text = render_summary(report_dir)
     else:
-        from .recorder import summary_line
+        from .records import summary_line
 
         text = "## pytest-gpucap\n\n```\n" + "\n".join(summary_line(r) for r in records) + "\n```\n"
     with open(target, "a", encoding="utf-8") as fh:

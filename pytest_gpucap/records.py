@@ -1,57 +1,255 @@
-"""Versioned result records: what a capacity test measured, in a form reports are rendered from.
+"""Typed, versioned result records: what a capacity test measured, in the form reports are rendered from.
 
-Records are plain JSON-able dicts carried on the test report (``user_properties``), so they reach
-the controller under pytest-xdist and are written as soon as each config finishes.
+Records travel as plain JSON dicts: on the test report's ``user_properties`` (so they reach the
+controller under pytest-xdist, which only carries plain data) and one per line in ``results.jsonl``.
+The frozen dataclasses here (record kinds; their sections are in ``record_sections``) are how code
+builds and reads them; ``from_dict`` → ``to_dict`` gives back the same dict. ``SCHEMA_VERSION`` is
+checked whenever a results file is read: an older layout is migrated or refused, a newer one refused,
+each with one line naming the file, the version found and what to do.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
-from .backends import ServerHandle
-from .verdicts import Verdict
+from .record_sections import (
+    CeilingMemory, Crosscheck, Goodput, KvHeadroom, Percentiles, Predicted, PredictionCheck, PredictionPart,
+    QueueTimes, RampStep, RecordConfig, RoleMetrics, SearchProbe, Section, ServerBuffers, ServerInfo, ServerView,
+    SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, is_number, number, opt, sub,
+)
 
+if TYPE_CHECKING:
+    from .backends import ServerHandle
+    from .matrix import CapacityConfig
+
+#: The version of the record layout. Bump it when a key changes meaning or moves, and add the step
+#: from the old layout to ``MIGRATIONS`` (or let old files be refused with a one-line reason).
 SCHEMA_VERSION = 1
+#: ``MIGRATIONS[v]`` turns a version-``v`` record dict into a version-``v + 1`` one.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 PROPERTY_KEY = "gpucap"
 REASON_KEY = "gpucap:reason"  # why a config test did not pass, one line
 
 
-def _mib(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
+# ---------------------------------------------------------------- verdicts
+
+@dataclass(frozen=True)
+class Verdict:
+    """One budget check: passing verdicts are recorded too. (Judged in ``verdicts``; held by records.)"""
+
+    name: str
+    measured: float
+    budget: float
+    unit: str
+    higher_is_better: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.measured >= self.budget if self.higher_is_better else self.measured <= self.budget
+
+    @property
+    def margin(self) -> float:
+        return self.measured - self.budget if self.higher_is_better else self.budget - self.measured
+
+    def line(self) -> str:
+        op = ">=" if self.higher_is_better else "<="
+        state = "ok" if self.ok else "BREACH"
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.name}: measured {self.measured:.3g}{unit}, budget {op} {self.budget:.3g}{unit}, "
+                f"margin {self.margin:+.3g}{unit} [{state}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ok": self.ok, "margin": self.margin}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Verdict":
+        if not isinstance(data, Mapping) or not all(is_number(data.get(k)) for k in ("measured", "budget")):
+            raise TypeError("a verdict needs numeric measured and budget")
+        return cls(str(data["name"]), data["measured"], data["budget"], str(data.get("unit", "")),
+                   bool(data.get("higher_is_better", True)))
 
 
-def header(handle: ServerHandle, test_id: str, kind: str) -> dict[str, Any]:
-    """Fields every record carries: what ran, where, and on which server."""
+# ---------------------------------------------------------------- records
+
+@dataclass(frozen=True, kw_only=True)
+class Record(Section):
+    """Fields every record has. ``outcome`` (and ``reason``) are added on the controller."""
+
+    schema: int = SCHEMA_VERSION
+    kind: str
+    test: str | None
+    config_id: str | None
+    profile: str | None
+    outcome: str | None = opt()
+    reason: str | None = opt()
+
+    #: Whether the record holds figures (False: a config that ended before measuring).
+    measured: ClassVar[bool] = False
+
+    def summary_line(self) -> str:
+        """One terminal line: the figures and the verdict."""
+        head = f"{str(self.config_id):<28} {str(self.kind):<8} {str(self.outcome):<7}"
+        return f"{head} {self.reason}" if self.reason else self._summary(head)
+
+    def _summary(self, head: str) -> str:
+        return head
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredRecord(Record):
+    """A record of a booted server: what ran, where, and on which server."""
+
+    config: RecordConfig = sub(RecordConfig)
+    host: dict[str, Any] | None
+    server: ServerInfo = sub(ServerInfo)
+    boot_s: float | None
+
+    measured: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class CeilingRecord(MeasuredRecord):
+    """Phase 1: the memory a booted config holds, and its headroom verdicts."""
+
+    kind: str = "ceiling"
+    memory: CeilingMemory = sub(CeilingMemory)
+    slo: SloBudgets = sub(SloBudgets)
+    verdicts: tuple[Verdict, ...] = sub(Verdict, many="list")
+    headroom_class: str | None
+    search_probe: bool | None = opt()
+
+    def _summary(self, head: str) -> str:
+        mem = self.memory
+        return (f"{head} used {mem.used_after_load_mib:>8.0f} MiB  free {mem.free_mib:>8.0f} MiB  "
+                f"boot {self.boot_s:>5.2f} s  {self.headroom_class}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadRecord(MeasuredRecord):
+    """Phase 2: one load run's metrics, memory during it, and its SLO verdicts."""
+
+    kind: str = "workload"
+    workload: WorkloadInfo = sub(WorkloadInfo)
+    metrics: WorkloadMetrics = sub(WorkloadMetrics)
+    memory: WorkloadMemory = sub(WorkloadMemory)
+    aborted: str | None = None
+    tokens_from: str | None = None
+    slo: SloBudgets = sub(SloBudgets)
+    verdicts: tuple[Verdict, ...] = sub(Verdict, many="list")
+
+    def _summary(self, head: str) -> str:
+        m = self.metrics
+        roles = "  ".join(f"{r} p50/p95 {v.p50_s or 0:.1f}/{v.p95_s or 0:.1f} s" for r, v in m.roles.items())
+        return (f"{head} {self.workload.name}: {m.agg_tps:.1f} tok/s agg, {m.per_call_tps:.1f} per call, "
+                f"turns {m.turns_ok} ok/{m.turns_failed} failed  {roles}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RampRecord(MeasuredRecord):
+    """The agent-connection ramp: N agents doubling to ``ceiling``, the last clean N and the knee."""
+
+    kind: str = "ramp"
+    steps: tuple[RampStep, ...] = sub(RampStep, many="list")
+    aborted: str | None = None
+    nofile: dict[str, int] | None = None
+    max_clean_n: int | None = None
+    knee_n: int | None = None
+    ceiling: int | None = None
+    context_tokens: int | None = None
+    max_tokens: int | None = None
+    rtt_s: float | None = None
+    slo: SloBudgets = sub(SloBudgets)
+
+    def _summary(self, head: str) -> str:
+        return f"{head} max clean N {self.max_clean_n}, knee {self.knee_n or '-'} (ceiling {self.ceiling})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchRecord(Record):
+    """A capacity search: the knee, what it cost in boots, and every probe with its reason."""
+
+    kind: str = "search"
+    knee: str | None = None
+    boots: int | None = None
+    grid_size: int | None = None
+    boot_fraction: float | None = None
+    known_used: int | None = None
+    assumption: str | None = None
+    seconds: float | None = None
+    probes: tuple[SearchProbe, ...] = sub(SearchProbe, many="list")
+
+    @classmethod
+    def of(cls, test: str, profile: str, summary: Mapping[str, Any]) -> "SearchRecord":
+        """From ``SearchResult.as_dict()``."""
+        return cls.from_dict({"schema": SCHEMA_VERSION, "kind": "search", "test": test,
+                              "config_id": f"{profile}-search", "profile": profile, **summary})
+
+    def _summary(self, head: str) -> str:
+        return f"{head} knee {self.knee or '-'} with {self.boots} boots of a {self.grid_size}-config grid"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnmeasuredRecord(Record):
+    """A config test that ended before measuring (skipped at preflight, boot failed): config and reason.
+
+    ``kind`` is ``"ceiling"`` for a ceiling test, else ``"unmeasured"``."""
+
+    kind: str = "unmeasured"
+    config: RecordConfig = sub(RecordConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OtherRecord(Record):
+    """A record of a kind this version does not know: counted, never shown."""
+
+
+KINDS: dict[str, type[Record]] = {"ceiling": CeilingRecord, "workload": WorkloadRecord, "ramp": RampRecord,
+                                  "search": SearchRecord, "unmeasured": UnmeasuredRecord}
+
+
+def parse(data: Mapping[str, Any]) -> Record:
+    """The typed record of one record dict (a ceiling or workload without figures is unmeasured)."""
+    kind = data.get("kind")
+    section = {"ceiling": "memory", "workload": "metrics"}.get(kind)  # type: ignore[arg-type]
+    if section and not isinstance(data.get(section), Mapping):
+        return UnmeasuredRecord.from_dict(data)
+    return KINDS.get(kind, OtherRecord).from_dict(data)  # type: ignore[arg-type]
+
+
+def as_record(record: Record | Mapping[str, Any]) -> Record:
+    return record if isinstance(record, Record) else parse(record)
+
+
+def as_dict(record: Record | Mapping[str, Any]) -> dict[str, Any]:
+    return record.to_dict() if isinstance(record, Record) else dict(record)
+
+
+# ---------------------------------------------------------------- building
+
+def header(handle: "ServerHandle", test_id: str) -> dict[str, Any]:
+    """The constructor fields every measured record carries: what ran, where, and on which server."""
     cfg = handle.config
+    spec = handle.spec
     return {
-        "schema": SCHEMA_VERSION,
-        "kind": kind,
-        "test": test_id,
-        "config_id": cfg.id,
-        "config": asdict(cfg),
-        "profile": handle.profile.name,
+        "test": test_id, "config_id": cfg.id, "config": RecordConfig.of(cfg), "profile": handle.profile.name,
         "host": {"python": platform.python_version(), **handle.probe.describe()},
-        "server": {
-            "backend": cfg.backend, "binary": str(handle.spec.binary or "") or " ".join(handle.spec.command or ()),
-            "version": handle.spec.binary_version, "argv": handle.argv, "url": handle.url,
-            "model": str(handle.spec.model or ""),
-            "total_slots": handle.props.get("total_slots"), "n_ctx_slot": handle.report.n_ctx_slot,
-        },
+        "server": ServerInfo(
+            backend=cfg.backend, binary=str(spec.binary or "") or " ".join(spec.command or ()),
+            version=spec.binary_version, argv=handle.argv, url=handle.url, model=str(spec.model or ""),
+            total_slots=handle.props.get("total_slots"), n_ctx_slot=handle.report.n_ctx_slot),
         "boot_s": None if handle.boot_s is None else round(handle.boot_s, 3),
     }
 
 
-def outcome_record(cfg: Any, test_id: str, kind: str, reason: str) -> dict[str, Any]:
-    """The record of a config test that ended before measuring (skipped at preflight, boot failed).
-
-    It carries the config and the reason only, so the write-up can say why a config has no figures.
-    """
-    return {"schema": SCHEMA_VERSION, "kind": kind, "test": test_id, "config_id": cfg.id, "config": asdict(cfg),
-            "profile": cfg.profile, "reason": reason}
+def outcome_record(cfg: "CapacityConfig", test_id: str, kind: str, reason: str) -> UnmeasuredRecord:
+    """The record of a config test that ended before measuring: config and reason only, so the
+    write-up can say why a config has no figures."""
+    return UnmeasuredRecord(kind=kind, test=test_id, config_id=cfg.id, config=RecordConfig.of(cfg),
+                            profile=cfg.profile, reason=reason)
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -60,48 +258,137 @@ def one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def verdict_dicts(verdicts: list[Verdict]) -> list[dict[str, Any]]:
-    return [asdict(v) | {"ok": v.ok, "margin": v.margin} for v in verdicts]
+# ---------------------------------------------------------------- results.jsonl
+
+class SchemaError(ValueError):
+    """A results file holds a record of a schema version this version cannot read; one line naming
+    the file, the version found and what to do."""
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+def check_schema(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """``record`` in the current layout (migrated when older); SchemaError when it cannot be read."""
+    found = record.get("schema")
+    if found == SCHEMA_VERSION and is_number(found):
+        return record
+    reads = f"this pytest-gpucap reads schema {SCHEMA_VERSION}"
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise SchemaError(f"{where}: schema version {found!r} is not one pytest-gpucap writes ({reads}); "
+                          "re-run the tests to write a new results.jsonl")
+    if found > SCHEMA_VERSION:
+        raise SchemaError(f"{where}: schema version {found} is newer than {reads}; upgrade pytest-gpucap "
+                          "(pip install -U pytest-gpucap) to read it")
+    if any(v not in MIGRATIONS for v in range(found, SCHEMA_VERSION)):
+        raise SchemaError(f"{where}: schema version {found} is older than {reads} and cannot be migrated; "
+                          "re-run the tests to write a new results.jsonl, or render it with the release that "
+                          "wrote it")
+    for v in range(found, SCHEMA_VERSION):
+        record = MIGRATIONS[v](record)
+    return record
+
+
+def append_jsonl(path: Path, record: Record | Mapping[str, Any]) -> None:
     """Append one record and flush, so an interrupted session keeps what it measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.write(json.dumps(as_dict(record), sort_keys=True) + "\n")
         fh.flush()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records from a results file; a torn last line (crash mid-write) is ignored."""
+    """Record dicts from a results file, in the current layout. A torn line (crash mid-write) is
+    ignored; a record of another schema version is migrated, or refused with SchemaError."""
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         try:
-            records.append(json.loads(line))
+            data = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(data, dict):
+            records.append(check_schema(data, f"{path} line {n}"))
     return records
 
 
-def headline(record: dict[str, Any]) -> dict[str, float]:
-    """The few figures people track across runs (JUnit properties, benchmark entries, summaries)."""
-    out: dict[str, float | None] = {}
-    if record["kind"] == "ceiling" and record.get("memory"):
-        mem = record["memory"]
-        out = {"boot_s": record.get("boot_s"), "used_after_load_mib": mem.get("used_after_load_mib"),
-               "free_mib": mem.get("free_mib"), "kv_per_slot_mib": mem.get("kv_per_slot_mib")}
-    elif record["kind"] == "workload" and record.get("metrics"):
-        m = record["metrics"]
-        out = {"agg_tps": m["agg_tps"], "per_call_tps": m["per_call_tps"], "ttft_p95_s": m["ttft_s"]["p95"],
-               "e2e_p95_s": m["e2e_s"]["p95"], "turns_ok": m["turns_ok"], "turns_failed": m["turns_failed"]}
-        out |= {f"{role}_p95_s": v["p95_s"] for role, v in m["roles"].items()}
-    elif record["kind"] == "ramp":
-        out = {"max_clean_n": record.get("max_clean_n"), "knee_n": record.get("knee_n")}
-    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+def read_records(path: Path) -> list[Record]:
+    """Typed records from a results file (see ``read_jsonl``)."""
+    return [parse(d) for d in read_jsonl(path)]
 
 
-def record_name(record: dict[str, Any]) -> str:
+# ---------------------------------------------------------------- tracked figures
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure tracked across runs: its name, which way is better, how it is read from a typed record,
+    and whether the regression gate judges it (counts and per-role figures are reported, not gated)."""
+
+    kind: str
+    name: str  # "{role}" names one figure per role
+    higher_is_better: bool
+    read: Callable[[Any], Any]
+    gated: bool = True
+
+    def values(self, record: Record) -> dict[str, float | None]:
+        if not isinstance(record, KINDS[self.kind]):
+            return {} if "{role}" in self.name else {self.name: None}
+        got = self.read(record)
+        if "{role}" in self.name:
+            return {self.name.format(role=k): number(v) for k, v in got.items()}
+        return {self.name: number(got)}
+
+
+#: The one list of tracked figures: JUnit properties and benchmark entries (``headline``) and the
+#: regression gate (``compare``, the ``gated`` ones) both read it.
+TRACKED: tuple[Figure, ...] = (
+    Figure("ceiling", "used_after_load_mib", False, lambda r: r.memory.used_after_load_mib),
+    Figure("ceiling", "free_mib", True, lambda r: r.memory.free_mib),
+    Figure("ceiling", "boot_s", False, lambda r: r.boot_s),
+    Figure("ceiling", "kv_per_slot_mib", False, lambda r: r.memory.kv_per_slot_mib, gated=False),
+    Figure("workload", "agg_tps", True, lambda r: r.metrics.agg_tps),
+    Figure("workload", "per_call_tps", True, lambda r: r.metrics.per_call_tps),
+    Figure("workload", "e2e_p95_s", False, lambda r: r.metrics.e2e_s.p95),
+    Figure("workload", "ttft_p95_s", False, lambda r: r.metrics.ttft_s.p95, gated=False),
+    Figure("workload", "turns_ok", True, lambda r: r.metrics.turns_ok, gated=False),
+    Figure("workload", "turns_failed", False, lambda r: r.metrics.turns_failed, gated=False),
+    Figure("workload", "{role}_p95_s", False, lambda r: {k: v.p95_s for k, v in r.metrics.roles.items()},
+           gated=False),
+    Figure("ramp", "max_clean_n", True, lambda r: r.max_clean_n),
+    Figure("ramp", "knee_n", True, lambda r: r.knee_n, gated=False),
+)
+
+
+def headline(record: Record | Mapping[str, Any]) -> dict[str, float]:
+    """The tracked figures a record has (JUnit properties, benchmark entries)."""
+    rec = as_record(record)
+    out: dict[str, float] = {}
+    for fig in TRACKED:
+        if fig.kind == rec.kind:
+            out |= {k: v for k, v in fig.values(rec).items() if v is not None}
+    return out
+
+
+def workload_name(record: Record) -> str:
+    return str(record.workload.name or "") if isinstance(record, WorkloadRecord) else ""
+
+
+def record_name(record: Record | Mapping[str, Any]) -> str:
     """A stable name for one record: config id, kind, and workload name when there is one."""
-    name = f"{record['config_id']}::{record['kind']}"
-    workload = (record.get("workload") or {}).get("name")
+    rec = as_record(record)
+    name = f"{rec.config_id}::{rec.kind}"
+    workload = workload_name(rec)
     return f"{name}::{workload}" if workload else name
+
+
+def summary_line(record: Record | Mapping[str, Any]) -> str:
+    """One terminal line per record (the recorder's summary, the CI job summary without a report)."""
+    return as_record(record).summary_line()
+
+
+__all__ = [
+    "MIGRATIONS", "PROPERTY_KEY", "REASON_KEY", "SCHEMA_VERSION", "TRACKED", "CeilingMemory", "CeilingRecord",
+    "Crosscheck", "Figure", "Goodput", "KvHeadroom", "MeasuredRecord", "OtherRecord", "Percentiles", "Predicted",
+    "PredictionCheck", "PredictionPart", "QueueTimes", "RampRecord", "RampStep", "Record", "RecordConfig",
+    "RoleMetrics", "SchemaError", "SearchProbe", "SearchRecord", "Section", "ServerBuffers", "ServerInfo",
+    "ServerView", "SloBudgets", "UnmeasuredRecord", "Verdict", "WorkloadInfo", "WorkloadMemory", "WorkloadMetrics",
+    "WorkloadRecord", "append_jsonl", "as_dict", "as_record", "check_schema", "header", "headline", "number",
+    "one_line", "opt", "outcome_record", "parse", "read_jsonl", "read_records", "record_name", "sub",
+    "summary_line", "workload_name",
+]

@@ -291,8 +291,8 @@ class _Search:
                     elif pred is not None and prune != "none" and not pred.fits:  # step 1: prune
                         self.status[key] = ("predicted-no-fit", pred.skip_reason() or "")
                     elif pred is not None and prune == "slo" and not predicted_ok(pred):
-                        self.status[key] = ("predicted-slo-miss", f"predicted free {pred.free_mib:.0f} MiB "
-                                                                  f"< headroom {pred.headroom_gib} GiB")
+                        why = f"predicted free {pred.free_mib:.0f} MiB < headroom {pred.headroom_gib} GiB"
+                        self.status[key] = ("predicted-slo-miss", why)
 
     def passed(self, key: Key) -> bool | None:
         st = self.status.get(key)

@@ -1,83 +1,109 @@
-"""SLO verdicts: measured figures against budgets, one line per breach."""
+"""Every judgement in one place: measured figures against budgets, one line per breach.
+
+Headroom classes (Comfortable / Marginal / Risky and the 2x rule), the free-memory and KV-capacity
+ceiling verdicts, workload SLO verdicts, goodput, and which breaches count against a config. The
+report and the search call these; none re-implements them. ``Verdict`` itself lives in ``records``
+(records hold verdicts) and is re-exported here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import pytest
 
 from .matrix import SLO
+from .records import CeilingRecord, KvHeadroom, Record, Verdict, WorkloadMetrics
+
+#: Free memory of at least this many times the headroom SLO is Comfortable; at least the SLO, Marginal.
+COMFORTABLE_FACTOR = 2.0
+HEADROOM_CLASSES = ("Comfortable", "Marginal", "Risky")
+HEADROOM_RULE = (f"{HEADROOM_CLASSES[0]} ≥ {COMFORTABLE_FACTOR:g}× the headroom SLO, {HEADROOM_CLASSES[1]} ≥ the SLO, "
+                 f"{HEADROOM_CLASSES[2]} below")
+#: The names of the two ceiling verdicts.
+FREE_MEMORY_VERDICT = "headroom"
+KV_CAPACITY_VERDICT = "KV capacity (concurrent full-length sequences)"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One budget check: passing verdicts are recorded too."""
+# ---------------------------------------------------------------- memory headroom
 
-    name: str
-    measured: float
-    budget: float
-    unit: str
-    higher_is_better: bool = True
-
-    @property
-    def ok(self) -> bool:
-        return self.measured >= self.budget if self.higher_is_better else self.measured <= self.budget
-
-    @property
-    def margin(self) -> float:
-        return self.measured - self.budget if self.higher_is_better else self.budget - self.measured
-
-    def line(self) -> str:
-        op = ">=" if self.higher_is_better else "<="
-        state = "ok" if self.ok else "BREACH"
-        unit = f" {self.unit}" if self.unit else ""
-        return (f"{self.name}: measured {self.measured:.3g}{unit}, budget {op} {self.budget:.3g}{unit}, "
-                f"margin {self.margin:+.3g}{unit} [{state}]")
-
-
-def headroom(free_mib: float, slo: SLO) -> Verdict:
-    """Free device memory after load against the headroom SLO."""
-    return Verdict("headroom", free_mib / 1024, slo.headroom_gib, "GiB")
+def headroom_bands(headroom_gib: float) -> tuple[tuple[str, float | None], ...]:
+    """Each headroom class with the least free GiB it needs (None: anything below): the rule as the
+    write-up states it. ``SLO.headroom_class`` applies it (the prediction, below this layer, needs it too)."""
+    return ((HEADROOM_CLASSES[0], COMFORTABLE_FACTOR * headroom_gib), (HEADROOM_CLASSES[1], headroom_gib),
+            (HEADROOM_CLASSES[2], None))
 
 
 def headroom_class(free_gib: float, slo: SLO) -> str:
     """The study's verdict words: Comfortable at >= 2x the SLO, Marginal at >= the SLO, else Risky."""
-    if free_gib >= 2 * slo.headroom_gib:
-        return "Comfortable"
-    if free_gib >= slo.headroom_gib:
-        return "Marginal"
-    return "Risky"
+    return slo.headroom_class(free_gib)
 
 
-def assert_slos(verdicts: list[Verdict], context: str = "") -> None:
-    """Fail the test with one line per breach (measured vs budget and margin)."""
-    breaches = [v.line() for v in verdicts if not v.ok]
-    if breaches:
-        head = f"SLO breached{' for ' + context if context else ''}:"
-        pytest.fail("\n".join([head, *("  " + b for b in breaches)]), pytrace=False)
+def headroom(free_mib: float, slo: SLO) -> Verdict:
+    """Free device memory after load against the headroom SLO."""
+    return Verdict(FREE_MEMORY_VERDICT, free_mib / 1024, slo.headroom_gib, "GiB")
 
 
-def workload_verdicts(metrics: dict, slo: SLO) -> list[Verdict]:
-    """Per-role p95 turn latency, TTFT p95, aggregate tokens/s and error rate against their budgets."""
+def kv_capacity(kv_headroom: Mapping[str, Any] | KvHeadroom | None, n: int) -> Verdict | None:
+    """A backend's KV pool against N: concurrent full-length sequences it holds (None: not reported)."""
+    if isinstance(kv_headroom, Mapping):
+        kv_headroom = KvHeadroom.from_dict(kv_headroom)
+    seqs = kv_headroom.kv_capacity_sequences if kv_headroom is not None else None
+    return None if seqs is None else Verdict(KV_CAPACITY_VERDICT, seqs, float(n), "seq")
+
+
+def ceiling_verdicts(free_mib: float, slo: SLO, kv_headroom: Mapping[str, Any] | None, n: int) -> list[Verdict]:
+    """The Phase-1 verdict: free memory against the headroom SLO, replaced by the KV-capacity verdict
+    when the backend's headroom rule (``Backend.headroom``) reports a capacity: a server that
+    pre-allocates its KV pool leaves little free memory by design, and N × ctx fits when the pool does."""
+    kv = kv_capacity(kv_headroom, n)
+    return [kv] if kv is not None else [headroom(free_mib, slo)]
+
+
+def judged_by_kv_capacity(record: Record) -> bool:
+    """Whether a ceiling's headroom is its backend's KV capacity rather than free memory (vLLM)."""
+    if not isinstance(record, CeilingRecord):
+        return getattr(getattr(record, "config", None), "backend", None) == "vllm"
+    return record.config.backend == "vllm" or record.memory.kv_headroom is not None
+
+
+def counted_breaches(record: Record) -> list[Verdict]:
+    """The breached verdicts that count against a config: on a KV-capacity backend the free-memory
+    verdict is no reason (it fills memory by design) once a KV-capacity verdict judges it."""
+    verdicts = getattr(record, "verdicts", ())
+    kv_judged = judged_by_kv_capacity(record) and any(v.name == KV_CAPACITY_VERDICT for v in verdicts)
+    return [v for v in verdicts if not v.ok and not (kv_judged and v.name == FREE_MEMORY_VERDICT)]
+
+
+# ---------------------------------------------------------------- workload
+
+def workload_verdicts(metrics: WorkloadMetrics | Mapping[str, Any], slo: SLO) -> list[Verdict]:
+    """Per-role p95 turn latency, TTFT p95, aggregate tokens/s, error rate and (when the server was
+    polled) server queue time p95 against their budgets."""
+    m = metrics if isinstance(metrics, WorkloadMetrics) else WorkloadMetrics.from_dict(metrics)
     out: list[Verdict] = []
     for role, budget in slo.role_p95().items():
-        measured = (metrics["roles"].get(role) or {}).get("p95_s")
+        measured = m.roles[role].p95_s if role in m.roles else None
         if measured is not None:
             out.append(Verdict(f"{role} p95 turn latency", measured, budget, "s", higher_is_better=False))
-        elif role in metrics["roles"]:
+        elif role in m.roles:
             out.append(Verdict(f"{role} p95 turn latency (no turn finished)", float("inf"), budget, "s", False))
-    if slo.ttft_p95_s is not None and metrics["ttft_s"]["p95"] is not None:
-        out.append(Verdict("TTFT p95", metrics["ttft_s"]["p95"], slo.ttft_p95_s, "s", higher_is_better=False))
+    if slo.ttft_p95_s is not None and m.ttft_s.p95 is not None:
+        out.append(Verdict("TTFT p95", m.ttft_s.p95, slo.ttft_p95_s, "s", higher_is_better=False))
     if slo.min_agg_tps is not None:
-        out.append(Verdict("aggregate tokens/s", metrics["agg_tps"], slo.min_agg_tps, "tok/s"))
+        out.append(Verdict("aggregate tokens/s", m.agg_tps, slo.min_agg_tps, "tok/s"))
     if slo.max_error_rate is not None:
-        out.append(Verdict("error rate", metrics["error_rate"], slo.max_error_rate, "", higher_is_better=False))
+        out.append(Verdict("error rate", m.error_rate, slo.max_error_rate, "", higher_is_better=False))
+    queue = m.server.queue_time_s if m.server is not None else None
+    if slo.queue_p95_s is not None and queue is not None and queue.p95 is not None:
+        out.append(Verdict("server queue time p95", queue.p95, slo.queue_p95_s, "s", higher_is_better=False))
     return out
 
 
-def goodput(records: list, slo: SLO, since: float = 0.0) -> dict:
+def goodput(records: Sequence[Any], slo: SLO, since: float = 0.0) -> dict[str, Any]:
     """Turns that met every per-turn budget (role p95 budget as a per-turn limit, TTFT budget), as a
-    fraction of finished turns and as a rate of good turns and good tokens per second of the window."""
+    fraction of finished turns and as a rate of good turns and good tokens per second of the window
+    (the ``Goodput`` section's keys)."""
     from .workload.client import ErrorClass
 
     roles = slo.role_p95()
@@ -92,3 +118,16 @@ def goodput(records: list, slo: SLO, since: float = 0.0) -> dict:
             "fraction": len(good) / len(done) if done else None,
             "turns_per_s": len(good) / window if window > 0 else 0.0,
             "tokens_per_s": sum(r.completion_tokens or 0 for r in good) / window if window > 0 else 0.0}
+
+
+def assert_slos(verdicts: Sequence[Verdict], context: str = "") -> None:
+    """Fail the test with one line per breach (measured vs budget and margin)."""
+    breaches = [v.line() for v in verdicts if not v.ok]
+    if breaches:
+        head = f"SLO breached{' for ' + context if context else ''}:"
+        pytest.fail("\n".join([head, *("  " + b for b in breaches)]), pytrace=False)
+
+
+__all__ = ["COMFORTABLE_FACTOR", "FREE_MEMORY_VERDICT", "HEADROOM_CLASSES", "HEADROOM_RULE", "KV_CAPACITY_VERDICT",
+           "Verdict", "assert_slos", "ceiling_verdicts", "counted_breaches", "goodput", "headroom",
+           "headroom_bands", "headroom_class", "judged_by_kv_capacity", "kv_capacity", "workload_verdicts"]

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pytest_gpucap import records
 from pytest_gpucap.compare import CompareError, Row, compare_records, format_table, load
+from pytest_gpucap.records import Record
 from conftest import CapacityRun, matrix_toml
 from test_report import REPO, ceiling, workload
 
 
-def _run_a() -> list[dict[str, Any]]:
+def _run_a() -> list[Record]:
     return [
         ceiling(3, 65536, 21110.0, 2972.0, 10.0),
         ceiling(5, 32768, 20928.0, 3154.0, 10.0),
@@ -24,7 +25,7 @@ def _run_a() -> list[dict[str, Any]]:
     ]
 
 
-def _run_b() -> list[dict[str, Any]]:
+def _run_b() -> list[Record]:
     """Run A after an upgrade: N3 uses 10% more memory, boots faster; workload A lost 20% TPS."""
     return [
         ceiling(3, 65536, 23221.0, 861.0, 8.0),
@@ -77,11 +78,11 @@ def test_latency_increase_is_a_regression_and_last_record_wins() -> None:
 def test_zero_baseline_and_missing_values() -> None:
     a = ceiling(3, 65536, 21110.0, 2972.0, 0.0)
     b = ceiling(3, 65536, 21110.0, 2972.0, 1.5)
-    b["memory"]["free_mib"] = None
+    b = replace(b, memory=replace(b.memory, free_mib=None))
     rows, regressions = compare_records([a], [b])
-    boot = _by(rows, a["config_id"], "boot_s")
+    boot = _by(rows, a.config_id, "boot_s")
     assert boot.delta_pct == float("inf") and boot.regression
-    assert _by(rows, a["config_id"], "free_mib").delta is None
+    assert _by(rows, a.config_id, "free_mib").delta is None
     assert "+∞%" in format_table(rows)
     assert [r.metric for r in regressions] == ["boot_s"]
 
@@ -109,7 +110,7 @@ def test_load_accepts_file_or_directory(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- CLI
 
-def _write(directory: Path, recs: list[dict[str, Any]]) -> Path:
+def _write(directory: Path, recs: list[Record]) -> Path:
     directory.mkdir()
     for r in recs:
         records.append_jsonl(directory / "results.jsonl", r)

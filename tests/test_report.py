@@ -1,10 +1,11 @@
 """The capacity write-up: rendered from saved records only, numbers equal to the records, hostile
 strings escaped, torn files still renderable, the CLI, and the HTML checked in real headless Chromium.
 
-Record fixtures follow ``ceiling.ceiling_record``'s key layout (the reference 4090 study's Phase-1
-figures) plus the planned workload and ramp record shapes; the checks sections (memory prediction,
-client/server cross-check, roofline, vLLM headroom and queueing) and the records of configs that were
-never measured use the shapes ``prediction``, ``workload.harness`` and ``servers.vllm`` write.
+Record fixtures are built through the record constructors the plugin writes with (``records``) and
+judged by ``verdicts``, so they cannot drift from the schema: the reference 4090 study's Phase-1 and
+Phase-2 figures, a ramp, and the checks sections (memory prediction, client/server cross-check,
+roofline, vLLM headroom and queueing) with the sections ``prediction``, the harness and the vLLM
+backend fill in, plus the records of configs that were never measured.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,13 @@ import pytest
 
 from pytest_gpucap import records
 from pytest_gpucap.matrix import SLO, CapacityConfig
+from pytest_gpucap.records import (
+    CeilingMemory, CeilingRecord, Crosscheck, Goodput, KvHeadroom, Percentiles, Predicted, PredictionCheck,
+    QueueTimes, RampRecord, RampStep, Record, RecordConfig, RoleMetrics, SearchProbe, SearchRecord, ServerBuffers,
+    ServerInfo, ServerView, SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, WorkloadRecord,
+)
 from pytest_gpucap.report import ReportError, render_report
-from pytest_gpucap.verdicts import Verdict, headroom, headroom_class
+from pytest_gpucap.verdicts import Verdict, ceiling_verdicts, headroom_class
 
 HOSTILE = "<script>alert(1)</script>"
 MODEL = "/models/gemma4-26b-a4b-q4.gguf"
@@ -35,97 +41,95 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- record fixtures
 
-def _verdict(v: Verdict) -> dict[str, Any]:
-    return asdict(v) | {"ok": v.ok, "margin": v.margin}
+#: The budgets the workload fixtures are judged against (their verdicts say agg TPS ≥ 100, Dev p95 ≤ 150 s).
+WORKLOAD_SLO = SLO(headroom_gib=0.4, p95_s=(("Dev", 150.0),), min_agg_tps=100.0)
+
+
+def _server(cfg: CapacityConfig, model: str = MODEL, argv_extra: tuple[str, ...] = ()) -> ServerInfo:
+    """The server section ``records.header`` writes for a llama-server booted for ``cfg``."""
+    argv = ["/opt/llama.cpp/build/bin/llama-server", "--model", model, "--host", "127.0.0.1", "--port", "41001",
+            "--parallel", str(cfg.n), "--ctx-size", str(cfg.n * cfg.ctx), "--cache-type-k", "q8_0",
+            "--cache-type-v", "q8_0", "--flash-attn", "on", "--threads", "16", *argv_extra]
+    return ServerInfo(backend="llamacpp", binary=argv[0], version="version: 9500 (b9500)", argv=argv,
+                      url="http://127.0.0.1:41001", model=model, total_slots=cfg.n, n_ctx_slot=cfg.ctx)
 
 
 def ceiling(n: int, ctx: int, used: float, free: float, boot: float, *, mmproj: bool = True,
             name: str | None = None, model: str = MODEL, argv_extra: tuple[str, ...] = (),
             outcome: str = "passed", host: dict[str, str] | None = None, predicted: float | None = None,
-            slo: SLO = SLO(headroom_gib=1.5)) -> dict[str, Any]:
-    """A ceiling record laid out exactly as ``ceiling.ceiling_record`` writes it (then ``outcome``)."""
+            slo: SLO = SLO(headroom_gib=1.5)) -> CeilingRecord:
+    """A ceiling record as ``ceiling.build_ceiling`` builds it (then ``outcome``, as the recorder adds it)."""
     cfg = CapacityConfig(profile="4090", n=n, ctx=ctx, mmproj=mmproj, cache_type_k="q8_0", cache_type_v="q8_0",
                          flash_attn="on", threads=16, name=name)
     kv_mib = n * ctx / 1024 * 17.0
-    verdict = headroom(free, slo)
-    argv = ["/opt/llama.cpp/build/bin/llama-server", "--model", model, "--host", "127.0.0.1", "--port", "41001",
-            "--parallel", str(n), "--ctx-size", str(n * ctx), "--cache-type-k", "q8_0", "--cache-type-v", "q8_0",
-            "--flash-attn", "on", "--threads", "16", *argv_extra]
-    record: dict[str, Any] = {
-        "schema": records.SCHEMA_VERSION, "kind": "ceiling",
-        "test": f"capacity_tests/test_ceiling.py::test_ceiling[{cfg.id}]",
-        "config_id": cfg.id, "config": asdict(cfg), "profile": "4090",
-        "host": dict(host or HOST_4090),
-        "server": {"backend": "llamacpp", "binary": argv[0], "version": "version: 9500 (b9500)", "argv": argv,
-                   "url": "http://127.0.0.1:41001", "model": model, "total_slots": n, "n_ctx_slot": ctx},
-        "boot_s": boot,
-        "memory": {
-            "probe": "nvml", "device_total_mib": 24082.0, "baseline_used_mib": 3400.0,
-            "used_after_load_mib": used, "free_after_load_mib": free + 12.5, "free_mib": free,
-            "peak_used_mib": used + 12.5, "server_rss_mib": 2311.4, "host_available_min_mib": 14336.0,
-            "samples": 11,
-            "server_report": {
-                "kv_mib": kv_mib, "model_mib": {"CUDA0": 12970.0, "CPU": 525.0},
-                "kv_buffer_mib": {"CUDA0": kv_mib}, "compute_mib": {"CUDA0": 522.0, "CUDA0_Host": 40.0},
-                "output_mib": {"CPU": 3.9}, "kv_lines": [], "breakdown": [], "prompt_cache_limit_mib": 8192,
-                "n_slots": n, "n_ctx_slot": ctx,
-            },
-            "kv_per_slot_mib": kv_mib / n,
-        },
-        "slo": {"headroom_gib": slo.headroom_gib},
-        "verdicts": [_verdict(verdict)],
-        "headroom_class": headroom_class(free / 1024, slo),
-    }
-    if predicted is not None:
-        record["memory"]["predicted_kv_per_slot_mib"] = predicted
-    return record | {"outcome": outcome}
+    memory = CeilingMemory(
+        probe="nvml", device_total_mib=24082.0, baseline_used_mib=3400.0, used_after_load_mib=used,
+        free_after_load_mib=free + 12.5, free_mib=free, peak_used_mib=used + 12.5, server_rss_mib=2311.4,
+        host_available_min_mib=14336.0, samples=11,
+        server_report=ServerBuffers(
+            kv_mib=kv_mib, model_mib={"CUDA0": 12970.0, "CPU": 525.0}, kv_buffer_mib={"CUDA0": kv_mib},
+            compute_mib={"CUDA0": 522.0, "CUDA0_Host": 40.0}, output_mib={"CPU": 3.9}, kv_lines=[],
+            extra={"breakdown": [], "prompt_cache_limit_mib": 8192, "n_slots": n, "n_ctx_slot": ctx}),
+        kv_per_slot_mib=kv_mib / n, predicted_kv_per_slot_mib=predicted,
+    )
+    return CeilingRecord(
+        test=f"capacity_tests/test_ceiling.py::test_ceiling[{cfg.id}]", config_id=cfg.id,
+        config=RecordConfig.of(cfg), profile="4090", host=dict(host or HOST_4090),
+        server=_server(cfg, model, argv_extra), boot_s=boot, memory=memory,
+        slo=SloBudgets(headroom_gib=slo.headroom_gib), verdicts=tuple(ceiling_verdicts(free, slo, None, n)),
+        headroom_class=headroom_class(free / 1024, slo), outcome=outcome)
 
 
 def workload(cfg_id: str, n: int, ctx: int, name: str, agents: list[str], agg: float, per_call: float,
              dev: tuple[float | None, float | None], free_at_boot: float, turns: tuple[int, int],
-             mmproj: bool = False, e2e_p95: float | None = None) -> dict[str, Any]:
-    """A workload record in the planned shape, with verdicts: agg TPS ≥ 100, Dev p95 ≤ 150 s, min free ≥ 0.4 GiB."""
+             mmproj: bool = False, e2e_p95: float | None = None) -> WorkloadRecord:
+    """A workload record as the harness builds it, with verdicts: agg TPS ≥ 100, Dev p95 ≤ 150 s, min free ≥ 0.4 GiB."""
     cfg = CapacityConfig(profile="4090", n=n, ctx=ctx, mmproj=mmproj, cache_type_k="q8_0", cache_type_v="q8_0")
     min_free = free_at_boot - 310.0
-    roles: dict[str, Any] = {}
+    roles: dict[str, RoleMetrics] = {}
     for role in dict.fromkeys(agents):
-        roles[role] = {"p50_s": None, "p95_s": None, "turns_ok": 4, "turns_failed": 0, "tps": per_call}
+        roles[role] = RoleMetrics(p50_s=None, p95_s=None, turns_ok=4, turns_failed=0, tps=per_call)
     if "Dev" in roles:
-        roles["Dev"].update(p50_s=dev[0], p95_s=dev[1], turns_ok=turns[0] // 3, turns_failed=turns[1])
+        roles["Dev"] = replace(roles["Dev"], p50_s=dev[0], p95_s=dev[1], turns_ok=turns[0] // 3,
+                               turns_failed=turns[1])
     verdicts = [Verdict("agg_tps", agg, 100.0, "tok/s"), Verdict("headroom_min", min_free / 1024, 0.4, "GiB")]
     if dev[1] is not None:
         verdicts.append(Verdict("Dev p95", dev[1], 150.0, "s", higher_is_better=False))
     elif "Dev" in roles:
         verdicts.append(Verdict("Dev turns ok", 0, 1, "turns"))
     ok = all(v.ok for v in verdicts)
-    return {
-        "schema": 1, "kind": "workload", "test": f"capacity_tests/test_workload.py::test_workload[{cfg_id}]",
-        "config_id": cfg_id, "config": asdict(cfg), "profile": "4090", "host": dict(HOST_4090),
-        "workload": {"name": name, "agents": agents, "duration_s": 600.0},
-        "metrics": {"agg_tps": agg, "per_call_tps": per_call, "ttft_s": {"p50": 0.41, "p95": 1.37, "p99": 2.05},
-                    "e2e_s": {"p50": (dev[0] or 30.0) * 0.8, "p95": e2e_p95 or (dev[1] or 60.0), "p99": 300.0},
-                    "roles": roles, "turns_ok": turns[0], "turns_failed": turns[1],
-                    "errors": {"timeout": turns[1]} if turns[1] else {}},
-        "memory": {"free_at_boot_mib": free_at_boot, "min_free_mib": min_free},
-        "verdicts": [_verdict(v) for v in verdicts], "outcome": "passed" if ok else "failed",
-    }
+    metrics = WorkloadMetrics(
+        agg_tps=agg, per_call_tps=per_call, ttft_s=Percentiles(p50=0.41, p95=1.37, p99=2.05),
+        e2e_s=Percentiles(p50=(dev[0] or 30.0) * 0.8, p95=e2e_p95 or (dev[1] or 60.0), p99=300.0),
+        roles=roles, turns_ok=turns[0], turns_failed=turns[1], errors={"timeout": turns[1]} if turns[1] else {})
+    return WorkloadRecord(
+        test=f"capacity_tests/test_workload.py::test_workload[{cfg_id}]", config_id=cfg_id,
+        config=RecordConfig.of(cfg), profile="4090", host=dict(HOST_4090), server=_server(cfg), boot_s=10.0,
+        workload=WorkloadInfo(name=name, agents=agents, duration_s=600.0), metrics=metrics,
+        memory=WorkloadMemory(free_at_boot_mib=free_at_boot, min_free_mib=min_free),
+        slo=SloBudgets.of(WORKLOAD_SLO), verdicts=tuple(verdicts), outcome="passed" if ok else "failed")
 
 
-def ramp() -> dict[str, Any]:
+def with_metrics(rec: WorkloadRecord, **changes: Any) -> WorkloadRecord:
+    return replace(rec, metrics=replace(rec.metrics, **changes))
+
+
+def ramp() -> RampRecord:
     cfg = CapacityConfig(profile="4090", n=6, ctx=32768, cache_type_k="q8_0", cache_type_v="q8_0")
     steps = []
     for n, (p50, p95, rss, used, errors) in enumerate(
             [(8.2, 9.9, 2301.0, 19012.0, 0), (9.1, 11.4, 2312.5, 19140.0, 0), (10.3, 13.8, 2330.0, 19260.0, 0),
              (14.9, 21.7, 2351.0, 19410.0, 0), (19.6, 33.2, 2372.2, 19555.0, 0), (41.0, 97.5, 2398.0, 19701.0, 2)],
             start=1):
-        steps.append({"n": n, "ok": 12 * n - errors, "errors": errors, "ttft_p50_s": 0.3 * n, "ttft_p95_s": 0.55 * n,
-                      "turn_p50_s": p50, "turn_p95_s": p95, "server_rss_mib": rss, "device_used_mib": used})
-    return {"schema": 1, "kind": "ramp", "config_id": cfg.id, "config": asdict(cfg), "profile": "4090",
-            "host": dict(HOST_4090), "workload": {"name": "ramp-Research", "agents": ["Research"]},
-            "steps": steps, "max_clean_n": 5, "knee_n": 4, "verdicts": [], "outcome": "passed"}
+        steps.append(RampStep(n=n, ok=12 * n - errors, errors=errors, ttft_p50_s=0.3 * n, ttft_p95_s=0.55 * n,
+                              turn_p50_s=p50, turn_p95_s=p95, server_rss_mib=rss, device_used_mib=used))
+    return RampRecord(
+        test=f"capacity_tests/test_workload.py::test_agent_connection_ramp[{cfg.id}]", config_id=cfg.id,
+        config=RecordConfig.of(cfg), profile="4090", host=dict(HOST_4090), server=_server(cfg), boot_s=6.0,
+        steps=tuple(steps), max_clean_n=5, knee_n=4, ceiling=6, slo=SloBudgets.of(WORKLOAD_SLO), outcome="passed")
 
 
-def study_records() -> list[dict[str, Any]]:
+def study_records() -> list[Record]:
     """The reference study's Phase 1 and Phase 2 figures, as records."""
     return [
         ceiling(3, 131072, 22980.0, 1102.0, 20.0),
@@ -147,7 +151,7 @@ def study_records() -> list[dict[str, Any]]:
     ]
 
 
-def write_results(directory: Path, recs: list[dict[str, Any]]) -> Path:
+def write_results(directory: Path, recs: list[Record]) -> Path:
     for r in recs:
         records.append_jsonl(directory / "results.jsonl", r)
     return directory / "results.jsonl"
@@ -291,8 +295,8 @@ def test_hostile_strings_render_escaped(tmp_path: Path) -> None:
                    model=f"/m/{HOSTILE}.gguf", argv_extra=("--alias", HOSTILE, "--x", "a`b"),
                    host={**HOST_4090, "gpu": '<img src=x onerror="alert(2)">'})
     wl = workload(f"n2 {HOSTILE}", 2, 8192, HOSTILE, ["Dev", HOSTILE], 120.0, 60.0, (10.0, 20.0), 4000.0, (9, 0))
-    evil["reason"] = f"log line: {HOSTILE}"
-    write_results(tmp_path, [evil, wl, ramp() | {"config_id": HOSTILE}])
+    evil = replace(evil, reason=f"log line: {HOSTILE}")
+    write_results(tmp_path, [evil, wl, replace(ramp(), config_id=HOSTILE)])
     (tmp_path / "session.json").write_text(json.dumps({"command": f"pytest -k '{HOSTILE}' ```", "git": HOSTILE}))
     written = render_report(tmp_path)
     html = (tmp_path / "capacity.html").read_text()
@@ -315,7 +319,7 @@ def test_hostile_strings_render_escaped(tmp_path: Path) -> None:
 def test_truncated_last_line_still_renders(tmp_path: Path) -> None:
     path = write_results(tmp_path, study_records()[:3])
     with open(path, "a") as fh:
-        fh.write(json.dumps(ceiling(7, 32768, 22184.0, 1898.0, 6.0))[:150])  # crash mid-write
+        fh.write(json.dumps(ceiling(7, 32768, 22184.0, 1898.0, 6.0).to_dict())[:150])  # crash mid-write
     render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
     assert "Rendered from 3 records" in md
@@ -443,16 +447,15 @@ def test_step_summary_has_tables_without_images(study_dir: Path) -> None:
 
 
 def test_search_record_renders_every_probe(tmp_path: Path) -> None:
-    search = {"schema": 1, "kind": "search", "test": "t", "config_id": "4090-search", "profile": "4090",
-              "knee": "4090-n5-ctx32k-mmproj-q8", "boots": 2, "grid_size": 4, "boot_fraction": 0.5,
-              "known_used": 0, "assumption": "monotone in N and ctx", "seconds": 1.0, "outcome": "passed",
-              "probes": [
-                  {"config_id": "4090-n5-ctx32k-mmproj-q8", "n": 5, "ctx": 32768, "cache_type": "q8_0",
-                   "mmproj": True, "status": "booted-pass", "reason": "free 3154 MiB (Comfortable)",
-                   "boot_order": 1, "predicted_free_mib": 3100.0},
-                  {"config_id": "4090-n7-ctx64k-mmproj-q8", "n": 7, "ctx": 65536, "cache_type": "q8_0",
-                   "mmproj": True, "status": "predicted-no-fit", "reason": "predicted not to fit: <b>x</b>",
-                   "boot_order": None, "predicted_free_mib": -900.0}]}
+    search = SearchRecord(
+        test="t", config_id="4090-search", profile="4090", knee="4090-n5-ctx32k-mmproj-q8", boots=2, grid_size=4,
+        boot_fraction=0.5, known_used=0, assumption="monotone in N and ctx", seconds=1.0, outcome="passed",
+        probes=(SearchProbe(config_id="4090-n5-ctx32k-mmproj-q8", n=5, ctx=32768, cache_type="q8_0", mmproj=True,
+                            status="booted-pass", reason="free 3154 MiB (Comfortable)", boot_order=1,
+                            predicted_free_mib=3100.0),
+                SearchProbe(config_id="4090-n7-ctx64k-mmproj-q8", n=7, ctx=65536, cache_type="q8_0", mmproj=True,
+                            status="predicted-no-fit", reason="predicted not to fit: <b>x</b>", boot_order=None,
+                            predicted_free_mib=-900.0)))
     write_results(tmp_path, [ceiling(5, 32768, 20928.0, 3154.0, 10.0), search])
     render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
@@ -466,26 +469,26 @@ def test_search_record_renders_every_probe(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- checks: prediction, cross-check, roofline, vLLM
 
-def with_prediction(rec: dict[str, Any], measured_over: float, kv_server_extra_mib: float = 0.0) -> dict[str, Any]:
-    """Attach a real memory-model prediction as ``ceiling.ceiling_record`` does, with the server's buffers
+def with_prediction(rec: CeilingRecord, measured_over: float, kv_server_extra_mib: float = 0.0) -> CeilingRecord:
+    """Attach a real memory-model prediction as ``ceiling.build_ceiling`` does, with the server's buffers
     equal to the prediction (KV lines off by ``kv_server_extra_mib``) and the meter ``measured_over`` × it."""
     from pytest_gpucap import prediction
     from pytest_gpucap.modelgen import ModelShape
 
-    cfg = CapacityConfig(**{**rec["config"], "extra_args": tuple(rec["config"]["extra_args"]),
-                            "env": tuple(rec["config"]["env"])})
+    config = rec.config.to_dict()
+    cfg = CapacityConfig(**{**config, "extra_args": tuple(config["extra_args"]), "env": tuple(config["env"])})
     facts = prediction.facts_from_shape(ModelShape(n_layer=4, n_embd=512, n_head=8, n_head_kv=2))
     pred = prediction.predict(cfg, facts)
-    mem = rec["memory"]
     kv = pred.kv_mib + kv_server_extra_mib
-    mem["server_report"] |= {"kv_mib": kv, "kv_buffer_mib": {"CUDA0": kv}, "model_mib": {"CUDA0": pred.weights_mib},
-                             "compute_mib": {"CUDA0": pred.compute_counted_mib}, "output_mib": {},
-                             "kv_lines": [{"size_mib": kv}]}
-    mem["used_after_load_mib"] = round(mem["baseline_used_mib"] + pred.total_mib * measured_over, 1)
-    mem["predicted"] = pred.as_dict()
-    mem["predicted_kv_per_slot_mib"] = mem["predicted"]["kv_per_slot_mib"]
-    mem["prediction_error"] = prediction.prediction_error(pred, rec)
-    return rec
+    mem = replace(rec.memory, server_report=replace(
+        rec.memory.server_report, kv_mib=kv, kv_buffer_mib={"CUDA0": kv}, model_mib={"CUDA0": pred.weights_mib},
+        compute_mib={"CUDA0": pred.compute_counted_mib}, output_mib={}, kv_lines=[{"size_mib": kv}]),
+        used_after_load_mib=round(rec.memory.baseline_used_mib + pred.total_mib * measured_over, 1))
+    predicted = pred.as_dict()
+    error = prediction.prediction_error(pred, replace(rec, memory=mem).to_dict())
+    return replace(rec, memory=replace(mem, predicted=Predicted.from_dict(predicted),
+                                       predicted_kv_per_slot_mib=predicted["kv_per_slot_mib"],
+                                       prediction_error=PredictionCheck.from_dict(error)))
 
 
 def test_memory_prediction_table_per_config(tmp_path: Path) -> None:
@@ -496,17 +499,17 @@ def test_memory_prediction_table_per_config(tmp_path: Path) -> None:
     render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
     section = _section(md, "### Memory prediction")
-    err = exact["memory"]["prediction_error"]
-    row = _rows(section, exact["config_id"])[0]
+    err = exact.to_dict()["memory"]["prediction_error"]
+    row = _rows(section, exact.config_id)[0]
     assert row[3:11] == [f"{err['total']['predicted_mib']:,.1f}", f"{err['total']['server_mib']:,.1f}",
                          f"{err['total']['measured_mib']:,.1f}", f"{err['total']['error_mib']:+,.1f}",
                          f"{err['total']['error_pct']:+.1f}%", f"{err['kv']['predicted_mib']:,.1f}",
                          f"{err['kv']['server_mib']:,.1f}", "exact"]
     assert err["total"]["error_pct"] == pytest.approx(100 * (1 / 1.03 - 1), abs=0.1)
-    off_row = _rows(section, off["config_id"])[0]
-    assert off_row[7] == f"{off['memory']['prediction_error']['total']['error_pct']:+.1f}%"
+    off_row = _rows(section, off.config_id)[0]
+    assert off_row[7] == f"{off.to_dict()['memory']['prediction_error']['total']['error_pct']:+.1f}%"
     assert off_row[10] == "off by -2.00 MiB"
-    assert _rows(section, plain["config_id"]) == []
+    assert _rows(section, plain.config_id) == []
     assert "largest +11.1% (4090-n4-ctx8k-q8)" in section  # |−10%| of measured = +11.1% of it
     html = (tmp_path / "capacity.html").read_text()
     assert '<table id="prediction-table">' in html
@@ -520,23 +523,23 @@ def test_memory_prediction_table_per_config(tmp_path: Path) -> None:
     assert "prediction-table" not in (without / "capacity.html").read_text()
 
 
-def _checked(rec: dict[str, Any], *, behind: bool = False, usage_missing: int = 0,
-             timings: bool = True) -> dict[str, Any]:
+def _checked(rec: WorkloadRecord, *, behind: bool = False, usage_missing: int = 0,
+             timings: bool = True) -> WorkloadRecord:
     """A workload record with the harness's cross-check, goodput and roofline figures (``harness._finish``)."""
-    m = rec["metrics"]
+    m = rec.metrics
     tokens = 4000
-    m["crosscheck"] = {"client_tokens": tokens, "server_timing_tokens": tokens if timings else 0,
-                       "server_metrics_tokens": tokens + 40.0 if timings else None,
-                       "token_ratio": 1.0 if timings else None,
-                       "metrics_token_ratio": tokens / (tokens + 40.0) if timings else None,
-                       "decode_rate_ratio": (0.72 if behind else 0.995) if timings else None,
-                       "client_behind": behind}
-    m["usage_missing"] = usage_missing
-    m["goodput"] = {"good_turns": m["turns_ok"] - 1, "finished_turns": m["turns_ok"] + m["turns_failed"],
-                    "fraction": (m["turns_ok"] - 1) / (m["turns_ok"] + m["turns_failed"]),
-                    "turns_per_s": 0.0652, "tokens_per_s": 118.25}
-    rec["tokens_from"] = "server usage" if not usage_missing else f"server usage missing on {usage_missing} turns"
-    return rec
+    crosscheck = Crosscheck(client_tokens=tokens, server_timing_tokens=tokens if timings else 0,
+                            server_metrics_tokens=tokens + 40.0 if timings else None,
+                            token_ratio=1.0 if timings else None,
+                            metrics_token_ratio=tokens / (tokens + 40.0) if timings else None,
+                            decode_rate_ratio=(0.72 if behind else 0.995) if timings else None,
+                            client_behind=behind)
+    goodput = Goodput(good_turns=m.turns_ok - 1, finished_turns=m.turns_ok + m.turns_failed,
+                      fraction=(m.turns_ok - 1) / (m.turns_ok + m.turns_failed),
+                      turns_per_s=0.0652, tokens_per_s=118.25)
+    rec = with_metrics(rec, crosscheck=crosscheck, usage_missing=usage_missing, goodput=goodput)
+    return replace(rec, tokens_from="server usage" if not usage_missing else
+                   f"server usage missing on {usage_missing} turns")
 
 
 def test_client_server_crosscheck_and_goodput(tmp_path: Path) -> None:
@@ -581,10 +584,10 @@ def test_client_server_crosscheck_and_goodput(tmp_path: Path) -> None:
 def test_low_roofline_efficiency_flagged_in_words(tmp_path: Path) -> None:
     fast = workload("4090-n3-ctx64k-q8", 3, 65536, "A", ["TL", "Dev", "QA"], 142.3, 69.7, (93.0, 114.0),
                     2972.0, (42, 0))
-    fast["metrics"] |= {"roofline_tps": 200.0, "roofline_full_slots_tps": 150.0, "efficiency": 142.3 / 200.0}
+    fast = with_metrics(fast, roofline_tps=200.0, roofline_full_slots_tps=150.0, efficiency=142.3 / 200.0)
     slow = workload("4090-n3-ctx256k-q8", 3, 262144, "A", ["TL", "Dev", "QA"], 10.5, 10.1, (None, None),
                     1077.0, (3, 2))
-    slow["metrics"] |= {"roofline_tps": 175.0, "roofline_full_slots_tps": 52.5, "efficiency": 10.5 / 175.0}
+    slow = with_metrics(slow, roofline_tps=175.0, roofline_full_slots_tps=52.5, efficiency=10.5 / 175.0)
     write_results(tmp_path, [fast, slow])
     render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
@@ -600,23 +603,22 @@ def test_low_roofline_efficiency_flagged_in_words(tmp_path: Path) -> None:
     assert "4090-n3-ctx64k-q8 (A (TL, Dev, QA)): 71%" not in html
 
 
-def vllm_ceiling(n: int, ctx: int, seqs: float | None, free: float) -> dict[str, Any]:
-    """A vLLM ceiling record: free memory is low by design (pre-allocated KV), headroom is KV capacity."""
+def vllm_ceiling(n: int, ctx: int, seqs: float | None, free: float) -> CeilingRecord:
+    """A vLLM ceiling record: free memory is low by design (pre-allocated KV), headroom is KV capacity
+    (the vLLM backend's headroom rule, as ``ceiling.build_ceiling`` judges it)."""
     rec = ceiling(n, ctx, 24082.0 - free, free, 38.0, mmproj=False)
-    rec["config"]["backend"] = "vllm"
-    rec["config_id"] = rec["config_id"].replace("4090-", "4090-vllm-")
-    rec["server"]["backend"] = "vllm"
-    rec["memory"]["kv_headroom"] = {
-        "kind": "kv_capacity", "kv_capacity_sequences": seqs, "n": n,
-        "explain": "vLLM pre-allocates its KV cache, so free memory after load is not headroom; headroom is "
-                   "how many concurrent full-length sequences the KV pool holds vs N",
-        "spare_sequences": None if seqs is None else seqs - n, "ok": None if seqs is None else seqs >= n,
-        "kv_cache_tokens": None if seqs is None else int(seqs * ctx), "kv_cache_gib": 7.5, "kv_sizing": "utilization"}
-    if seqs is not None:  # records.ceiling_record adds this verdict beside the free-memory one
-        kv_verdict = Verdict("KV capacity (concurrent full-length sequences)", seqs, float(n), "seq")
-        rec["verdicts"].append(_verdict(kv_verdict))
-        rec["outcome"] = "passed" if seqs >= n else "failed"
-    return rec
+    kv_headroom = KvHeadroom(
+        kind="kv_capacity", kv_capacity_sequences=seqs, n=n,
+        explain="vLLM pre-allocates its KV cache, so free memory after load is not headroom; headroom is "
+                "how many concurrent full-length sequences the KV pool holds vs N",
+        spare_sequences=None if seqs is None else seqs - n, ok=None if seqs is None else seqs >= n,
+        extra={"kv_cache_tokens": None if seqs is None else int(seqs * ctx), "kv_cache_gib": 7.5,
+               "kv_sizing": "utilization"})
+    verdicts = ceiling_verdicts(free, SLO(headroom_gib=1.5), kv_headroom.to_dict(), n)
+    return replace(rec, config=replace(rec.config, backend="vllm"),
+                   config_id=rec.config_id.replace("4090-", "4090-vllm-"),
+                   server=replace(rec.server, backend="vllm"), memory=replace(rec.memory, kv_headroom=kv_headroom),
+                   verdicts=tuple(verdicts), outcome="passed" if all(v.ok for v in verdicts) else "failed")
 
 
 def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None:
@@ -624,15 +626,15 @@ def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None
     llama = ceiling(3, 65536, 21110.0, 2972.0, 10.0)
     over = workload("4090-vllm-n4-ctx32k-q8", 4, 32768, "fixed-c8", ["fixed x8"], 310.0, 40.2, (None, None),
                     600.0, (64, 0))
-    over["metrics"]["server"] = {
-        "samples": 40, "scrape_errors": 0, "window_s": 20.0, "max_waiting": 4.0, "mean_waiting": 2.1,
-        "waiting_fraction": 0.55, "max_running": 4.0, "mean_running": 3.9, "max_kv_cache_usage": 0.31,
-        "preemptions": 2.0, "server_errors": 0.0, "prefix_cache_hit_rate": 0.0, "overloaded": True,
-        "queue_time_s": {"count": 64, "sum": 80.0, "mean": 1.25, "p50": 1.1, "p95": 2.75, "p99": 3.0},
-        "max_num_seqs": 4, "running_at_cap": True}
+    over = with_metrics(over, server=ServerView(
+        samples=40, scrape_errors=0, window_s=20.0, max_waiting=4.0, mean_waiting=2.1,
+        waiting_fraction=0.55, max_running=4.0, mean_running=3.9, max_kv_cache_usage=0.31,
+        preemptions=2.0, server_errors=0.0, prefix_cache_hit_rate=0.0, overloaded=True,
+        queue_time_s=QueueTimes(mean=1.25, p50=1.1, p95=2.75, p99=3.0, extra={"count": 64, "sum": 80.0}),
+        max_num_seqs=4, running_at_cap=True))
     calm = workload("4090-vllm-n16-ctx32k-q8", 16, 32768, "fixed-c8", ["fixed x8"], 300.0, 40.0, (None, None),
                     600.0, (64, 0))
-    calm["metrics"]["server"] = {"samples": 0, "scrape_errors": 3}
+    calm = with_metrics(calm, server=ServerView(samples=0, scrape_errors=3))
     write_results(tmp_path, [fits, short, llama, over, calm])
     render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
@@ -668,11 +670,10 @@ def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None
     assert "Server-side queueing" not in md and "Headroom on vLLM" not in md
 
 
-def unmeasured(kind: str, config_id: str, outcome: str, reason: str, test: str) -> dict[str, Any]:
+def unmeasured(kind: str, config_id: str, outcome: str, reason: str, test: str) -> Record:
     """A record of a config test that ended before measuring: config, outcome and reason only."""
     cfg = CapacityConfig(profile="4090", n=7, ctx=65536, cache_type_k="q8_0", cache_type_v="q8_0", name=config_id)
-    return {"schema": records.SCHEMA_VERSION, "kind": kind, "test": test, "config_id": cfg.id, "config": asdict(cfg),
-            "profile": "4090", "outcome": outcome, "reason": reason}
+    return replace(records.outcome_record(cfg, test, kind, reason), outcome=outcome)
 
 
 def test_unmeasured_records_render_without_figures(tmp_path: Path) -> None:

@@ -1,0 +1,440 @@
+"""The sections of a result record, and the mechanism that maps them to and from JSON dicts.
+
+Each section is a frozen dataclass whose typed fields are what readers look at (the write-up, the
+comparison, the tracked figures); ``from_dict`` → ``to_dict`` gives back the same dict, because keys not
+typed here ride along in ``extra`` and a parsed section writes back the keys it was read with. The
+record kinds themselves, the schema version and the results file are in ``records``.
+
+``from_dict`` does not coerce values (a hand-edited file may hold anything); readers format through
+tolerant helpers. A section that is not the expected shape is kept verbatim in ``extra`` and its
+typed field holds what could be read (an empty section where one is required).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, TypeVar
+
+if TYPE_CHECKING:
+    from .matrix import SLO, CapacityConfig
+
+S = TypeVar("S", bound="Section")
+_META = ("extra", "_keys", "absent")
+
+
+# ---------------------------------------------------------------- the dict <-> dataclass mechanism
+
+def opt(default: Any = None) -> Any:
+    """A field the writer adds only sometimes: left out of ``to_dict`` while it holds its default."""
+    return field(default=default, metadata={"optional": True})
+
+
+def sub(cls: type, *, optional: bool = False, many: str = "") -> Any:
+    """A nested section: one ``cls`` (required unless ``optional``), or ``many="list"``/``"map"`` of them."""
+    meta = {"section": cls, "many": many, "optional": optional}
+    if many == "list":
+        return field(default=(), metadata=meta)
+    if many == "map":
+        return field(default_factory=dict, metadata=meta)
+    return field(default=None, metadata=meta) if optional else field(metadata=meta)
+
+
+def _default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def _single(f: Field[Any]) -> bool:
+    return f.metadata.get("section") is not None and not f.metadata["many"]
+
+
+def _load(f: Field[Any], value: Any) -> tuple[Any, bool]:
+    """``value`` parsed for field ``f``, and whether writing the parsed value back gives ``value``."""
+    cls, many = f.metadata.get("section"), f.metadata.get("many")
+    if cls is None:
+        return value, True
+    if not many:
+        if isinstance(value, Mapping):
+            return cls.from_dict(value), True
+        if f.metadata.get("optional"):
+            return None, value is None
+        return cls._read({}, absent=True), False
+    if many == "map" and isinstance(value, Mapping):
+        pairs: Iterable[tuple[Any, Any]] = value.items()
+    elif many == "list" and isinstance(value, list):
+        pairs = enumerate(value)
+    else:
+        return _default(f), False
+    out, exact = {}, True
+    for key, item in pairs:
+        try:
+            parsed = cls.from_dict(item)
+        except (TypeError, KeyError, ValueError):
+            exact = False
+            continue
+        exact = exact and parsed.to_dict() == item
+        out[key] = parsed
+    return (tuple(out.values()) if many == "list" else out), exact
+
+
+def _dump(f: Field[Any], value: Any) -> Any:
+    if f.metadata.get("section") is None or value is None:
+        return value
+    many = f.metadata.get("many")
+    if many == "list":
+        return [v.to_dict() for v in value]
+    if many == "map":
+        return {k: v.to_dict() for k, v in value.items()}
+    return value.to_dict()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Section:
+    """A JSON object with typed fields. ``extra``: keys not typed here; ``_keys``: the keys it was read
+    with (None when built in code, then every field is written except optional ones at their default);
+    ``absent``: an empty stand-in for a required section the source did not have (never written back)."""
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    _keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    absent: bool = field(default=False, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls: type[S], data: Mapping[str, Any]) -> S:
+        return cls._read(data)
+
+    @classmethod
+    def _read(cls: type[S], data: Mapping[str, Any], absent: bool = False) -> S:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls) if f.name not in _META}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            f = known.get(key)
+            if f is None:
+                extra[key] = value
+                continue
+            values[key], exact = _load(f, value)
+            if not exact:
+                extra[key] = value  # kept verbatim; the typed field holds what could be read
+        for name, f in known.items():
+            if name not in values and f.default is MISSING and f.default_factory is MISSING:
+                values[name] = f.metadata["section"]._read({}, absent=True) if _single(f) else None
+        return cls(**values, extra=extra, _keys=tuple(k for k in data if k in known), absent=absent)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in _META or f.name in self.extra:
+                continue
+            value = getattr(self, f.name)
+            if self._writes(f, value):
+                out[f.name] = _dump(f, value)
+        out.update(self.extra)
+        return out
+
+    def _writes(self, f: Field[Any], value: Any) -> bool:
+        default = _default(f)
+        if self._keys is not None:
+            return f.name in self._keys or (value != default and not (isinstance(value, Section) and value.absent))
+        return not (f.metadata.get("optional") and value == default)
+
+
+# ---------------------------------------------------------------- small sections
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number(value: Any) -> float | None:
+    """A recorded figure as a float; None when absent, not a number, or NaN."""
+    return float(value) if is_number(value) and not math.isnan(value) else None
+
+@dataclass(frozen=True, kw_only=True)
+class RecordConfig(Section):
+    """The config a record measured (``dataclasses.asdict(CapacityConfig)``), typed where readers look."""
+
+    profile: str | None = None
+    backend: str | None = None
+    n: int | None = None
+    ctx: int | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    mmproj: bool | None = None
+
+    @classmethod
+    def of(cls, cfg: "CapacityConfig") -> "RecordConfig":
+        return cls.from_dict(asdict(cfg))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerInfo(Section):
+    """Which server ran: backend, binary or command, its version, argv, URL, model and slots."""
+
+    backend: str | None
+    binary: str | None
+    version: str | None
+    argv: list[str] | None
+    url: str | None
+    model: str | None
+    total_slots: int | None
+    n_ctx_slot: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SloBudgets(Section):
+    """The budgets a record was judged against (a ceiling records its headroom budget only)."""
+
+    headroom_gib: float | None = opt()
+    p95_s: dict[str, float] | None = opt()
+    min_agg_tps: float | None = opt()
+    max_error_rate: float | None = opt()
+    ttft_p95_s: float | None = opt()
+    ramp_p95_s: float | None = opt()
+    queue_p95_s: float | None = opt()
+
+    @classmethod
+    def of(cls, slo: "SLO") -> "SloBudgets":
+        """Every budget of ``slo``, unset ones as null (workload and ramp records)."""
+        return cls.from_dict({"headroom_gib": slo.headroom_gib, "p95_s": dict(slo.p95_s),
+                              "min_agg_tps": slo.min_agg_tps, "max_error_rate": slo.max_error_rate,
+                              "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s,
+                              "queue_p95_s": slo.queue_p95_s})
+
+
+# ---------------------------------------------------------------- ceiling
+
+@dataclass(frozen=True, kw_only=True)
+class ServerBuffers(Section):
+    """``memory.server_report``: the buffers the server logged at load (MiB per device); backend-shaped."""
+
+    kv_mib: float | None = opt()
+    model_mib: dict[str, float] | None = opt()
+    kv_buffer_mib: dict[str, float] | None = opt()
+    compute_mib: dict[str, float] | None = opt()
+    output_mib: dict[str, float] | None = opt()
+    kv_lines: list[dict[str, Any]] | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predicted(Section):
+    """``memory.predicted``: the memory model's figures before boot (``Prediction.as_dict``)."""
+
+    kv_mib: float | None = opt()
+    kv_per_slot_mib: float | None = opt()
+    compute_source: str | None = opt()
+    total_mib: float | None = opt()
+    calibrated: bool | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionPart(Section):
+    """One row of ``memory.prediction_error``: predicted vs server-reported vs measured MiB."""
+
+    predicted_mib: float | None = opt()
+    server_mib: float | None = opt()
+    diff_mib: float | None = opt()
+    measured_mib: float | None = opt()
+    error_mib: float | None = opt()
+    error_pct: float | None = opt()
+    exact: bool | None = opt()
+    lines_server: list[str] | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionCheck(Section):
+    """``memory.prediction_error`` (``prediction_error``): the parts reports show are typed."""
+
+    kv: PredictionPart | None = sub(PredictionPart, optional=True)
+    total: PredictionPart | None = sub(PredictionPart, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KvHeadroom(Section):
+    """A backend's own headroom rule (vLLM: concurrent full-length sequences its KV pool holds vs N)."""
+
+    kind: str | None = opt()
+    explain: str | None = opt()
+    kv_capacity_sequences: float | None = opt()
+    n: int | None = opt()
+    spare_sequences: float | None = opt()
+    ok: bool | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CeilingMemory(Section):
+    """What the probe saw from load through the hold window, and the server's own account (MiB)."""
+
+    probe: str | None
+    device_total_mib: float | None
+    baseline_used_mib: float | None
+    used_after_load_mib: float | None
+    free_after_load_mib: float | None
+    free_mib: float | None  # the lowest free memory from load through the hold
+    peak_used_mib: float | None
+    server_rss_mib: float | None
+    host_available_min_mib: float | None
+    samples: int | None
+    server_report: ServerBuffers = sub(ServerBuffers)
+    kv_per_slot_mib: float | None
+    predicted: Predicted | None = sub(Predicted, optional=True)
+    predicted_kv_per_slot_mib: float | None = opt()
+    prediction_error: PredictionCheck | None = sub(PredictionCheck, optional=True)
+    kv_headroom: KvHeadroom | None = sub(KvHeadroom, optional=True)
+
+
+# ---------------------------------------------------------------- workload
+
+@dataclass(frozen=True, kw_only=True)
+class Percentiles(Section):
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    n: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoleMetrics(Section):
+    """One role's turns: end-to-end latency percentiles, counts and its decode rate."""
+
+    p50_s: float | None = None
+    p95_s: float | None = None
+    p99_s: float | None = None
+    turns_ok: int | None = None
+    turns_failed: int | None = None
+    tps: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Crosscheck(Section):
+    """The client's token count and decode rate against the server's own counters."""
+
+    client_tokens: int | None = None
+    server_timing_tokens: int | None = None
+    server_metrics_tokens: float | None = None
+    token_ratio: float | None = None
+    metrics_token_ratio: float | None = None
+    decode_rate_ratio: float | None = None
+    client_behind: bool | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Goodput(Section):
+    """Turns that met every per-turn budget, as a fraction of finished turns and as rates."""
+
+    good_turns: int | None = None
+    finished_turns: int | None = None
+    fraction: float | None = None
+    turns_per_s: float | None = None
+    tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueTimes(Section):
+    mean: float | None = opt()
+    p50: float | None = opt()
+    p95: float | None = opt()
+    p99: float | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerView(Section):
+    """``metrics.server``: the server's ``/metrics`` polled during the run (queueing, KV use, preemption)."""
+
+    samples: int | None = None
+    scrape_errors: int | None = None
+    window_s: float | None = opt()
+    max_waiting: float | None = opt()
+    mean_waiting: float | None = opt()
+    waiting_fraction: float | None = opt()
+    max_running: float | None = opt()
+    mean_running: float | None = opt()
+    max_kv_cache_usage: float | None = opt()
+    preemptions: float | None = opt()
+    server_errors: float | None = opt()
+    queue_time_s: QueueTimes | None = sub(QueueTimes, optional=True)
+    prefix_cache_hit_rate: float | None = opt()
+    overloaded: bool | None = opt()
+    max_num_seqs: int | None = opt()
+    running_at_cap: bool | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadMetrics(Section):
+    """A load run's figures over its measured window (``workload.metrics.summarize`` and the harness's checks)."""
+
+    agg_tps: float | None
+    per_call_tps: float | None
+    ttft_s: Percentiles = sub(Percentiles)
+    e2e_s: Percentiles = sub(Percentiles)
+    roles: dict[str, RoleMetrics] = sub(RoleMetrics, many="map")
+    turns_ok: int | None
+    turns_failed: int | None
+    error_rate: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    usage_missing: int | None = None
+    crosscheck: Crosscheck | None = sub(Crosscheck, optional=True)
+    roofline_tps: float | None = opt()
+    roofline_full_slots_tps: float | None = opt()
+    efficiency: float | None = opt()
+    goodput: Goodput | None = sub(Goodput, optional=True)
+    server: ServerView | None = sub(ServerView, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadInfo(Section):
+    """What load ran: its name, the agents (roles), and the settings it ran with."""
+
+    name: str | None
+    agents: list[str] | None
+    duration_s: float | None = None
+    warmup_s: float | None = None
+    token_scale: float | None = None
+    cadence_scale: float | None = None
+    rtt_s: float | None = None
+    seed: int | None = None
+    chars_per_token: float | None = None
+    calibration: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadMemory(Section):
+    free_at_boot_mib: float | None = None
+    min_free_mib: float | None = None
+    peak_server_rss_mib: float | None = None
+
+
+# ---------------------------------------------------------------- ramp and search
+
+@dataclass(frozen=True, kw_only=True)
+class RampStep(Section):
+    """One ramp step: N agents at once, one turn each."""
+
+    n: int | None = None
+    ok: int | None = None
+    errors: int | None = None
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    turn_p50_s: float | None = None
+    turn_p95_s: float | None = None
+    server_rss_mib: float | None = None
+    device_used_mib: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchProbe(Section):
+    """One config a capacity search considered, and how it was decided."""
+
+    config_id: str | None = None
+    n: int | None = None
+    ctx: int | None = None
+    cache_type: str | None = None
+    mmproj: bool | None = None
+    status: str | None = None
+    reason: str | None = None
+    boot_order: int | None = None
+    predicted_free_mib: float | None = None
