@@ -27,12 +27,12 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:
-    from .backends import ServerHandle
-    from .ceiling import Ceiling
-    from .harness import Harness
-    from .hookspec import ReportSection
-    from .matrix import CapacityConfig
-    from .search_run import SearchRun
+    from .backends import ServerHandle  # noqa: F401
+    from .ceiling import Ceiling  # noqa: F401
+    from .harness import Harness  # noqa: F401
+    from .hookspec import ReportSection  # noqa: F401
+    from .matrix import CapacityConfig  # noqa: F401
+    from .search_run import SearchRun  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -36,14 +36,7 @@ def _mib(value: float | None) -> float | None:
 
 def _kv_headroom(handle: ServerHandle) -> dict[str, Any] | None:
     """The backend's own headroom rule (None: free memory after load is the rule)."""
-    backend = getattr(handle, "backend", None)
-    if backend is not None and hasattr(backend, "headroom"):
-        return backend.headroom(handle.report, handle.config)
-    if handle.config.backend == "vllm":  # until every handle carries its backend
-        from .backends import vllm
-
-        return vllm.headroom(handle.report, handle.config)  # type: ignore[arg-type]
-    return None
+    return handle.backend.headroom(handle.report, handle.config)
 
 
 def build_ceiling(handle: ServerHandle, test_id: str, slo: SLO | None = None) -> tuple[CeilingRecord, list[Verdict]]:

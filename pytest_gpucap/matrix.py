@@ -14,6 +14,10 @@ from typing import Any, Mapping
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 BACKENDS = ("llamacpp", "vllm", "external")
+#: The study's headroom words, best first; free memory of at least ``COMFORTABLE_FACTOR`` x the
+#: headroom SLO is the first, at least the SLO the second, less the third (``SLO.headroom_class``).
+HEADROOM_CLASSES = ("Comfortable", "Marginal", "Risky")
+COMFORTABLE_FACTOR = 2.0
 DEVICES = ("cuda", "host")
 FLASH_ATTN = ("on", "off", "auto")
 GENERATED_PREFIX = "generated:"
@@ -39,11 +43,11 @@ class SLO:
         """The study's words for free memory against this SLO: Comfortable at >= 2x the headroom
         budget, Marginal at >= the budget, else Risky. The one definition of the rule: judgements go
         through ``verdicts.headroom_class``; the prediction (below verdicts) reads it here."""
-        if free_gib >= 2 * self.headroom_gib:
-            return "Comfortable"
+        if free_gib >= COMFORTABLE_FACTOR * self.headroom_gib:
+            return HEADROOM_CLASSES[0]
         if free_gib >= self.headroom_gib:
-            return "Marginal"
-        return "Risky"
+            return HEADROOM_CLASSES[1]
+        return HEADROOM_CLASSES[2]
 
     def role_p95(self) -> dict[str, float]:
         return dict(self.p95_s)

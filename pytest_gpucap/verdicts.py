@@ -12,12 +12,9 @@ from typing import Any, Mapping, Sequence
 
 import pytest
 
-from .matrix import SLO
+from .matrix import COMFORTABLE_FACTOR, HEADROOM_CLASSES, SLO
 from .records import CeilingRecord, KvHeadroom, Record, Verdict, WorkloadMetrics
 
-#: Free memory of at least this many times the headroom SLO is Comfortable; at least the SLO, Marginal.
-COMFORTABLE_FACTOR = 2.0
-HEADROOM_CLASSES = ("Comfortable", "Marginal", "Risky")
 HEADROOM_RULE = (f"{HEADROOM_CLASSES[0]} ≥ {COMFORTABLE_FACTOR:g}× the headroom SLO, {HEADROOM_CLASSES[1]} ≥ the SLO, "
                  f"{HEADROOM_CLASSES[2]} below")
 #: The names of the two ceiling verdicts.
