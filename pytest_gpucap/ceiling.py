@@ -73,9 +73,10 @@ def build_ceiling(handle: ServerHandle, test_id: str, slo: SLO | None = None) ->
                            verdicts=tuple(verdicts), headroom_class=headroom_class(free_mib / 1024, slo))
     if handle.prediction is not None:
         from .prediction import prediction_error
+        from .record_calibration import sample
 
         predicted = handle.prediction.as_dict()
-        error = prediction_error(handle.prediction, record.to_dict())
+        error = prediction_error(handle.prediction, sample(record))
         record = replace(record, memory=replace(
             memory, predicted=Predicted.from_dict(predicted),
             predicted_kv_per_slot_mib=predicted.get("kv_per_slot_mib"),

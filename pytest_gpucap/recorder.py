@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from . import benchmarks, compare, prediction, provenance, records
+from . import benchmarks, compare, prediction, provenance, record_calibration, records
 
 
 class Recorder:
@@ -110,11 +110,11 @@ class Recorder:
 
     def _save_calibration(self) -> None:
         path = self.state.settings.calibration_path
-        # The calibration sits below the records layer, so it is handed the measured ceilings' dicts.
+        # The calibration sits below the records layer: record_calibration turns the ceilings into its samples.
         ceilings = [r for r in self.state.records if isinstance(records.parse(r), records.CeilingRecord)]
         if path is None or not ceilings:
             return
-        learned = prediction.calibrate(ceilings)
+        learned = record_calibration.calibrate_from(ceilings)
         prediction.save_calibration(self.state.calibration.merged(learned), path)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -30,9 +30,9 @@ only the points that can still change the answer:
 Pruning on "fit" is safe while the prediction errs by less than the headroom SLO: a config predicted
 not to fit at all but measured with at least the SLO's headroom free would be missed.
 
-``evaluate(cfg) -> Outcome`` is the only thing that boots; :func:`boot_and_check` is a real one
-(boot ``llama-server`` with ``ServerHandle``, read free memory, judge the headroom SLO and any extra
-checks). The plugin can pass its own (boot + workload + SLO verdicts).
+``evaluate(cfg) -> Outcome`` is the only thing that boots; ``search_boot.boot_and_check`` is a real
+one (boot ``llama-server`` with ``ServerHandle``, read free memory, judge the headroom SLO and any
+extra checks). The plugin can pass its own (boot + workload + SLO verdicts).
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 from .matrix import CapacityConfig, SLO
 from .prediction import Prediction
+from .records import CeilingRecord, Record, as_record
+from .verdicts import ceiling_verdicts
 
 MONOTONICITY = ("within one cache type and mmproj setting, a config that fails makes every config with "
                 "at least as many slots and at least as much context per slot fail; one that passes makes "
@@ -164,45 +166,56 @@ class SearchResult:
 
 # ---------------------------------------------------------------- known results
 
-def known_outcomes(records: Iterable[Mapping[str, Any]], slo: SLO | None = None) -> dict[str, Outcome]:
+def _recorded_verdicts(rec: Record) -> list[tuple[Any, Any, Any, bool]]:
+    """(name, measured, budget, ok) of each verdict a record holds, as recorded. A list the typed
+    record keeps verbatim in ``extra`` is read as written: an unmeasured record has no typed verdicts,
+    and one whose recorded ``ok`` the typed ``Verdict`` would not reproduce keeps that ``ok``."""
+    kept = rec.extra.get("verdicts")
+    if isinstance(kept, list):
+        return [(v.get("name"), v.get("measured"), v.get("budget"), bool(v.get("ok"))) for v in kept
+                if isinstance(v, Mapping)]
+    return [(v.name, v.measured, v.budget, v.ok) for v in getattr(rec, "verdicts", ())]
+
+
+def known_outcomes(records: Iterable[Record | Mapping[str, Any]], slo: SLO | None = None) -> dict[str, Outcome]:
     """Outcomes from saved result records (``records.read_jsonl``), keyed by config id.
 
     A config passes when every verdict of every record for it passed. With ``slo``, ceiling records
-    are judged again against its headroom (``free_mib``) instead of the budget they were run with.
+    are judged again against it (``verdicts.ceiling_verdicts``: free memory against its headroom, or
+    the backend's KV capacity) instead of the budget they were run with.
     """
-    grouped: dict[str, list[Mapping[str, Any]]] = {}
-    for rec in records:
+    grouped: dict[str, list[tuple[Record | Mapping[str, Any], Record]]] = {}
+    for given in records:
+        rec = as_record(given)
         # A skipped test measured nothing (no binary, preflight): the search decides that config itself.
-        if "config_id" in rec and rec.get("outcome") != "skipped":
-            grouped.setdefault(rec["config_id"], []).append(rec)
+        if rec.config_id is not None and rec.outcome != "skipped":
+            grouped.setdefault(rec.config_id, []).append((given, rec))
     out: dict[str, Outcome] = {}
     for cid, recs in grouped.items():
         lines: list[str] = []
         ok = True
-        for rec in recs:
-            free_mib = (rec.get("memory") or {}).get("free_mib")
-            if slo is not None and rec.get("kind") == "ceiling" and free_mib is not None:
-                free_gib = free_mib / 1024
-                good = free_gib >= slo.headroom_gib
-                lines.append(f"headroom: measured {free_gib:.3g} GiB, budget >= {slo.headroom_gib:.3g} GiB "
-                             f"[{'ok' if good else 'BREACH'}] (re-judged)")
-                ok &= good
+        for _, rec in recs:
+            if slo is not None and isinstance(rec, CeilingRecord) and rec.memory.free_mib is not None:
+                kv = rec.memory.kv_headroom
+                again = ceiling_verdicts(rec.memory.free_mib, slo, None if kv is None else kv.to_dict(),
+                                         rec.config.n or 0)
+                lines += [f"{v.line()} (re-judged)" for v in again]
+                ok &= all(v.ok for v in again)
                 continue
-            for v in rec.get("verdicts") or []:
-                good = bool(v.get("ok"))
+            verdicts = _recorded_verdicts(rec)
+            for name, measured, budget, good in verdicts:
                 ok &= good
-                lines.append(f"{v.get('name')}: measured {v.get('measured')}, budget {v.get('budget')} "
-                             f"[{'ok' if good else 'BREACH'}]")
-            if rec.get("outcome") == "failed" and not rec.get("verdicts"):
+                lines.append(f"{name}: measured {measured}, budget {budget} [{'ok' if good else 'BREACH'}]")
+            if rec.outcome == "failed" and not verdicts:
                 ok = False  # e.g. the boot failed: nothing was measured, and the config did not hold
-                lines.append(f"failed: {rec.get('reason') or 'no reason recorded'}")
+                lines.append(f"failed: {rec.reason or 'no reason recorded'}")
         out[cid] = Outcome(ok, reason="; ".join(lines) or "no verdicts recorded", verdicts=tuple(lines),
-                           record=recs[-1])
+                           record=recs[-1][0])
     return out
 
 
-def reusable_records(records: Iterable[Mapping[str, Any]], base: CapacityConfig, host: Mapping[str, Any],
-                     server_version: str, model: str) -> list[Mapping[str, Any]]:
+def reusable_records(records: Iterable[Record | Mapping[str, Any]], base: CapacityConfig, host: Mapping[str, Any],
+                     server_version: str, model: str) -> list[Record | Mapping[str, Any]]:
     """Measured ceiling records of an earlier run that answer for this search.
 
     Only records from the same host, server build and model, of configs that differ from ``base``
@@ -211,14 +224,14 @@ def reusable_records(records: Iterable[Mapping[str, Any]], base: CapacityConfig,
     searched = {"n", "ctx", "cache_type_k", "cache_type_v", "mmproj"}
     fixed = {k: v for k, v in asdict(base).items() if k not in searched}
     out = []
-    for rec in records:
-        cfg, server = rec.get("config"), rec.get("server") or {}
-        if (rec.get("kind") != "ceiling" or not rec.get("memory") or not isinstance(cfg, Mapping)
-                or rec.get("host") != dict(host) or server.get("version") != server_version
-                or server.get("model") != model):
+    for given in records:
+        rec = as_record(given)
+        if (not isinstance(rec, CeilingRecord) or not rec.memory.to_dict() or rec.config.absent
+                or rec.host != dict(host) or rec.server.version != server_version or rec.server.model != model):
             continue
+        cfg = rec.config.to_dict()  # the whole config: RecordConfig types only some of its keys
         if all(_same(cfg.get(k), v) for k, v in fixed.items()):
-            out.append(rec)
+            out.append(given)
     return out
 
 
@@ -457,60 +470,5 @@ def monotonicity_violations(result: SearchResult) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------- a real evaluation
-
-def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig], Any], probe: Any = None,
-                   checks: Callable[[Any], Sequence[Any]] | None = None, slo: SLO | None = None) -> Outcome:
-    """Boot ``llama-server`` for ``cfg``, hold it, and judge the headroom SLO (+ ``checks``).
-
-    ``spec_factory(cfg) -> LaunchSpec`` resolves binary, model and limits (the plugin has
-    ``launch_spec``). ``probe`` defaults to a ``HostProbe`` over the profile budget on host profiles
-    and an ``NvmlProbe`` on cuda ones. ``checks(handle) -> [Verdict]`` adds verdicts (e.g. a short
-    workload's latency). ``slo`` overrides the profile's SLO. The server is always torn down; a boot
-    failure or preflight refusal is a fail with its reason. ``Outcome.record`` is the ceiling record
-    (with ``server_report``), ready for results.jsonl and :func:`prediction.calibrate`.
-    """
-    from .probes import HostProbe, NvmlProbe
-    from .ceiling import ceiling_record
-    from .backends import PreflightSkip, ServerError, ServerHandle
-
-    spec = spec_factory(cfg)
-    profile = spec.profile
-    own_probe = probe is None
-    if probe is None:
-        probe = (NvmlProbe(profile.gpu_index, profile.memory_gib * 1024) if profile.device == "cuda"
-                 else HostProbe(profile.memory_gib * 1024))
-    handle = ServerHandle(spec, probe)
-    t0 = time.monotonic()
-    try:
-        try:
-            handle.boot()
-            handle.hold()
-        except PreflightSkip as exc:
-            return Outcome(False, reason=f"preflight refused: {exc}", seconds=time.monotonic() - t0)
-        except (Exception, ServerError) as exc:  # ServerError is pytest's Failed outcome (a BaseException)
-            tail = ""
-            if handle.process is not None:
-                tail = " | " + " / ".join(handle.process.log_tail().strip().splitlines()[-3:])
-            return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0)
-        record, verdicts = ceiling_record(handle, cfg.id, slo)
-        verdicts = list(verdicts)
-        if checks is not None:
-            verdicts += list(checks(handle))
-        ok = all(v.ok for v in verdicts)
-        lines = tuple(v.line() for v in verdicts)
-        free = record["memory"]["free_mib"]
-        reason = f"free {free:.0f} MiB ({record['headroom_class']})"
-        bad = [v.line() for v in verdicts if not v.ok]
-        if bad:
-            reason += "; " + "; ".join(bad)
-        return Outcome(ok, reason=reason, verdicts=lines, record=record, seconds=time.monotonic() - t0)
-    finally:
-        handle.stop()
-        if own_probe:
-            probe.close()
-
-
-__all__ = ["MONOTONICITY", "Outcome", "Probe", "SearchResult", "SearchSpace", "boot_and_check",
-           "default_predicted_ok", "grid_search", "known_outcomes", "monotonicity_violations", "reusable_records",
-           "search_capacity"]
+__all__ = ["MONOTONICITY", "Outcome", "Probe", "SearchResult", "SearchSpace", "default_predicted_ok", "grid_search",
+           "known_outcomes", "monotonicity_violations", "reusable_records", "search_capacity"]

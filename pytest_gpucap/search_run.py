@@ -14,9 +14,8 @@ from . import prediction, records
 from .backends import LaunchSpec
 from .matrix import CapacityConfig
 from .probes import MemoryProbe
-from .search import (
-    Outcome, SearchResult, SearchSpace, boot_and_check, known_outcomes, reusable_records, search_capacity,
-)
+from .search import Outcome, SearchResult, SearchSpace, known_outcomes, reusable_records, search_capacity
+from .search_boot import boot_and_check
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ LAYERS = {
     "probes": 1, "safety": 1, "prediction": 1, "modelgen": 1, "mmprojgen": 1, "hfmodel": 1,
     "backends": 2,
     "workload": 3,
-    "records": 4, "record_sections": 4,
-    "verdicts": 5, "search": 5, "ceiling": 5, "harness": 5,
+    "records": 4, "record_sections": 4, "record_calibration": 4,
+    "verdicts": 5, "search": 5, "search_boot": 5, "ceiling": 5, "harness": 5,
     "report": 6, "compare": 6, "terminal": 6, "provenance": 6, "benchmarks": 6,
     "plugin": 7, "recorder": 7, "resolve": 7, "search_run": 7,
 }

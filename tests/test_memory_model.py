@@ -22,6 +22,7 @@ from pytest_gpucap.terminal import fit_table
 from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.ceiling import ceiling_record
+from pytest_gpucap.record_calibration import calibrate_from, sample
 from pytest_gpucap.backends import LaunchSpec, ServerHandle, llamacpp
 
 MIB = 1024 * 1024
@@ -143,7 +144,7 @@ def test_compute_estimate_and_prediction_error(booted: list[Booted]) -> None:
     """The compute estimate is within 25% of the server's; every config reports its prediction error."""
     lines = []
     for b in booted:
-        err = mm.prediction_error(b.pred, b.record)
+        err = mm.prediction_error(b.pred, sample(b.record))
         assert err["kv"]["exact"] and err["kv"]["diff_mib"] == 0
         server_compute = err["compute"]["server_mib"]
         assert err["compute"]["predicted_mib"] == pytest.approx(server_compute, rel=0.25), b.cfg.id
@@ -162,7 +163,7 @@ def test_compute_estimate_and_prediction_error(booted: list[Booted]) -> None:
 
 def test_calibration_learns_and_round_trips(booted: list[Booted], tmp_path: Path) -> None:
     records = [b.record for b in booted]
-    cal = mm.calibrate(records)
+    cal = calibrate_from(records)
     pc = cal.for_profile("cpu")
     assert pc is not None and pc.n_records == len(booted)
     assert 0.7 < pc.compute_scale < 1.3
@@ -175,7 +176,7 @@ def test_calibration_learns_and_round_trips(booted: list[Booted], tmp_path: Path
     for b in booted:
         pred = mm.predict(b.cfg, b.facts, calibration=cal, profile=HostProfile(name="cpu", memory_gib=2.0))
         assert pred.calibrated and pred.compute_source == "calibrated"
-        errors.append(abs(mm.prediction_error(pred, b.record)["total"]["error_pct"]))
+        errors.append(abs(mm.prediction_error(pred, sample(b.record))["total"]["error_pct"]))
     print(f"\ncalibrated total error: max {max(errors):.1f}%, mean {sum(errors) / len(errors):.1f}% ({pc})")
     assert max(errors) < 10
 

@@ -29,6 +29,7 @@ from pytest_gpucap.records import (
     QueueTimes, RampRecord, RampStep, Record, RecordConfig, RoleMetrics, SearchProbe, SearchRecord, ServerBuffers,
     ServerInfo, ServerView, SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, WorkloadRecord,
 )
+from pytest_gpucap.record_calibration import sample
 from pytest_gpucap.report import ReportError, render_report
 from pytest_gpucap.verdicts import Verdict, ceiling_verdicts, headroom_class
 
@@ -485,7 +486,7 @@ def with_prediction(rec: CeilingRecord, measured_over: float, kv_server_extra_mi
         compute_mib={"CUDA0": pred.compute_counted_mib}, output_mib={}, kv_lines=[{"size_mib": kv}]),
         used_after_load_mib=round(rec.memory.baseline_used_mib + pred.total_mib * measured_over, 1))
     predicted = pred.as_dict()
-    error = prediction.prediction_error(pred, replace(rec, memory=mem).to_dict())
+    error = prediction.prediction_error(pred, sample(replace(rec, memory=mem)))
     return replace(rec, memory=replace(mem, predicted=Predicted.from_dict(predicted),
                                        predicted_kv_per_slot_mib=predicted["kv_per_slot_mib"],
                                        prediction_error=PredictionCheck.from_dict(error)))

@@ -16,8 +16,10 @@ import pytest
 from pytest_gpucap import prediction as mm
 from pytest_gpucap.matrix import CapacityConfig, HostProfile, SLO
 from pytest_gpucap.modelgen import ModelShape, ensure_model
-from pytest_gpucap.search import (Outcome, SearchSpace, boot_and_check, grid_search, known_outcomes,
-                                  monotonicity_violations, reusable_records, search_capacity)
+from pytest_gpucap.record_calibration import calibrate_from
+from pytest_gpucap.search import (Outcome, SearchSpace, grid_search, known_outcomes, monotonicity_violations,
+                                  reusable_records, search_capacity)
+from pytest_gpucap.search_boot import boot_and_check
 from pytest_gpucap.backends import LaunchSpec
 
 from conftest import CapacityRun, matrix_toml
@@ -216,7 +218,7 @@ def test_search_matches_full_grid_on_real_servers(llama_server_bin: Path, model_
         assert p.passed == grid.probe(p.config.id).passed, p.config.id
     # the search's records feed the calibration and the next search
     records = [p.outcome.record for p in result.booted() if p.outcome and p.outcome.record]
-    assert records and mm.calibrate(records).for_profile("cpu") is not None
+    assert records and calibrate_from(records).for_profile("cpu") is not None
     again = search_capacity(base, REAL_SPACE, evaluate, predict=predict,
                             known=known_outcomes(records))
     assert again.boots == 0 and again.knee == result.knee

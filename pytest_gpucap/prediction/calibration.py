@@ -1,9 +1,10 @@
 """Per-host corrections learned from measured runs, so the estimated parts of a prediction converge.
 
 Only the KV cache is exact; the compute buffer, repacked weight copies and fixed overhead (CUDA
-context, the process itself) differ by host and build. :func:`calibrate` fits them from ceiling
-records (what the server reported and what the probe measured), and the result is saved per host
-profile as JSON and read back by the next session.
+context, the process itself) differ by host and build. :func:`calibrate` fits them from measured
+ceilings (:class:`CalibrationSample`: what the server reported and what the probe measured; the
+records layer builds them from ceiling records, ``record_calibration``), and the result is saved per
+host profile as JSON and read back by the next session.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -94,20 +95,71 @@ def load_calibration(path: Path) -> Calibration:
     return Calibration({k: ProfileCalibration(**v) for k, v in data.items()})
 
 
-# ---------------------------------------------------------------- reading ceiling records
+# ---------------------------------------------------------------- samples: measured ceilings
 
-def _config_from_record(record: Mapping[str, Any]) -> CapacityConfig:
-    c = dict(record["config"])
-    for key in ("extra_args",):
-        c[key] = tuple(c.get(key) or ())
-    c["env"] = tuple(tuple(x) for x in (c.get("env") or ()))
-    return CapacityConfig(**c)
+Buffers = Mapping[str, float] | float | None  # MiB per device buffer (``{"CPU": 1.5, "CUDA0": 300.0}``) or one sum
 
 
-def _facts_for(record: Mapping[str, Any], facts: Any) -> ModelFacts | None:
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One measured ceiling in the calibration's terms: the config, where it was measured and the
+    server's own account of its buffers. Built from a ceiling record at the records layer
+    (``record_calibration.sample``), so this package never reads records.
+
+    ``probe``: the memory probe's kind (``"nvml"`` counts device buffers only; any other is the host).
+    ``used_after_load_mib`` / ``baseline_used_mib``: what the probe measured (used less baseline is
+    the server's share). ``model_mib`` / ``compute_mib`` / ``output_mib`` / ``kv_mib``: the buffers the
+    server logged at load; ``reported``: whether it logged any. ``kv_line_mib``: the size of each KV
+    cache line it printed; ``free_after_load_mib``: free memory after load; ``model_path``: the model
+    file, read for its facts when none are given.
+    """
+
+    config: CapacityConfig
+    profile: str
+    probe: str | None = "host"
+    used_after_load_mib: float | None = None
+    baseline_used_mib: float | None = None
+    reported: bool = False
+    model_mib: Buffers = None
+    compute_mib: Buffers = None
+    output_mib: Buffers = None
+    kv_mib: float | None = None
+    kv_line_mib: tuple[float, ...] = ()
+    free_after_load_mib: float | None = None
+    model_path: str | None = None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.probe == "nvml" else "host"
+
+    def parts(self) -> dict[str, float] | None:
+        """The measured memory in the prediction's terms (MiB): ``used`` (measured, less the baseline)
+        and the server-reported ``weights``, ``kv``, ``compute`` and ``output`` on the probed device,
+        plus ``n``; None without a measurement or a server report."""
+        if self.used_after_load_mib is None or not self.reported:
+            return None
+        if self.probe == "nvml":  # device buffers only: CUDA0 etc., not the host's
+            weights, compute = _device_sum(self.model_mib), _device_sum(self.compute_mib)
+            output = 0.0
+        else:
+            weights, compute, output = (_server_sum(self.model_mib), _server_sum(self.compute_mib),
+                                        _server_sum(self.output_mib))
+        return {"used": float(self.used_after_load_mib) - float(self.baseline_used_mib or 0.0), "weights": weights,
+                "kv": float(self.kv_mib or 0.0), "compute": compute, "output": output, "n": float(self.config.n)}
+
+
+def _server_sum(d: Any) -> float:
+    return float(sum(d.values())) if isinstance(d, Mapping) else float(d or 0.0)
+
+
+def _device_sum(d: Any) -> float:
+    return float(sum(v for k, v in d.items() if not is_host_buffer(k))) if isinstance(d, Mapping) else 0.0
+
+
+def _facts_for(sample: CalibrationSample, facts: Any) -> ModelFacts | None:
     if isinstance(facts, ModelFacts):
         return facts
-    model = (record.get("server") or {}).get("model")
+    model = sample.model_path
     if isinstance(facts, Mapping) and model in facts:
         return facts[model]
     if model and Path(model).is_file():
@@ -118,56 +170,33 @@ def _facts_for(record: Mapping[str, Any], facts: Any) -> ModelFacts | None:
     return None
 
 
-def _server_sum(d: Any) -> float:
-    return float(sum(d.values())) if isinstance(d, Mapping) else float(d or 0.0)
+def calibrate(samples: Iterable[CalibrationSample], facts: Any = None) -> Calibration:
+    """Learn each profile's corrections from measured ceilings (for ceiling record dicts:
+    ``pytest_gpucap.record_calibration.calibrate_from``).
 
-
-def record_parts(record: Mapping[str, Any]) -> dict[str, float] | None:
-    """A ceiling record's memory in the prediction's terms (MiB): ``used`` (measured, less the
-    baseline) and the server-reported ``weights``, ``kv``, ``compute`` and ``output`` on the probed
-    device, plus ``n``; None without a measurement or a server report."""
-    mem = record.get("memory") or {}
-    rep = mem.get("server_report") or {}
-    used = mem.get("used_after_load_mib")
-    if used is None or not rep:
-        return None
-    device = mem.get("probe", "host")
-    model = rep.get("model_mib") or {}
-    compute = rep.get("compute_mib") or {}
-    if device == "nvml":  # device buffers only: CUDA0 etc., not the host's
-        model_dev = sum(v for k, v in model.items() if not is_host_buffer(k))
-        compute_dev = sum(v for k, v in compute.items() if not is_host_buffer(k))
-        output = 0.0
-    else:
-        model_dev, compute_dev, output = _server_sum(model), _server_sum(compute), _server_sum(rep.get("output_mib"))
-    return {"used": float(used) - float(mem.get("baseline_used_mib") or 0.0), "weights": model_dev,
-            "kv": float(rep.get("kv_mib") or 0.0), "compute": compute_dev, "output": output,
-            "n": float(record["config"]["n"])}
-
-
-def calibrate(records: Sequence[Mapping[str, Any]], facts: Any = None) -> Calibration:
-    """Learn each profile's corrections from ceiling records (see ``ceiling.ceiling_record``).
-
-    Uses ``record["memory"]["server_report"]`` (model/KV/compute MiB), ``used_after_load_mib`` minus
-    ``baseline_used_mib`` and ``record["config"]``. ``facts`` (one ModelFacts, or a mapping from the
-    record's ``server.model`` path) lets it compare the compute estimate; by default the model file
-    named in the record is read when it still exists.
+    Uses each sample's server-reported model/KV/compute/output MiB, ``used_after_load_mib`` minus
+    ``baseline_used_mib`` and its config; samples without a measurement or a server report are left
+    out. ``facts`` (one ModelFacts, or a mapping from ``model_path``) lets it compare the compute
+    estimate; by default the sample's model file is read when it still exists.
     """
-    by_profile: dict[str, list[Mapping[str, Any]]] = {}
-    for rec in records:
-        if rec.get("kind", "ceiling") == "ceiling" and record_parts(rec) is not None:
-            by_profile.setdefault(rec.get("profile") or rec["config"]["profile"], []).append(rec)
+    by_profile: dict[str, list[tuple[CalibrationSample, dict[str, float]]]] = {}
+    for sample in samples:
+        if not isinstance(sample, CalibrationSample):
+            raise TypeError(f"calibrate takes CalibrationSample, not {type(sample).__name__}: for records use "
+                            "pytest_gpucap.record_calibration.calibrate_from(records)")
+        p = sample.parts()
+        if p is not None:
+            by_profile.setdefault(sample.profile, []).append((sample, p))
     out: dict[str, ProfileCalibration] = {}
-    for profile, recs in by_profile.items():
-        parts = [record_parts(r) for r in recs]
+    for profile, pairs in by_profile.items():
+        parts = [p for _, p in pairs]
         ratios, weight_ratios = [], []
-        for rec, p in zip(recs, parts):
-            f = _facts_for(rec, facts)
-            if f is None or not p:
+        for sample, p in pairs:
+            f = _facts_for(sample, facts)
+            if f is None:
                 continue
-            cfg = _config_from_record(rec)
-            device = "cuda" if (rec.get("memory") or {}).get("probe") == "nvml" else "host"
-            predicted_weights = device_weights(cfg, f, device)[0] / MIB
+            cfg = sample.config
+            predicted_weights = device_weights(cfg, f, sample.device)[0] / MIB
             if predicted_weights > 0 and p["weights"] > 0:
                 weight_ratios.append(p["weights"] / predicted_weights)
             est = estimate_compute_bytes(cfg, f) / MIB
@@ -178,8 +207,7 @@ def calibrate(records: Sequence[Mapping[str, Any]], facts: Any = None) -> Calibr
         y = np.array([p["used"] - p["weights"] - p["kv"] - p["output"] for p in parts])
         x_c = np.array([p["compute"] for p in parts])
         x_n = np.array([p["n"] for p in parts])
-        probe = (recs[0].get("memory") or {}).get("probe", "host")
-        frac, per_slot = (1.0 if probe == "nvml" else 0.0), 0.0
+        frac, per_slot = (1.0 if pairs[0][0].probe == "nvml" else 0.0), 0.0
         if len(parts) >= 3 and np.ptp(x_c) > 0:
             cols = [x_c, np.ones_like(x_c)] + ([x_n] if np.ptp(x_n) > 0 and len(parts) >= 4 else [])
             sol = np.linalg.lstsq(np.stack(cols, axis=1), y, rcond=None)[0]

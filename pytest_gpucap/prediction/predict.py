@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from ..matrix import BUILTIN_MODELS, GENERATED_PREFIX, CapacityConfig, HostProfile, SLO
 from ..mmprojgen import ProjectorShape
 from ..modelgen import ModelShape
-from .calibration import DEFAULT_CALIBRATION, Calibration, ProfileCalibration, record_parts
+from .calibration import DEFAULT_CALIBRATION, Calibration, CalibrationSample, ProfileCalibration
 from .compute import estimate_compute_bytes
 from .facts import MIB, ModelFacts, facts_from_shape, mmproj_bytes, read_model_facts
 from .kv import KvCachePrediction, kv_bytes_per_token, kv_layout, kv_problems, predict_kv
@@ -82,7 +82,7 @@ class Prediction:
         return None
 
     def as_dict(self) -> dict[str, Any]:
-        """For ``record["memory"]["predicted"]``."""
+        """For a ceiling record's ``memory.predicted``."""
         r = lambda v: None if v is None else round(v, 2)  # noqa: E731
         return {
             "slot_ctx": self.slot_ctx, "weights_mib": r(self.weights_mib), "mmproj_mib": r(self.mmproj_mib),
@@ -175,13 +175,11 @@ def predict_for(cfg: CapacityConfig, profile: HostProfile, model: Path | ModelFa
     return predict(cfg, facts, mm, calibration=calibration, profile=profile, baseline_used_mib=baseline_used_mib)
 
 
-def prediction_error(pred: Prediction, record: Mapping[str, Any]) -> dict[str, Any]:
-    """Predicted vs server-reported vs measured, for one config's ceiling record."""
-    mem = record.get("memory") or {}
-    rep = mem.get("server_report") or {}
-    parts = record_parts(record) or {}
-    kv_lines = rep.get("kv_lines") or []
-    server_kv = [f"{line['size_mib']:.2f}" for line in kv_lines]
+def prediction_error(pred: Prediction, sample: CalibrationSample | None) -> dict[str, Any]:
+    """Predicted vs server-reported vs measured, for one config's measured ceiling (the records layer
+    makes the sample of a ceiling record: ``record_calibration.sample``)."""
+    parts = (sample.parts() if sample is not None else None) or {}
+    server_kv = [f"{size:.2f}" for size in (sample.kv_line_mib if sample is not None else ())]
     predicted_kv = [c.printed[0] for c in pred.kv_caches]
     measured = parts.get("used")
 
@@ -206,8 +204,8 @@ def prediction_error(pred: Prediction, record: Mapping[str, Any]) -> dict[str, A
         "compute": row(pred.compute_mib, parts.get("compute")),
         "total": row(pred.total_mib, server_total, measured),
     }
-    if pred.free_mib is not None and mem.get("free_after_load_mib") is not None:
-        out["free"] = {"predicted_mib": round(pred.free_mib, 2), "measured_mib": mem["free_after_load_mib"]}
+    if pred.free_mib is not None and sample is not None and sample.free_after_load_mib is not None:
+        out["free"] = {"predicted_mib": round(pred.free_mib, 2), "measured_mib": sample.free_after_load_mib}
     return out
 
 
