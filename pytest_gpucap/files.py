@@ -1,12 +1,14 @@
-"""Build-once files shared by concurrent processes (generated models under pytest-xdist)."""
+"""Files shared by concurrent processes: build-once generated models, atomic writes, device locks
+(pytest-xdist workers share the basetemp's parent directory)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 
 def build_once(target: Path, build: Callable[[], object], complete: Callable[[Path], bool] = Path.exists) -> Path:
@@ -47,3 +49,73 @@ def ensure_file(target: Path, validate: Callable[[], object], write: Callable[[P
         return target
     validate()
     return build_once(target, lambda: write(target))
+
+
+#: Device locks this process holds: path → [open file, holders]. flock conflicts between two open
+#: files of one process too, so a second handle in the same process shares the first one's lock.
+_HELD: dict[str, list] = {}
+
+
+class DeviceLock:
+    """An exclusive lock on one device (a GPU, or the host) across the processes that use ``path``
+    (pytest-xdist workers share the basetemp's parent).
+
+    ``acquire`` waits, telling ``progress`` every ``note_s`` seconds while another process holds it;
+    ``release`` is idempotent. The lock dies with its process (flock), so a killed worker never
+    leaves a device locked. Within one process it is shared, not exclusive: a process cannot wait
+    for itself.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.held = False
+        self.waited_s = 0.0
+
+    def acquire(self, progress: Callable[[float], None] | None = None, note_s: float = 5.0) -> float:
+        """Take the lock; returns the seconds spent waiting for it."""
+        if self.held:
+            return self.waited_s
+        key = str(self.path.resolve())
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self.held = True
+            return 0.0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+b")  # noqa: SIM115 - held open for the lock's lifetime
+        t0 = time.monotonic()
+        next_note = t0 + note_s
+        try:
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    now = time.monotonic()
+                    if progress is not None and now >= next_note:
+                        progress(now - t0)
+                        next_note = now + note_s
+                    time.sleep(0.1)
+        except BaseException:
+            fh.close()
+            raise
+        _HELD[key] = [fh, 1]
+        self.held = True
+        self.waited_s = time.monotonic() - t0
+        return self.waited_s
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        key = str(self.path.resolve())
+        entry = _HELD.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _HELD[key]
+            fh: IO[bytes] = entry[0]
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            finally:
+                fh.close()

@@ -107,10 +107,16 @@ class HostProfile:
     boot_timeout_s: float = 120.0
     hold_s: float = 2.0
     bandwidth_gbps: float | None = None  # memory bandwidth for the decode roofline (GPU: looked up by name)
+    exclusive: bool = True  # one server at a time on this profile's device, across xdist workers
     preflight: Preflight = Preflight()
     watchdog: WatchdogLimits = WatchdogLimits()
     slo: SLO = SLO()
     workload: Workload = Workload()
+
+    @property
+    def device_key(self) -> str:
+        """The device a config of this profile occupies: ``host`` or ``gpu<index>``."""
+        return "host" if self.device == "host" else f"gpu{self.gpu_index}"
 
 
 @dataclass(frozen=True)
@@ -340,6 +346,10 @@ def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> Host
         raise _fail(where, "workload must be a table")
     if "gpu_index" in data:
         kw["gpu_index"] = int(_number(data["gpu_index"], "gpu_index", where))
+    if "exclusive" in data:
+        if not isinstance(data["exclusive"], bool):
+            raise _fail(where, f"exclusive must be true or false, got {data['exclusive']!r}")
+        kw["exclusive"] = data["exclusive"]
     for key in ("model", "mmproj"):
         if key in data:
             if not isinstance(data[key], str) or not data[key]:

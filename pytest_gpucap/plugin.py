@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +25,7 @@ from .backends import LaunchSpec, PreflightSkip, ServerError, ServerHandle
 from .backends.process import sweep_leftovers
 from .resolve import Missing, Resolver
 from .search import SearchSpace
+from .xdist_groups import GROUPS_DIR_KEY, ConfigGroupScheduling, write_groups
 from .search_run import SearchRun, SearchSession
 from .harness import Harness
 from .options import Settings, add_options, resolve_settings
@@ -40,6 +44,8 @@ class State:
     records: list[dict[str, Any]] = field(default_factory=list)
     previous_records: list[dict[str, Any]] = field(default_factory=list)  # the report dir's earlier run
     swept: list[int] | None = None
+    grouped: bool = False  # the default xdist --dist was changed to loadgroup for the capacity configs
+    groups_dir: Path | None = None  # controller: where workers save their tests' xdist groups
     resolver: Resolver | None = None
     _calibration: Any = None
 
@@ -90,10 +96,60 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     for name in matrix.profiles:
         config.addinivalue_line("markers", f"{name}: capacity configurations of host profile {name!r}")
-    state = State(settings=settings, matrix=matrix)
+    state = State(settings=settings, matrix=matrix, grouped=_group_configs_per_worker(config))
     config.stash[STATE] = state
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Recorder(state, config), "gpucap-recorder")
+
+
+def _dist_given(config: pytest.Config) -> bool:
+    """Whether the user chose an xdist distribution mode (command line, PYTEST_ADDOPTS or ini addopts)."""
+    words = [*config.invocation_params.args, *os.environ.get("PYTEST_ADDOPTS", "").split(),
+             *config.getini("addopts")]
+    return any(w in ("--dist", "-d") or w.startswith("--dist=") for w in words)
+
+
+def _group_configs_per_worker(config: pytest.Config) -> bool:
+    """Under ``-n N`` with xdist's default distribution, switch to ``loadgroup``: each config's tests
+    then run on one worker (its server boots once) instead of one server per worker. A ``--dist``
+    the user gave is left alone."""
+    if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") != "load" or _dist_given(config):
+        return False
+    config.option.dist = "loadgroup"
+    return True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: each worker writes its tests' groups where the controller's scheduler reads them."""
+    state = node.config.stash.get(STATE, None)
+    if state is not None and node.config.getoption("dist", "no") == "loadgroup":
+        if state.groups_dir is None:
+            state.groups_dir = Path(tempfile.mkdtemp(prefix="gpucap-groups-"))
+        node.workerinput[GROUPS_DIR_KEY] = str(state.groups_dir)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``loadgroup`` (ours or the user's): group by the workers' saved groups (see xdist_groups)."""
+    state = config.stash.get(STATE, None)
+    if state is None or state.groups_dir is None or config.getoption("dist", "no") != "loadgroup":
+        return None
+    return ConfigGroupScheduling(config, log, state.groups_dir)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    write_groups(config, items)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash.get(STATE, None)
+    if state is not None and state.grouped:
+        return ["gpucap: -n without --dist: capacity configs run with --dist loadgroup (each config's tests on "
+                "one worker, its server booted once); one server per device at a time unless a profile sets "
+                "exclusive = false"]
+    return []
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -125,6 +181,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     for probe in state.probes.values():
         if not isinstance(probe, str):
             probe.close()
+    if state.groups_dir is not None:
+        shutil.rmtree(state.groups_dir, ignore_errors=True)
 
 
 def _marker_configs(metafunc: pytest.Metafunc, matrix: Matrix) -> list[CapacityConfig]:
@@ -181,9 +239,11 @@ def _resolver(request: pytest.FixtureRequest) -> Resolver:
     if state.resolver is None:
         cache = getattr(request.config, "cache", None)
         cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
-        log_dir = request.getfixturevalue("tmp_path_factory").getbasetemp() / "gpucap-logs"
-        state.resolver = Resolver(state.settings, state.matrix, cache_dir, log_dir, state.owner_token,
-                                  _progress_sink(request.config))
+        basetemp = request.getfixturevalue("tmp_path_factory").getbasetemp()
+        # xdist workers' basetemps share a parent: the device locks live there (pytest-xdist's own advice)
+        lock_dir = (basetemp.parent if hasattr(request.config, "workerinput") else basetemp) / "gpucap-devices"
+        state.resolver = Resolver(state.settings, state.matrix, cache_dir, basetemp / "gpucap-logs",
+                                  state.owner_token, _progress_sink(request.config), lock_dir=lock_dir)
     return state.resolver
 
 

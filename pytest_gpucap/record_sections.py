@@ -183,6 +183,10 @@ class ServerInfo(Section):
     model: str | None
     total_slots: int | None
     n_ctx_slot: int | None
+    device: str | None = opt()  # the device it occupied: host, gpu0, ...
+    exclusive: bool | None = opt()  # False: the profile let other servers share the device
+    device_wait_s: float | None = opt()  # waited for another worker's server to leave the device
+    up_at: float | None = opt()  # wall-clock time the server took the device (epoch seconds)
 
 
 @dataclass(frozen=True, kw_only=True)

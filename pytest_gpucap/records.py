@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
@@ -107,6 +108,7 @@ class MeasuredRecord(Record):
     host: dict[str, Any] | None
     server: ServerInfo = sub(ServerInfo)
     boot_s: float | None
+    recorded_at: float | None = opt()  # wall-clock time the record was made (epoch seconds)
 
     measured: ClassVar[bool] = True
 
@@ -240,8 +242,12 @@ def header(handle: "ServerHandle", test_id: str) -> dict[str, Any]:
         "server": ServerInfo(
             backend=cfg.backend, binary=str(spec.binary or "") or " ".join(spec.command or ()),
             version=spec.binary_version, argv=handle.argv, url=handle.url, model=str(spec.model or ""),
-            total_slots=handle.props.get("total_slots"), n_ctx_slot=handle.report.n_ctx_slot),
+            total_slots=handle.props.get("total_slots"), n_ctx_slot=handle.report.n_ctx_slot,
+            device=handle.profile.device_key, exclusive=handle.profile.exclusive,
+            device_wait_s=None if handle.device_wait_s is None else round(handle.device_wait_s, 3),
+            up_at=None if handle.up_at is None else round(handle.up_at, 3)),
         "boot_s": None if handle.boot_s is None else round(handle.boot_s, 3),
+        "recorded_at": round(time.time(), 3),
     }
 
 

@@ -31,6 +31,7 @@ class Resolver:
     log_dir: Path
     owner_token: str = ""
     progress: Callable[[str], None] | None = None
+    lock_dir: Path | None = None  # where device locks live (shared by xdist workers); None: no locks
     commands: dict[str, CommandLookup] = field(default_factory=dict)
 
     def command(self, backend: Backend) -> CommandLookup:
@@ -56,6 +57,8 @@ class Resolver:
             hold_s=settings.hold_s if settings.hold_s is not None else profile.hold_s,
             owner_token=self.owner_token, preflight=settings.preflight,
             endpoint=settings.endpoint or cfg.endpoint, progress=self.progress,
+            device_lock=(self.lock_dir / f"device-{profile.device_key}.lock"
+                         if self.lock_dir is not None and profile.exclusive else None),
         )
         backend = backend_for(cfg.backend)
         if spec.endpoint or backend.model_format is None:

@@ -24,7 +24,7 @@ LAYERS = {
     "records": 4, "record_sections": 4, "record_calibration": 4,
     "verdicts": 5, "search": 5, "search_boot": 5, "ceiling": 5, "harness": 5,
     "report": 6, "compare": 6, "terminal": 6, "provenance": 6, "benchmarks": 6,
-    "plugin": 7, "recorder": 7, "resolve": 7, "search_run": 7,
+    "plugin": 7, "recorder": 7, "resolve": 7, "search_run": 7, "xdist_groups": 7,
 }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..files import DeviceLock
 from ..matrix import CapacityConfig, HostProfile
 from ..probes import MemoryProbe, MemorySnapshot, Sampler, take_snapshot
 from ..safety import Watchdog, post_boot_reason, preflight_reason
@@ -44,6 +45,7 @@ class LaunchSpec:
     owner_token: str = ""
     preflight: bool = True
     progress: Callable[[str], None] | None = None  # hears why a slow boot is still waited for
+    device_lock: Path | None = None  # lock file of the device (shared by xdist workers); None: not exclusive
 
     @property
     def binary(self) -> Path | None:
@@ -84,6 +86,9 @@ class ServerHandle:
     external_pid: int | None = None
     tmp_dir: Path | None = None  # a private TMPDIR (vLLM), removed at teardown
     prediction: Any = None  # prediction.Prediction made before boot, when the model could be read
+    lock: DeviceLock | None = None
+    device_wait_s: float | None = None  # how long boot waited for the device (not in any figure)
+    up_at: float | None = None  # wall-clock time this server took the device
 
     def __post_init__(self) -> None:
         if self.spec.endpoint:
@@ -128,7 +133,9 @@ class ServerHandle:
     # ------------------------------------------------------------------ boot
 
     def boot(self) -> "ServerHandle":
-        """Preflight, start, wait for readiness, verify, capture memory. Call ``stop()`` on any error."""
+        """Take the device, preflight, start, wait for readiness, verify, capture memory. Call
+        ``stop()`` on any error."""
+        self._take_device()
         self.baseline = take_snapshot(self.probe, None)
         if self.spec.preflight:
             reason = preflight_reason(self.profile, self.baseline, self.is_gpu, self.backend.host_reserve(self.config))
@@ -145,6 +152,21 @@ class ServerHandle:
         self.after_load = self.sampler.sample()
         self._check_watchdog()
         return self
+
+    def _take_device(self) -> None:
+        """Wait until no other server (another xdist worker's) holds this profile's device; the wait
+        comes before the baseline and the boot clock, so it is in no figure."""
+        if self.spec.device_lock is not None and self.lock is None:
+            self.lock = DeviceLock(self.spec.device_lock)
+            progress = self.spec.progress
+            key = self.profile.device_key
+
+            def note(waited: float) -> None:
+                if progress is not None:
+                    progress(f"{self.config.id}: waiting {waited:.0f} s for device {key} (another worker's "
+                             "server is on it; set exclusive = false on the profile to share it)")
+            self.device_wait_s = self.lock.acquire(note)
+        self.up_at = time.time()
 
     # ------------------------------------------------------------------ while up
 
@@ -191,15 +213,19 @@ class ServerHandle:
         if self.teardown is not None:
             return self.teardown
         info = Teardown()
-        if self.sampler is not None:
-            self.sampler.stop()
-        if self.process is not None:
-            stop = self.process.stop()
-            info.stop_s, info.killed, info.returncode = stop.seconds, stop.killed, stop.returncode
-        info.temp_leftovers = self.backend.after_stop(self)
-        if self.process is not None:
-            if self.baseline is not None:
-                info.reclaim_s, info.reclaimed = self._wait_reclaim(self.baseline)
+        try:
+            if self.sampler is not None:
+                self.sampler.stop()
+            if self.process is not None:
+                stop = self.process.stop()
+                info.stop_s, info.killed, info.returncode = stop.seconds, stop.killed, stop.returncode
+            info.temp_leftovers = self.backend.after_stop(self)
+            if self.process is not None:
+                if self.baseline is not None:
+                    info.reclaim_s, info.reclaimed = self._wait_reclaim(self.baseline)
+        finally:
+            if self.lock is not None:
+                self.lock.release()  # after reclaim: the next server's baseline is clean
         self.teardown = info
         return info
 
