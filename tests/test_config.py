@@ -87,3 +87,12 @@ def test_marker_form_uses_the_same_validation() -> None:
     assert cfg.id == "cpu-n3-ctx64k-mmproj-q8"
     with pytest.raises(MatrixError, match="marker: n must be"):
         config_from_mapping("cpu", {"n": -1, "ctx": 4}, "marker")
+
+
+def test_exclusive_is_a_boolean_and_defaults_to_true() -> None:
+    with pytest.raises(MatrixError, match=r"profiles.cpu: exclusive must be true or false, got 'no'"):
+        parse_matrix({"profiles": {"cpu": {"exclusive": "no"}}}, Path("m.toml"))
+    shared = parse_matrix({"profiles": {"cpu": {"exclusive": False}, "gpu": {"device": "cuda", "gpu_index": 1}}},
+                          Path("m.toml"))
+    assert shared.profile("cpu").exclusive is False and shared.profile("gpu").exclusive is True
+    assert (shared.profile("cpu").device_key, shared.profile("gpu").device_key) == ("host", "gpu1")
