@@ -131,8 +131,6 @@ class Harness:
         self._record(record)
         result = WorkloadResult(record, verdicts, res)
         if res.aborted:
-            from .backends import ServerError
-
             raise ServerError(f"workload {name} on {self.handle.config.id} stopped after {metrics.turns_ok} "
                               f"turns ok, {metrics.turns_failed} failed (all recorded): {res.aborted}")
         return result

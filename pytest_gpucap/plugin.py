@@ -495,7 +495,8 @@ def _record_outcome(item: pytest.Item, call: pytest.CallInfo[None], report: pyte
     if any(key == records.PROPERTY_KEY for key, _ in report.user_properties):
         return
     kind = "ceiling" if "gpucap_ceiling" in getattr(item, "fixturenames", ()) else "unmeasured"
-    record = records.outcome_record(cfg, item.nodeid, kind, reason)
-    report.user_properties.append((records.PROPERTY_KEY, record.to_dict()))
+    record = records.outcome_record(cfg, item.nodeid, kind, reason).to_dict()
+    item.config.hook.pytest_gpucap_record(record=record)
+    report.user_properties.append((records.PROPERTY_KEY, record))
 
 

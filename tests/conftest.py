@@ -26,6 +26,18 @@ from pytest_gpucap.backends.process import OWNER_ENV, free_port
 
 RUN_ENV = "GPUCAP_TEST_RUN"
 
+#: Three small configs of the cpu profile (several tests boot them under xdist).
+THREE_CONFIGS = """
+    [[profiles.cpu.configs]]
+    n = 1
+    ctx = 1024
+    [[profiles.cpu.configs]]
+    n = 2
+    ctx = 1024
+    [[profiles.cpu.configs]]
+    n = 3
+    ctx = 1024
+"""
 CEILING_TEST = '''
 def test_ceiling(gpucap_ceiling):
     gpucap_ceiling.assert_slos()

@@ -12,20 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CEILING_TEST, RUN_ENV, CapacityRun, matrix_toml, tagged_processes
-
-THREE_CONFIGS = """
-    [[profiles.cpu.configs]]
-    n = 1
-    ctx = 1024
-    [[profiles.cpu.configs]]
-    n = 2
-    ctx = 1024
-    [[profiles.cpu.configs]]
-    n = 3
-    ctx = 1024
-"""
-
+from conftest import CEILING_TEST, RUN_ENV, THREE_CONFIGS, CapacityRun, matrix_toml, tagged_processes
 
 def _lines(path: Path) -> list[dict]:
     if not path.exists():

@@ -7,22 +7,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from conftest import CapacityRun, matrix_toml
+from conftest import THREE_CONFIGS, CapacityRun, matrix_toml
 
 from pytest_gpucap import records
 from pytest_gpucap.files import DeviceLock
 
-THREE_CONFIGS = """
-    [[profiles.cpu.configs]]
-    n = 1
-    ctx = 1024
-    [[profiles.cpu.configs]]
-    n = 2
-    ctx = 1024
-    [[profiles.cpu.configs]]
-    n = 1
-    ctx = 2048
-"""
 TWO_TESTS_PER_CONFIG = '''
 import pytest
 

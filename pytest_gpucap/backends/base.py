@@ -9,6 +9,8 @@ server is one module plus one line in the registry (``backends/__init__.py``).
 
 from __future__ import annotations
 
+import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +130,6 @@ class Backend(ABC):
 
     def start(self, handle: "ServerHandle") -> None:
         """Port, argv, process, readiness, verification: the sequence every spawned server shares."""
-        import os
-
         spec = handle.spec
         port = free_port()
         handle.url = f"http://127.0.0.1:{port}"
@@ -192,9 +192,6 @@ def fresh_log_path(log_dir: Path, config_id: str) -> Path:
     """A log file no other boot uses: xdist workers (or a re-boot of the same config in the same
     second) sharing a log dir would otherwise append to one file, and the memory report parsed from
     it would count every server's KV cache."""
-    import os
-    import time
-
     stem = f"{config_id}-{int(time.time())}-{os.getpid()}"
     path, n = log_dir / f"{stem}.log", 1
     while path.exists():
