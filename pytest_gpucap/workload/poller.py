@@ -100,6 +100,12 @@ def prefix_cache_hit_rate(before: Mapping[str, Any], after: Mapping[str, Any]) -
     return h / q if q > 0 else None
 
 
+def _counters(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """What only grows between scrapes: ``*_total`` scalars and histogram counts."""
+    return {k: (v.count if isinstance(v, Histogram) else v) for k, v in metrics.items()
+            if isinstance(v, Histogram) or (k.endswith("_total") and isinstance(v, float))}
+
+
 @dataclass
 class MetricsSample:
     """One scrape; ``t`` is ``time.monotonic()``, the clock of ``RequestRecord``."""
@@ -122,6 +128,7 @@ class MetricsPoller:
     interval_s: float = 0.5
     api_key: str | None = None
     timeout_s: float = 2.0
+    settle_s: float = 1.0
     samples: list[MetricsSample] = field(default_factory=list)
     errors: int = 0
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -138,18 +145,39 @@ class MetricsPoller:
         except httpx.HTTPError:
             self.errors += 1
 
-    def _loop(self) -> None:
+    def _client(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        with httpx.Client(timeout=self.timeout_s, headers=headers) as client:
-            while True:
-                started = time.monotonic()
+        return httpx.Client(timeout=self.timeout_s, headers=headers)
+
+    def _loop(self) -> None:
+        with self._client() as client:
+            due = time.monotonic() + self.interval_s
+            while not self._stop.wait(max(0.0, due - time.monotonic())):
                 self.scrape_once(client)
-                if self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started))):
-                    break
-            self.scrape_once(client)  # a final sample after the run
+                due = max(due + self.interval_s, time.monotonic())
+            self._final(client)
+
+    def _final(self, client: httpx.Client) -> None:
+        """The closing sample, once the server's counters stop moving.
+
+        vLLM records a request's histograms after it has sent the last byte, so a scrape taken the
+        moment the client finishes can miss the last requests; up to ``settle_s`` more scrapes are
+        taken until two in a row agree.
+        """
+        deadline = time.monotonic() + self.settle_s
+        self.scrape_once(client)
+        while time.monotonic() < deadline:
+            time.sleep(min(0.1, self.interval_s))
+            before = self.samples[-1].metrics if self.samples else None
+            self.scrape_once(client)
+            if before is not None and self.samples and _counters(before) == _counters(self.samples[-1].metrics):
+                break
 
     def start(self) -> "MetricsPoller":
+        """Take the baseline sample before returning, so the run's first requests fall inside the window."""
         if self._thread is None:
+            with self._client() as client:
+                self.scrape_once(client)
             self._thread = threading.Thread(target=self._loop, name="gpucap-metrics", daemon=True)
             self._thread.start()
         return self
@@ -157,7 +185,7 @@ class MetricsPoller:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 5)
+            self._thread.join(timeout=self.timeout_s + self.settle_s + 5)
 
     def __enter__(self) -> "MetricsPoller":
         return self.start()
