@@ -19,12 +19,11 @@ from typing import Iterator
 
 import psutil
 import pytest
-from conftest import CEILING_TEST, RUN_ENV, CapacityRun, matrix_toml
+from conftest import CEILING_TEST, REPO, RUN_ENV, CapacityRun, matrix_toml
 
 from pytest_gpucap import records
 from pytest_gpucap.backends.process import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 REQUIRE_ENV = "GPUCAP_REQUIRE_SSH"
 HOST_ALIAS = "gpucap-loopback"
 ONE_CONFIG = """
@@ -129,11 +128,14 @@ def test_cpu_matrix_over_ssh_comes_back_naming_the_host(capacity_run: CapacityRu
     pytester.makepyfile(test_capacity=CEILING_TEST)
     os.environ[RUN_ENV] = capacity_run.run_id
     try:
-        # No bare local paths on the command line: xdist rewrites those relative to rsync roots (and
-        # rsync is deprecated); "--opt=value" travels as is and the worker runs in chdir.
-        result = pytester.runpytest_subprocess(
-            "--gpucap-matrix=gpucap.toml", f"--gpucap-server-bin={capacity_run.server_bin}",
-            "--gpucap-report=rep", "-p", "no:cacheprovider", "-rs", "--tx", tx, "--dist", "each", timeout=300)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONPATH", str(REPO))  # the controller side: this checkout's plugin too
+            # No bare local paths on the command line: xdist rewrites those relative to rsync roots
+            # (and rsync is deprecated); "--opt=value" travels as is and the worker runs in chdir.
+            result = pytester.runpytest_subprocess(
+                "--gpucap-matrix=gpucap.toml", f"--gpucap-server-bin={capacity_run.server_bin}",
+                "--gpucap-report=rep", "-p", "no:cacheprovider", "-rs", "--tx", tx, "--dist", "each",
+                timeout=300)
     finally:
         os.environ.pop(RUN_ENV, None)
     capacity_run.assert_no_orphans()  # no server tagged with this run, on either side
@@ -144,6 +146,11 @@ def test_cpu_matrix_over_ssh_comes_back_naming_the_host(capacity_run: CapacityRu
     host = recs[0]["host"]
     assert host["hostname"] == socket.gethostname() and host["device"] == "host"
     assert recs[0]["config_id"] and recs[0]["server"]["up_at"]
+    # the fast device readings made it back too: their downsampled timeline holds the minimum
+    mem = recs[0]["memory"]
+    assert mem["device_samples"] >= len(mem["timeline"]) > 0
+    assert mem["free_mib"] <= min(p["free_mib"] for p in mem["timeline"]) + 0.1
+    assert mem["server_used_mib"] == mem["used_after_load_mib"] and mem["others_used_mib"] == 0
     # the remote xdist worker (a python under the sshd session) is gone once the run is over
     assert _remote_pythons(loopback_ssh.pid) == []
 
