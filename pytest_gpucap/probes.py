@@ -143,12 +143,10 @@ class NvmlProbe:
             raise
         self.index = specs[0] if len(specs) == 1 else None
         self.budget_mib = budget_mib
-        self.last: nvml.Reading | None = None
 
     def device(self, server_pids: Iterable[int]) -> DeviceMemory:
         pids = list(server_pids)
         reading = nvml.combine([nvml.read(g, pids) for g in self.gpus])
-        self.last = reading
         total, used, free = reading.total_mib, reading.used_mib, reading.free_mib
         if self.budget_mib is not None and self.budget_mib < total:
             total = self.budget_mib
@@ -156,18 +154,21 @@ class NvmlProbe:
         return DeviceMemory(total, used, free, reading.server_mib if pids else None, reading.baseline_mib)
 
     def describe(self) -> dict[str, str]:
-        totals = [nvml.memory_info(g.handle)[0] / 2**30 for g in self.gpus]
         out = {"device": "cuda", "hostname": socket.gethostname(),
                "gpu": ", ".join(g.name for g in self.gpus), "gpu_uuid": ", ".join(g.uuid for g in self.gpus),
-               "gpus": ",".join(g.spec for g in self.gpus), "gpu_total_gib": f"{sum(totals):.1f}"}
+               "gpus": ",".join(g.spec for g in self.gpus)}
         if self.index is not None:
             out["gpu_index"] = str(self.index)
-        try:
-            out["driver"] = nvml.driver_version()
-            out["cuda"] = nvml.cuda_version_text(nvml.cuda_driver_version())
-        except Exception:  # an old driver without the call: the record just lacks the field
-            pass
+        for key, read in (("gpu_total_gib", self._total_gib), ("driver", nvml.driver_version),
+                          ("cuda", lambda: nvml.cuda_version_text(nvml.cuda_driver_version()))):
+            try:
+                out[key] = read()
+            except Exception:  # an old driver without the call, a lost GPU: the record lacks the field
+                continue
         return out
+
+    def _total_gib(self) -> str:
+        return f"{sum(nvml.memory_info(g.handle)[0] for g in self.gpus) / 2**30:.1f}"
 
     def close(self) -> None:
         try:

@@ -47,7 +47,8 @@ def test_breakdown_unsigned_wraparound_reads_as_negative() -> None:
     rep = parse_memory_report(read("llamacpp_breakdown_1080ti.log"))
     row = rep.breakdown_row("CUDA0")
     assert row.device == "CUDA0 (GTX 1080 Ti)"
-    assert (row.total_mib, row.free_mib, row.model_mib, row.context_mib, row.compute_mib) == (11165, 8702, 9814, 134, 51)
+    assert (row.total_mib, row.free_mib, row.model_mib, row.context_mib, row.compute_mib) == (
+        11165, 8702, 9814, 134, 51)
     assert row.self_mib == 9999  # printed 10001: the table rounds each column on its own
     # printed 17592186036877 = 2**44 - 7539: total - free - self(10001) = -7538, within rounding
     assert row.unaccounted_mib == -7539

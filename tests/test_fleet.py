@@ -169,3 +169,12 @@ def _remote_pythons(sshd_pid: int, wait_s: float = 10) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
+
+
+def test_missing_sshd_skips_with_a_reason_unless_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"apt-get install openssh-server.*GPUCAP_REQUIRE_SSH=1"):
+        _unavailable("no sshd/ssh here (Debian: apt-get install openssh-server)")
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="GPUCAP_REQUIRE_SSH is set"):
+        _unavailable("no sshd/ssh here")
