@@ -68,6 +68,8 @@ def build_ceiling(handle: ServerHandle, test_id: str, slo: SLO | None = None) ->
         server_report=ServerBuffers.from_dict(handle.report.as_dict()),
         kv_per_slot_mib=handle.report.kv_per_slot_mib(cfg.n),
         kv_headroom=None if kv_headroom is None else KvHeadroom.from_dict(kv_headroom),
+        server_used_mib=_mib(after.server_mib), others_used_mib=_mib(after.baseline_mib),
+        device_samples=len(tl.points), timeline=tl.downsampled(),
     )
     record = CeilingRecord(**header(handle, test_id), memory=memory, slo=SloBudgets(headroom_gib=slo.headroom_gib),
                            verdicts=tuple(verdicts), headroom_class=headroom_class(free_mib / 1024, slo))

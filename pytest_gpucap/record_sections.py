@@ -289,6 +289,10 @@ class CeilingMemory(Section):
     predicted_kv_per_slot_mib: float | None = opt()
     prediction_error: PredictionCheck | None = sub(PredictionCheck, optional=True)
     kv_headroom: KvHeadroom | None = sub(KvHeadroom, optional=True)
+    server_used_mib: float | None = opt()  # after load, what the device charges to the server's processes
+    others_used_mib: float | None = opt()  # after load, used - server: co-tenants, desktop, driver
+    device_samples: int | None = opt()  # fast device readings (every <= 100 ms) behind free_mib / peak
+    timeline: list[dict[str, float]] | None = opt()  # those readings, downsampled (t from the first)
 
 
 # ---------------------------------------------------------------- workload

@@ -25,6 +25,8 @@ from pytest_gpucap.backends.llamacpp import find_binary
 from pytest_gpucap.backends.process import OWNER_ENV, free_port
 
 RUN_ENV = "GPUCAP_TEST_RUN"
+#: This checkout: subprocess runs import its plugin, not whichever copy the venv has installed.
+REPO = Path(__file__).resolve().parents[1]
 
 #: Three small configs of the cpu profile (several tests boot them under xdist).
 THREE_CONFIGS = """
@@ -150,9 +152,11 @@ class CapacityRun:
         self.pytester.makepyfile(test_capacity=test_src)
         os.environ[RUN_ENV] = self.run_id
         try:
-            result = self.pytester.runpytest_subprocess(
-                "--gpucap-matrix", "gpucap.toml", "--gpucap-server-bin", str(self.server_bin),
-                "-p", "no:cacheprovider", "-rs", *args, timeout=timeout)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+                result = self.pytester.runpytest_subprocess(
+                    "--gpucap-matrix", "gpucap.toml", "--gpucap-server-bin", str(self.server_bin),
+                    "-p", "no:cacheprovider", "-rs", *args, timeout=timeout)
         finally:
             os.environ.pop(RUN_ENV, None)
         self.assert_no_orphans()

