@@ -257,8 +257,10 @@ def skip_if_service_up(config: pytest.Config, profile: str) -> None:
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM ends the session like Ctrl-C does, so servers stop and services come back."""
-    pytest.exit("gpucap: SIGTERM: stopping the servers and restoring the services", returncode=128 + signal.SIGTERM)
+    """SIGTERM ends the session like Ctrl-C does (exit code 2, interrupted, so the terminal summary
+    still says what was restored): servers stop and services come back."""
+    pytest.exit("gpucap: SIGTERM: stopping the servers and restoring the services",
+                returncode=pytest.ExitCode.INTERRUPTED)
 
 
 def restore_main(directory: Path) -> int:
