@@ -108,6 +108,10 @@ class HostRoutine:
             self._abort(str(exc))
         if leftover:
             self.prior = restore_services(leftover, self.path)
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            for r in self.prior if reporter is not None else ():
+                reporter.write_line(f"gpucap: restored first (left stopped by an earlier session, {self.path}): "
+                                    f"{r.line()}", red=not r.ok)
             if not all(r.ok for r in self.prior):
                 self._abort("services an earlier session stopped could not be restored (state file kept: "
                             f"{self.path}); nothing was booted:\n" + "\n".join(r.line() for r in self.prior))
@@ -189,9 +193,11 @@ class HostRoutine:
         profile = self.matrix.profiles.get(str(record.get("profile")))
         if profile is None or not profile.cotenants or "memory" not in record:
             return
+        # Under xdist the worker does not hold the controller's co-tenants: it finds them by port
+        # (their state, found or started, is in the baseline the controller took).
         mine = {c.spec.name: c for c in self.cotenants.get(profile.name, [])}
-        record["cotenants"] = [(mine.get(spec.name) or Cotenant(spec)).memory(self._probe(profile))
-                               for spec in profile.cotenants]
+        record["cotenants"] = [{k: v for k, v in (mine.get(spec.name) or Cotenant(spec)).memory(
+            self._probe(profile)).items() if k != "state"} for spec in profile.cotenants]
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -218,7 +224,10 @@ class HostRoutine:
         return out
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        for line, loud in self.lines():
+        lines = self.lines()
+        if lines:
+            terminalreporter.section("gpucap host routine")
+        for line, loud in lines:
             terminalreporter.write_line(f"gpucap: {line}", red=loud, bold=loud)
 
     def pytest_gpucap_report_sections(self, records: list[dict[str, Any]]) -> list[ReportSection] | None:

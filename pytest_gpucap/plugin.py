@@ -444,6 +444,7 @@ def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
     profile = kw.pop("profile", next(iter(state.matrix.profiles), "cpu"))
     if profile not in state.matrix.profiles:
         pytest.fail(f"{where}: unknown profile {profile!r}", pytrace=False)
+    skip_if_service_up(request.config, profile)
     try:
         ns, ctxs = [int(n) for n in kw.pop("ns")], [int(c) for c in kw.pop("ctxs")]
         space = SearchSpace(tuple(ns), tuple(ctxs), tuple(kw.pop("cache_types", ("f16",))),

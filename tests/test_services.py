@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import tomllib
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +30,7 @@ import pytest
 
 from conftest import CEILING_TEST, RUN_ENV, CapacityRun, matrix_toml, own_server, tagged_processes
 from pytest_gpucap.backends.process import free_port
-from pytest_gpucap.matrix import MatrixError, parse_matrix
+from pytest_gpucap.matrix import MatrixError, load_matrix, parse_matrix
 
 ONE_CONFIG = """
     [[profiles.cpu.configs]]
@@ -491,3 +492,39 @@ def test_stop_services_flag_env_and_ini(pytester: pytest.Pytester, monkeypatch: 
     assert resolve_settings(pytester.parseconfig()).stop_services is True
     monkeypatch.setenv("GPUCAP_STOP_SERVICES", "0")
     assert resolve_settings(pytester.parseconfig()).stop_services is False
+
+
+def test_shipped_4090_profile_shows_the_study_routine_commented() -> None:
+    """The commented example in the 4090 profile parses once uncommented: the study's stopped service
+    and its embedding co-tenant."""
+    shipped = Path(__file__).resolve().parents[1] / "capacity_tests" / "gpucap.toml"
+    lines = shipped.read_text().splitlines()
+    start = lines.index("# [[profiles.4090.services]]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line.removeprefix("#").removeprefix(" "))
+    matrix = parse_matrix(tomllib.loads(shipped.read_text() + "\n" + "\n".join(block)), shipped)
+    gpu = matrix.profile("4090")
+    assert [s.name for s in gpu.services] == ["gemma4-26b-a4b-q4"]
+    assert [c.name for c in gpu.cotenants] == ["vllm-embedding-code"] and gpu.cotenants[0].load is not None
+    assert not load_matrix(shipped).profile("4090").services  # commented out: nothing is stopped by default
+
+
+def test_phase1_breakdown_on_a_gpu_record() -> None:
+    """The breakdown arithmetic on a GPU-shaped ceiling record. Figures: the reference study's N3 x 64K
+    config (shared/reference/spike-multi-agent-capacity-4090.txt: 21,110 MiB used, 2,972 MiB free, the
+    embedding co-tenant 2.5 GB of a 3.4 GB baseline); the buffer split is illustrative, not NVML output."""
+    from pytest_gpucap.host_section import breakdown, host_section
+
+    record = {"kind": "ceiling", "config_id": "4090-n3-ctx64k-mmproj-q8", "cotenants": [
+        {"name": "vllm-embedding-code", "pid": 4242, "rss_mib": 900.0, "device_mib": 2560.0}],
+        "memory": {"probe": "nvml", "baseline_used_mib": 3482.0, "used_after_load_mib": 21110.0, "free_mib": 2972.0,
+                   "server_report": {"model_mib": {"CUDA0": 13282.0}, "kv_mib": 3072.0, "compute_mib": {"CUDA0": 500.0}}}}
+    b = breakdown(record)
+    assert (b["cotenants"], b["other"], b["model"], b["kv"], b["compute"]) == (2560.0, 922.0, 13282.0, 3072.0, 500.0)
+    assert b["unattributed"] == 21110.0 - 3482.0 - 13282.0 - 3072.0 - 500.0
+    (section,) = host_section([("restored: gemma (healthy after 3.2 s)", False)], {}, [record])
+    assert "| 4090-n3-ctx64k-mmproj-q8 | 2,560 | 922 | 13,282 | 3,072 | 500 | 774 | 2,972 |" in section.markdown
+    assert "- restored: gemma (healthy after 3.2 s)" in section.markdown
