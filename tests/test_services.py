@@ -79,6 +79,8 @@ class Production:
         self.client.write_text(SERVICE_CLIENT)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.watch_port: int | None = None  # a co-tenant's port: is it still up when the service starts?
+        self.watched: list[bool] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -110,6 +112,8 @@ class Production:
     def _start(self) -> str:
         if self.proc is not None and self.proc.poll() is None:
             return "0 already running"
+        if self.watch_port is not None:
+            self.watched.append(not _nothing_listens(self.watch_port))
         with open(self.home / "prod.log", "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -227,6 +231,7 @@ def test_normal_session_stops_restores_and_attributes_the_cotenant(
     port = free_port()
     env.setenv("COTENANT_HEALTH", f"http://127.0.0.1:{port}/health")
     first_pid = production.proc.pid if production.proc else None
+    production.watch_port = port
     out = capacity_run.pytester.path / "out"
     matrix = matrix_toml(tiny_model, ONE_CONFIG) + production.toml() + cotenant_toml(capacity_run.server_bin,
                                                                                      tiny_model, port)
@@ -240,6 +245,7 @@ def test_normal_session_stops_restores_and_attributes_the_cotenant(
     assert production.starts == 2 and production.proc is not None and production.proc.pid != first_pid
     assert not (out / "gpucap-services.json").exists()
     assert _nothing_listens(port), "the co-tenant the plugin started is still running"
+    assert production.watched == [False], "the co-tenant was not stopped before the service came back"
     record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     (cot,) = record["cotenants"]
     assert cot["name"] == "embed" and cot["rss_mib"] > 1 and cot["pid"] > 0
