@@ -122,6 +122,8 @@ class HostRoutine:
                 except ServiceError as exc:
                     self._abort(f"services: {exc}")
         for profile in profiles:
+            if self.skip_reason(profile.name):
+                continue  # its configs skip: its co-tenants are not needed
             up = self.cotenants.setdefault(profile.name, [])
             for spec in profile.cotenants:
                 try:
@@ -142,12 +144,16 @@ class HostRoutine:
         self._finished = True
         held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.stop_servers()
-            for cotenants in self.cotenants.values():
-                for cotenant in reversed(cotenants):
-                    cotenant.stop()
-            if self.stopped:
-                self.restores = restore_services(self.stopped, self.path)
+            try:
+                self.stop_servers()
+            finally:
+                try:
+                    for cotenants in self.cotenants.values():
+                        for cotenant in reversed(cotenants):
+                            cotenant.stop()
+                finally:
+                    if self.stopped:
+                        self.restores = restore_services(self.stopped, self.path)
         finally:
             for sig, handler in held.items():
                 signal.signal(sig, handler)
