@@ -251,8 +251,11 @@ def test_normal_session_stops_restores_and_attributes_the_cotenant(
     assert cot["name"] == "embed" and cot["rss_mib"] > 1 and cot["pid"] > 0
     assert cot["load"]["sent"] >= 1 and cot["load"]["failed"] == 0
     report = (out / "capacity.md").read_text()
-    assert "Phase 1 breakdown" in report and "restored: prod (healthy after" in report
-    assert "| cpu | embed | started by gpucap |" in report
+    section = report[report.index("## Host routine"):]
+    assert "restored: prod (healthy after" in section and "| cpu | embed | started by gpucap |" in section
+    breakdown = section[section.index("Phase 1 breakdown"):]
+    row = next(line for line in breakdown.splitlines() if line.startswith("| cpu-n1-ctx1k-f16 | "))
+    assert row.split(" | ")[1] == f"{cot['rss_mib']:,.0f}", row  # the co-tenant's memory in the breakdown
 
 
 def test_without_the_flag_a_running_service_skips_its_profile(
