@@ -73,9 +73,7 @@ class HostRoutine:
     def _active(self) -> bool:
         if hasattr(self.config, "workerinput") or self.config.getoption("gpucap_predict"):
             return False
-        report = self.settings.report_dir
-        return any(p.services or p.cotenants for p in self.matrix.profiles.values()) or (
-            report is not None and (report / STATE_NAME).exists())
+        return any(p.services or p.cotenants for p in self.matrix.profiles.values()) or self.path.exists()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtestloop(self, session: pytest.Session) -> Iterator[None]:
@@ -118,7 +116,7 @@ class HostRoutine:
         if self.settings.stop_services:
             for profile in profiles:
                 try:
-                    self.stopped = stop_services(profile.services, self.path, self._used(profile), self.stopped)
+                    stop_services(profile.services, self.path, self._used(profile), self.stopped)
                 except ServiceError as exc:
                     self._abort(f"services: {exc}")
         for profile in profiles:
@@ -157,9 +155,11 @@ class HostRoutine:
         finally:
             for sig, handler in held.items():
                 signal.signal(sig, handler)
-            for probe in self._probes.values():
-                if probe is not None:
-                    probe.close()
+
+    def pytest_unconfigure(self) -> None:
+        for probe in self._probes.values():
+            if probe is not None:
+                probe.close()
 
     # ------------------------------------------------------------ every process
 

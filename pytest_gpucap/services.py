@@ -15,7 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -176,31 +176,30 @@ class Restored:
 
 
 def stop_services(specs: Sequence[ServiceSpec], state_path: Path, used_mib: Callable[[], float],
-                  already: Sequence[StoppedService] = ()) -> list[StoppedService]:
-    """Stop each running service, recording it in the state file before its stop command runs.
+                  stopped: list[StoppedService]) -> list[StoppedService]:
+    """Stop each running service, adding it to ``stopped`` and the state file before its stop command runs
+    (so a Ctrl-C meanwhile still restores it).
 
-    A service whose health check says it is down is not touched. On a failed stop the services
-    stopped so far are started again and the state file is removed (everything as found), then
-    ``ServiceError`` says which stop failed and why.
+    A service whose health check says it is down is not touched. On a failed stop every service in
+    ``stopped`` is started again, the list emptied and the state file removed (everything as found),
+    then ``ServiceError`` says which stop failed and why.
     """
-    stopped = list(already)
     for spec in specs:
         if spec.health is not None and not is_up(spec.health):
             continue
         entry = StoppedService.of(spec, used_mib())
-        write_state(state_path, [*stopped, entry])
+        stopped.append(entry)  # its start command may also be needed to undo a half-done stop
+        write_state(state_path, stopped)
         result = run_command(spec.stop, spec.timeout_s)
         error = None if result.ok else f"stop command {result.describe()}"
         if error is None and spec.health is not None and wait_health(spec.health, False, spec.timeout_s) is None:
             error = f"still answers {spec.health.describe()} {spec.timeout_s:.0f} s after its stop command"
         if error is not None:
-            stopped.append(entry)  # its start command may be needed to undo a half-done stop
             undone = restore_services(stopped, state_path)
+            stopped.clear()
             undo = "; ".join(r.line() for r in undone)
             raise ServiceError(f"service {spec.name!r}: {error}\nnothing was booted; {undo}")
-        after = wait_settled(used_mib, min(spec.timeout_s, 30.0))
-        stopped.append(StoppedService(**{**asdict(entry), "start": entry.start, "health_argv": entry.health_argv,
-                                         "used_after_mib": after}))
+        stopped[-1] = replace(entry, used_after_mib=wait_settled(used_mib, min(spec.timeout_s, 30.0)))
         write_state(state_path, stopped)
     return stopped
 

@@ -114,6 +114,8 @@ class Production:
             return "0 already running"
         if self.watch_port is not None:
             self.watched.append(not _nothing_listens(self.watch_port))
+        with open(self.home / "order", "a") as order:
+            order.write("prod\n")
         with open(self.home / "prod.log", "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -233,16 +235,28 @@ def test_normal_session_stops_restores_and_attributes_the_cotenant(
     first_pid = production.proc.pid if production.proc else None
     production.watch_port = port
     out = capacity_run.pytester.path / "out"
-    matrix = matrix_toml(tiny_model, ONE_CONFIG) + production.toml() + cotenant_toml(capacity_run.server_bin,
-                                                                                     tiny_model, port)
+    flag, order = production.home / "flag-up", production.home / "order"
+    flag.touch()
+    second = textwrap.dedent(f"""
+        [[profiles.cpu.services]]  # a second service with a health command: restored before the first
+        name = "flag"
+        stop = ["rm", "{flag}"]
+        start = ["sh", "-c", "echo flag >> '{order}' && touch '{flag}'"]
+        health = ["test", "-f", "{flag}"]
+        """)
+    matrix = matrix_toml(tiny_model, ONE_CONFIG) + production.toml() + second + cotenant_toml(
+        capacity_run.server_bin, tiny_model, port)
     result = capacity_run.run(matrix, "--gpucap-stop-services", "--gpucap-report", str(out), test_src=CHECKING_TEST)
     result.assert_outcomes(passed=1)
     assert result.ret == 0
     result.stdout.fnmatch_lines(["gpucap: stopped: prod (memory in use * -> * MiB)",
+                                 "gpucap: stopped: flag (memory in use * -> * MiB)",
+                                 "gpucap: restored: flag (healthy after * s)",
                                  "gpucap: restored: prod (healthy after * s)",
                                  "gpucap: co-tenant embed: started by gpucap (healthy after * s), stopped at the end"])
     production.assert_healthy()
     assert production.starts == 2 and production.proc is not None and production.proc.pid != first_pid
+    assert order.read_text().split() == ["prod", "flag", "prod"] and flag.exists()  # reverse order
     assert not (out / "gpucap-services.json").exists()
     assert _nothing_listens(port), "the co-tenant the plugin started is still running"
     assert production.watched == [False], "the co-tenant was not stopped before the service came back"
