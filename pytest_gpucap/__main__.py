@@ -1,4 +1,4 @@
-"""Command line: ``python -m pytest_gpucap COMMAND``: genmodel, report, compare."""
+"""Command line: ``python -m pytest_gpucap COMMAND``: genmodel, report, compare, restore."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "genmodel": "generate a small random-weight GGUF model",
     "report": "re-render DIR/capacity.md and DIR/capacity.html from DIR/results.jsonl",
     "compare": "per-config deltas between two runs (OLD NEW [--fail-on-regression PCT])",
+    "restore": "start the services a killed session left stopped (DIR: its --gpucap-report dir or rootdir; default .)",
 }
 
 
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "report":
         return report_main(rest)
+    if command == "restore":
+        from .host_routine import restore_main
+
+        if rest[:1] in (["-h"], ["--help"]) or len(rest) > 1:
+            print(f"usage: python -m pytest_gpucap restore [DIR]\n\n{COMMANDS['restore']}")
+            return 0 if rest[:1] in (["-h"], ["--help"]) else 2
+        return restore_main(Path(rest[0] if rest else "."))
     if command == "compare":
         from .compare import main as compare_main
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .hostspec import CotenantSpec, ServiceSpec, cotenants_from, services_from
+
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 BACKENDS = ("llamacpp", "vllm", "external")
 #: The study's headroom words, best first; free memory of at least ``COMFORTABLE_FACTOR`` x the
@@ -112,6 +114,8 @@ class HostProfile:
     watchdog: WatchdogLimits = WatchdogLimits()
     slo: SLO = SLO()
     workload: Workload = Workload()
+    services: tuple[ServiceSpec, ...] = ()  # stopped before the first boot, restored at the end (hostspec)
+    cotenants: tuple[CotenantSpec, ...] = ()  # run beside every config (hostspec)
 
     @property
     def device_key(self) -> str:
@@ -361,6 +365,11 @@ def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> Host
         raise _fail(f"{where}.watchdog", "interval_s must be > 0 (seconds between memory samples)")
     kw["slo"] = slo_from_mapping(data.get("slo", {}), f"{where}.slo")
     kw["workload"] = _workload(data.get("workload", {}), f"{where}.workload")
+    try:  # issue 11: the host routine's services and co-tenants
+        kw["services"] = services_from(data.get("services", []), f"{where}.services")
+        kw["cotenants"] = cotenants_from(data.get("cotenants", []), f"{where}.cotenants")
+    except ValueError as exc:
+        raise MatrixError(str(exc)) from None
     return HostProfile(**kw)
 
 

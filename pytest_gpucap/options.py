@@ -40,6 +40,7 @@ class Settings:
     calibration_path: Path | None
     baseline_path: Path | None = None
     regression_threshold_pct: float = 5.0
+    stop_services: bool = False  # stop the profiles' [[services]] for the session, restore them after
 
 
 
@@ -92,6 +93,11 @@ def add_options(parser: pytest.Parser) -> None:
                     help="boot configs the memory model predicts will not fit (to confirm the prediction)")
     group.addoption("--gpucap-no-sweep", action="store_true", dest="gpucap_no_sweep",
                     help="do not remove servers left by an earlier crashed pytest-gpucap session")
+    group.addoption("--gpucap-stop-services", action="store_true", dest="gpucap_stop_services", default=None,
+                    help="stop the profiles' production services (matrix [[profiles.NAME.services]]) before the "
+                         "first boot and start them again after the session [env GPUCAP_STOP_SERVICES=1]")
+    parser.addini("gpucap_stop_services", type="bool", default=False,
+                  help="stop the profiles' production services for the session and restore them after")
 
 
 def _setting(config: pytest.Config, ini: str, env: str | None) -> str | None:
@@ -165,6 +171,19 @@ def resolve_settings(config: pytest.Config) -> Settings:
         calibration_path=path("gpucap_calibration"),
         baseline_path=baseline,
         regression_threshold_pct=5.0 if threshold is None else threshold,
+        stop_services=_stop_services(config),
     )
+
+
+def _stop_services(config: pytest.Config) -> bool:
+    """``--gpucap-stop-services``, else ``GPUCAP_STOP_SERVICES`` (1/true/yes/on or 0/false/no/off), else the ini."""
+    if config.getoption("gpucap_stop_services"):
+        return True
+    raw = os.environ.get("GPUCAP_STOP_SERVICES", "").strip().lower()
+    if raw:
+        if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise pytest.UsageError(f"GPUCAP_STOP_SERVICES={raw!r}: write 1 or 0")
+        return raw in ("1", "true", "yes", "on")
+    return bool(config.getini("gpucap_stop_services"))
 
 

@@ -28,6 +28,7 @@ from .search import SearchSpace
 from .xdist_groups import GROUPS_DIR_KEY, ConfigGroupScheduling, write_groups
 from .search_run import SearchRun, SearchSession
 from .harness import Harness
+from .host_routine import register_host_routine, skip_if_service_up
 from .options import Settings, add_options, resolve_settings
 from .workload.roles import roles_from_matrix
 
@@ -98,6 +99,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: capacity configurations of host profile {name!r}")
     state = State(settings=settings, matrix=matrix, grouped=_group_configs_per_worker(config))
     config.stash[STATE] = state
+    register_host_routine(config, state)
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Recorder(state, config), "gpucap-recorder")
 
@@ -311,6 +313,7 @@ def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig)
     """A booted, verified server for this config, shared by its tests and torn down after them."""
     state = request.config.stash[STATE]
     _ensure_swept(state)
+    skip_if_service_up(request.config, gpucap_config.profile)
     spec = launch_spec(request, gpucap_config)
     handle = ServerHandle(spec, _probe(state, spec.profile))
     handle.prediction = _predict(state, handle)
@@ -441,6 +444,7 @@ def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
     profile = kw.pop("profile", next(iter(state.matrix.profiles), "cpu"))
     if profile not in state.matrix.profiles:
         pytest.fail(f"{where}: unknown profile {profile!r}", pytrace=False)
+    skip_if_service_up(request.config, profile)
     try:
         ns, ctxs = [int(n) for n in kw.pop("ns")], [int(c) for c in kw.pop("ctxs")]
         space = SearchSpace(tuple(ns), tuple(ctxs), tuple(kw.pop("cache_types", ("f16",))),
