@@ -44,6 +44,7 @@ class Table:
     rows: list[list[Cell]] = field(default_factory=list)
     numeric: list[bool] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # per row, for the HTML host filter (empty: not filtered)
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -60,6 +61,16 @@ def ident(record: Record) -> str:
 
 def profile_of(record: Record) -> str:
     return "" if record.profile is None else str(record.profile)
+
+
+def host_label(record: Record) -> str:
+    """The host and GPU a record was measured on, as one label (the HTML host filter)."""
+    host = getattr(record, "host", None)
+    if not isinstance(host, dict):
+        return ""
+    name = host.get("hostname") or host.get("host") or ""
+    gpu = host.get("gpu") or host.get("device") or ""
+    return " · ".join(str(x) for x in (name, gpu) if x)
 
 
 def reason_of(record: Record) -> Any:
@@ -171,7 +182,9 @@ def ceiling_table(records: list[Record]) -> Table:
             _n(fmt.mib(row.used)), _n(fmt.mib(row.free)), _n(fmt.secs(row.boot)), *_headroom_cells(row),
             _outcome(row.record),
         ])
-    return _table(cols, rows)
+    table = _table(cols, rows)
+    table.hosts = [host_label(r) for r in df["record"]] if not df.empty else []
+    return table
 
 
 def _device_sum(mapping: Any, gpu_only: bool) -> float:
@@ -299,7 +312,9 @@ def workload_table(records: list[Record]) -> Table:
             _n(fmt.mib(row.min_free)), Cell(turns, "num bad" if row.errors or row.turns_failed else "num"),
             _outcome(row.record),
         ])
-    return _table(cols, rows)
+    table = _table(cols, rows)
+    table.hosts = [host_label(r) for r in df["record"]] if not df.empty else []
+    return table
 
 
 def verdicts_table(records: list[Record]) -> Table:
