@@ -186,9 +186,10 @@ def capacity_maps(records: list[Record]) -> list[CapacityMap]:
                          "no-fit" if status.endswith("fail") and not status.startswith("inferred") else
                          "not-measured")
             e.why = f"search: {status}" + (f" ({p.reason})" if p.reason else "")
-            if r.knee and p.config_id == r.knee:
-                e.knee = True
+    knees = {(str(r.profile), str(r.knee)) for r in records if isinstance(r, SearchRecord) and r.knee}
     for grid in maps.values():
+        for e in grid.entries.values():
+            e.knee = (grid.profile, e.config_id) in knees  # the search's knee, when one searched this profile
         if not any(e.knee for e in grid.entries.values()):
             fits = [e for e in grid.entries.values() if e.verdict in FITS]
             if fits:
