@@ -450,8 +450,8 @@ def test_html_in_headless_chromium(study_dir: Path, tmp_path: Path) -> None:
     assert '<td class="num">22,980.0</td><td class="num">1,102.0</td>' in out
     assert '<td class="bad">Risky</td>' in out
     assert '<strong class="pick-id">4090-n3-ctx128k-q8</strong>' in out
-    assert len(re.findall(r'<svg[^>]*class="chart"', out)) == 5
-    assert len(re.findall(r"<polyline ", out)) >= 8 and len(re.findall(r"<circle ", out)) >= 20
+    assert len(re.findall(r'<svg[^>]*class="chart"', out)) == 7
+    assert len(re.findall(r'<g id="series-', out)) >= 14 and len(re.findall(r'<g id="cell-', out)) == 9
     if os.environ.get("GPUCAP_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["GPUCAP_KEEP_SCREENSHOT"])
 

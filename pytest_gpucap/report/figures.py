@@ -111,6 +111,8 @@ def _draw_lines(ax: plt.Axes, chart: Chart) -> None:
     xs = [p[0] for s in chart.series for p in s.points]
     if chart.x_kind == "ctx" and xs and min(xs) > 0 and max(xs) > min(xs):
         ax.set_xscale("log", base=2)  # context sizes double per step
+        ax.set_xticks(sorted(set(xs)))
+        ax.minorticks_off()
     ax.xaxis.set_major_formatter(_tick(chart.x_kind))
     ax.yaxis.set_major_formatter(_tick("num"))
     ax.set_xlabel(chart.x_label)
@@ -149,7 +151,7 @@ def to_svg(chart: Chart) -> str:
             size = (7.0, 4.6 + 0.18 * max(0, len([s for s in chart.series if s.points]) - 3) // 3)
         fig, ax = plt.subplots(figsize=size)
         try:
-            fig.suptitle(chart.title, fontsize=11, fontweight="bold")
+            fig.suptitle(chart.title, fontsize=11, fontweight="bold", y=1.06 if chart.cells else 0.98)
             (_draw_map if chart.cells else _draw_lines)(ax, chart)
             buf = io.StringIO()
             fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
