@@ -451,7 +451,7 @@ def test_html_in_headless_chromium(study_dir: Path, tmp_path: Path) -> None:
     assert '<td class="bad">Risky</td>' in out
     assert '<strong class="pick-id">4090-n3-ctx128k-q8</strong>' in out
     assert len(re.findall(r'<svg[^>]*class="chart"', out)) == 7
-    assert len(re.findall(r'<g id="series-', out)) >= 14 and len(re.findall(r'<g id="cell-', out)) == 9
+    assert len(re.findall(r'<g id="series-', out)) >= 14 and len(re.findall(r'<g id="cell-', out)) == 8
     if os.environ.get("GPUCAP_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["GPUCAP_KEEP_SCREENSHOT"])
 
