@@ -49,4 +49,15 @@ def test_junit_has_headline_figures_and_step_summary_the_answer(capacity_run: Ca
     assert f"**Gate: {'passed' if all(r['outcome'] == 'passed' for r in saved.values()) else 'failed'}**" in text
     assert "| N \\\\ ctx/slot | 1k |" in text and "| N=1 |" in text and "| N=2 |" in text
     assert "](charts/" not in text and "## Phase 1" not in text
+
+    # The write-up of the real run: the verdict paragraph first, then the gate, then the map as the first table;
+    # every number in the paragraph is a field of results.jsonl.
+    from test_report_answer import untraceable
+
+    md = (capacity_run.pytester.path / "rep" / "capacity.md").read_text()
+    blocks = [b for b in md.split("\n\n") if b.strip()]
+    assert blocks[0].startswith("# Capacity report") and "is the pick" in blocks[1]
+    assert blocks[2].startswith("**Gate: ")
+    assert next(b for b in blocks if b.startswith("|")).startswith("| N \\\\ ctx/slot | 1k |")
+    assert untraceable(blocks[1], capacity_run.pytester.path / "rep" / "results.jsonl") == []
     json.dumps(saved)  # records stay plain JSON

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..records import CeilingRecord, Record, SearchRecord, UnmeasuredRecord, WorkloadRecord
 from ..verdicts import FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, counted_breaches, headroom_bands
 from . import fmt
+from .crosschecks import LOW_EFFICIENCY
 from .figures import Chart, MapCell
 from .recommend import Candidate, Recommendation, latest
 from .tables import Cell, Table, ident, profile_of, reason_of, workload_label, workload_parts
@@ -254,6 +255,9 @@ def _sentence(rec: Recommendation, ceilings: dict[str, CeilingRecord], records: 
     nxt = min(bigger, key=Candidate.key)
     out += [(" The next step up, ", False), (nxt.config_id, True),
             (f" ({_size(nxt)}), is bound by {_binding(nxt.failures)}: {'; '.join(nxt.failures)}.", False)]
+    if nxt.efficiency is not None and nxt.efficiency < LOW_EFFICIENCY:
+        out.append((f" It decodes at {fmt.num(nxt.efficiency, 2)} of its bandwidth roofline: not bandwidth-bound, "
+                    "the study's collapse at depth.", False))
     return out + _cheapest(nxt, ceilings, records)
 
 

@@ -24,6 +24,7 @@ class Candidate:
     ctx: int | None
     failures: tuple[str, ...]
     tiebreak: float | None
+    efficiency: float | None = None  # agg TPS ÷ bandwidth roofline (metrics.efficiency), workload candidates
 
     @property
     def total_ctx(self) -> int:
@@ -79,7 +80,8 @@ def _failures(rec: Record, prefix: str = "") -> list[str]:
 
 def _candidate(rec: Record, failures: list[str], tiebreak: Any) -> Candidate:
     cfg = rec.config  # type: ignore[attr-defined]
-    return Candidate(ident(rec), fmt.as_int(cfg.n), fmt.as_int(cfg.ctx), tuple(failures), fmt.as_float(tiebreak))
+    eff = fmt.as_float(workload_parts(rec)[1].efficiency)
+    return Candidate(ident(rec), fmt.as_int(cfg.n), fmt.as_int(cfg.ctx), tuple(failures), fmt.as_float(tiebreak), eff)
 
 
 def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str, **about: str) -> Recommendation:
