@@ -171,6 +171,7 @@ def test_each_chart_renders_from_the_records(tmp_path: Path) -> None:
                                                                         "TTFT-p50"]
     assert 'id="marker-knee-N-4"' in svg["ramp-1-4090-n6-ctx32k-q8-latency.svg"]
     assert _series_ids(svg["ramp-1-4090-n6-ctx32k-q8-memory.svg"]) == ["server-RSS", "device-used"]
+    assert 'id="marker-knee-N-4"' in svg["ramp-1-4090-n6-ctx32k-q8-memory.svg"]
     assert _series_ids(svg["tps-vs-rtt.svg"]) == ["4090-n3-ctx64k-q8-A"]
     assert _series_ids(svg["memory-vs-total-ctx.svg"]) == ["4090-q8_0-mmproj-used", "4090-q8_0-mmproj-server-buffers"]
     md = (tmp_path / "capacity.md").read_text()

@@ -90,4 +90,7 @@ def ramp_charts(record: RampRecord, index: int) -> list[Chart]:
         lat.markers.append(Marker(float(record.knee_n), float(knee.turn_p95_s), f"knee N={record.knee_n}"))
     mem = Chart(f"{slug}-memory", f"Ramp memory vs N — {cid}", "concurrent agents (N)", "MiB", x_kind="int",
                 series=[series("server RSS", "server_rss_mib"), series("device used", "device_used_mib")])
+    used = next((s for s in steps if record.knee_n is not None and s.n == record.knee_n), None)
+    if used is not None and fmt.as_float(used.device_used_mib) is not None:
+        mem.markers.append(Marker(float(record.knee_n), float(used.device_used_mib), f"knee N={record.knee_n}"))
     return [c for c in (lat, mem) if c.has_points()]
