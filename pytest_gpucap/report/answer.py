@@ -15,7 +15,7 @@ from . import fmt
 from .crosschecks import LOW_EFFICIENCY
 from .figures import Chart, MapCell
 from .recommend import Candidate, Recommendation, latest
-from .tables import Cell, Table, ident, profile_of, reason_of, workload_label, workload_parts
+from .tables import Cell, Table, failed_verdicts, ident, profile_of, reason_of, workload_label, workload_parts
 
 #: Verdict class → the word a reader sees (the classes are also CSS classes and map colours).
 VERDICT_WORDS = {"comfortable": "Comfortable", "marginal": "Marginal", "risky": "Risky",
@@ -244,7 +244,12 @@ def _cheapest(cand: Candidate, ceilings: dict[str, CeilingRecord], records: list
 def _sentence(rec: Recommendation, ceilings: dict[str, CeilingRecord], records: list[Record]) -> list[Piece]:
     head: list[Piece] = [(rec.label, True), (" on ", False), (rec.profile, True), (": ", False)]
     if rec.pick is None:
-        return head + [("no configuration met every SLO.", False)]
+        out = head + [("no configuration met every SLO", False)]
+        if rec.candidates:
+            least = min(rec.candidates, key=Candidate.key)
+            out += [("; the smallest, ", False), (least.config_id, True),
+                    (f" ({_size(least)}), is bound by {_binding(least.failures)}: {'; '.join(least.failures)}", False)]
+        return out + [(".", False)]
     pick = rec.pick
     out = head + [(pick.config_id, True), (f" ({_size(pick)}) is the pick", False)]
     figs = [f"{fmt.num(pick.tiebreak, 1)} {rec.tiebreak_unit}"] if pick.tiebreak is not None else []
@@ -255,7 +260,7 @@ def _sentence(rec: Recommendation, ceilings: dict[str, CeilingRecord], records: 
     nxt = min(bigger, key=Candidate.key)
     out += [(" The next step up, ", False), (nxt.config_id, True),
             (f" ({_size(nxt)}), is bound by {_binding(nxt.failures)}: {'; '.join(nxt.failures)}.", False)]
-    if nxt.efficiency is not None and nxt.efficiency < LOW_EFFICIENCY:
+    if nxt.efficiency is not None and 0 < nxt.efficiency < LOW_EFFICIENCY:
         out.append((f" It decodes at {fmt.num(nxt.efficiency, 2)} of its bandwidth roofline: not bandwidth-bound, "
                     "the study's collapse at depth.", False))
     return out + _cheapest(nxt, ceilings, records)
@@ -281,9 +286,8 @@ def gate(records: list[Record]) -> tuple[bool, list[Piece]]:
     for i, r in enumerate(bad):
         why = "; ".join(f for f in (workload_label(str(workload_parts(r)[0].name or ""), fmt.DASH)
                                     if isinstance(r, WorkloadRecord) else "",) if f)
-        reasons = [f"{v.name} {fmt.num(v.measured, 2)} {v.unit}".strip() for v in counted_breaches(r)] or \
-            [str(reason_of(r) or "test failed")]
-        out += [(", " if i else "", False), (ident(r), True),
+        reasons = failed_verdicts(r) or [str(reason_of(r) or "test failed")]
+        out += [(" · " if i else "", False), (ident(r), True),
                 (f"{' (' + why + ')' if why else ''} — {'; '.join(reasons)}", False)]
     out.append((".", False))
     return False, out

@@ -6,6 +6,7 @@ whose column header carries † and whose formula is stated in the report.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -112,6 +113,9 @@ def failed_verdicts(rec: Record) -> list[str]:
     """One phrase per breach that counts against the config, e.g. ``headroom 0.31 GiB below budget 0.50 GiB``."""
     out = []
     for v in counted_breaches(rec):
+        if isinstance(v.measured, float) and math.isinf(v.measured):  # nothing to measure: the name says why
+            out.append(f"{v.name}, budget {fmt.num(v.budget, 2)} {v.unit}".strip())
+            continue
         op = "below budget" if v.higher_is_better else "above budget"
         out.append(f"{v.name} {fmt.num(v.measured, 2)} {v.unit} {op} {fmt.num(v.budget, 2)} {v.unit}"
                    .replace("  ", " ").strip())
