@@ -59,7 +59,8 @@ class MapCell:
 
 @dataclass
 class Chart:
-    """One chart; ``slug`` names its file, ``x_kind`` picks tick labels (``ctx`` → 64k, ``int``, ``num``).
+    """One chart; ``slug`` names its file, ``x_kind`` picks the x axis (``ctx``: log2, 64k; ``log2``: log2, plain
+    numbers; ``num``: linear).
 
     A capacity map has ``cells`` (with ``rows``/``cols`` labels) instead of series."""
 
@@ -109,7 +110,7 @@ def _draw_lines(ax: plt.Axes, chart: Chart) -> None:
                     arrowprops={"arrowstyle": "-", "color": "#555"}).set_gid(f"marker-{slugify(m.label)}")
         ax.plot([m.x], [m.y], marker="D", color="#c5221f", markersize=6)
     xs = [p[0] for s in chart.series for p in s.points]
-    if chart.x_kind == "ctx" and xs and min(xs) > 0 and max(xs) > min(xs):
+    if chart.x_kind in ("ctx", "log2") and xs and min(xs) > 0 and max(xs) > min(xs):
         ax.set_xscale("log", base=2)  # context sizes double per step
         ax.set_xticks(sorted(set(xs)))
         ax.minorticks_off()
@@ -151,7 +152,10 @@ def to_svg(chart: Chart) -> str:
             size = (7.0, 4.6 + 0.18 * max(0, len([s for s in chart.series if s.points]) - 3) // 3)
         fig, ax = plt.subplots(figsize=size)
         try:
-            fig.suptitle(chart.title, fontsize=11, fontweight="bold", y=1.06 if chart.cells else 0.98)
+            if chart.cells:  # column labels sit on top: the title goes above them
+                ax.set_title(chart.title, fontsize=11, fontweight="bold", pad=34)
+            else:
+                fig.suptitle(chart.title, fontsize=11, fontweight="bold")
             (_draw_map if chart.cells else _draw_lines)(ax, chart)
             buf = io.StringIO()
             fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})

@@ -82,13 +82,13 @@ def ramp_charts(record: RampRecord, index: int) -> list[Chart]:
         pts = [(fmt.as_float(s.n), fmt.as_float(getattr(s, key))) for s in steps]
         return Series(name, [(x, y) for x, y in pts if x is not None and y is not None], dashed)
 
-    lat = Chart(f"{slug}-latency", f"Ramp latency vs N — {cid}", "concurrent agents (N)", "seconds", x_kind="int",
+    lat = Chart(f"{slug}-latency", f"Ramp latency vs N — {cid}", "concurrent agents (N)", "seconds", x_kind="log2",
                 series=[series("turn p95", "turn_p95_s"), series("turn p50", "turn_p50_s", True),
                         series("TTFT p95", "ttft_p95_s"), series("TTFT p50", "ttft_p50_s", True)])
     knee = next((s for s in steps if record.knee_n is not None and s.n == record.knee_n), None)
     if knee is not None and fmt.as_float(knee.turn_p95_s) is not None:
         lat.markers.append(Marker(float(record.knee_n), float(knee.turn_p95_s), f"knee N={record.knee_n}"))
-    mem = Chart(f"{slug}-memory", f"Ramp memory vs N — {cid}", "concurrent agents (N)", "MiB", x_kind="int",
+    mem = Chart(f"{slug}-memory", f"Ramp memory vs N — {cid}", "concurrent agents (N)", "MiB", x_kind="log2",
                 series=[series("server RSS", "server_rss_mib"), series("device used", "device_used_mib")])
     used = next((s for s in steps if record.knee_n is not None and s.n == record.knee_n), None)
     if used is not None and fmt.as_float(used.device_used_mib) is not None:
