@@ -12,15 +12,13 @@ import io
 import re
 from dataclasses import dataclass, field
 
-import matplotlib
+from matplotlib import rc_context
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")  # no display; SVG only
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from . import fmt  # noqa: E402
+from . import fmt
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 #: The capacity map's verdict colours (also the HTML map's CSS classes).
@@ -97,7 +95,7 @@ def _tick(kind: str) -> FuncFormatter:
     return FuncFormatter(label)
 
 
-def _draw_lines(ax: plt.Axes, chart: Chart) -> None:
+def _draw_lines(ax: Axes, chart: Chart) -> None:
     for i, s in enumerate(chart.series):
         if not s.points:
             continue
@@ -123,7 +121,7 @@ def _draw_lines(ax: plt.Axes, chart: Chart) -> None:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
 
 
-def _draw_map(ax: plt.Axes, chart: Chart) -> None:
+def _draw_map(ax: Axes, chart: Chart) -> None:
     ax.set_xlim(0, len(chart.cols))
     ax.set_ylim(len(chart.rows), 0)
     for c in chart.cells:
@@ -145,21 +143,19 @@ def _draw_map(ax: plt.Axes, chart: Chart) -> None:
 
 def to_svg(chart: Chart) -> str:
     """Standalone SVG text for one chart (also valid inline in HTML: no XML declaration or doctype)."""
-    with plt.rc_context(RC | {"svg.hashsalt": chart.slug}):
+    with rc_context(RC | {"svg.hashsalt": chart.slug}):  # the Figure API: no pyplot state, no backend switch
         if chart.cells:
             size = (1.7 * max(2, len(chart.cols)) + 1.2, 0.85 * max(1, len(chart.rows)) + 1.4)
         else:
             size = (7.0, 4.6 + 0.18 * max(0, len([s for s in chart.series if s.points]) - 3) // 3)
-        fig, ax = plt.subplots(figsize=size)
-        try:
-            if chart.cells:  # column labels sit on top: the title goes above them
-                ax.set_title(chart.title, fontsize=11, fontweight="bold", pad=34)
-            else:
-                fig.suptitle(chart.title, fontsize=11, fontweight="bold")
-            (_draw_map if chart.cells else _draw_lines)(ax, chart)
-            buf = io.StringIO()
-            fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
-        finally:
-            plt.close(fig)
+        fig = Figure(figsize=size)
+        ax = fig.subplots()
+        if chart.cells:  # column labels sit on top: the title goes above them
+            ax.set_title(chart.title, fontsize=11, fontweight="bold", pad=34)
+        else:
+            fig.suptitle(chart.title, fontsize=11, fontweight="bold")
+        (_draw_map if chart.cells else _draw_lines)(ax, chart)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
     text = re.sub(r"\s*<metadata>.*?</metadata>", "", buf.getvalue(), flags=re.S)  # names external vocabularies
     return text[text.index("<svg"):].replace("<svg ", '<svg class="chart" role="img" ', 1).strip()

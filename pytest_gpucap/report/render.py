@@ -307,8 +307,8 @@ def render_report(report_dir: Path) -> list[Path]:
 
 
 def render_summary(report_dir: Path) -> str:
-    """The Markdown tables without images or environment: for ``$GITHUB_STEP_SUMMARY``, where the
-    chart files beside capacity.md cannot be shown. Raises ReportError like ``render_report``."""
+    """The first screen of capacity.md (verdict paragraph, gate, capacity maps) without images: for
+    ``$GITHUB_STEP_SUMMARY``, where the chart files cannot be shown. Raises ReportError like ``render_report``."""
     report_dir = Path(report_dir)
     context, _ = build_context(load_records(report_dir / RESULTS_NAME))
     md_env, _ = _environments()
