@@ -7,7 +7,7 @@ from pathlib import Path
 
 COMMANDS = {
     "genmodel": "generate a small random-weight GGUF model",
-    "report": "re-render DIR/capacity.md and DIR/capacity.html from DIR/results.jsonl",
+    "report": "re-render DIR/capacity.md and DIR/capacity.html from DIR/results.jsonl; OLD NEW: side by side",
     "compare": "per-config deltas between two runs (OLD NEW [--fail-on-regression PCT])",
     "restore": "start the services a killed session left stopped (DIR: its --gpucap-report dir or rootdir; default .)",
 }
@@ -27,7 +27,14 @@ def report_main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m pytest_gpucap report", description=COMMANDS["report"])
     p.add_argument("dir", type=Path, help="report directory holding results.jsonl")
+    p.add_argument("new", type=Path, nargs="?", default=None,
+                   help="a second run: write NEW/compare.html with both runs side by side, regressions first")
     args = p.parse_args(argv)
+    if args.new is not None:
+        from .compare import main as compare_main
+
+        out = (args.new if args.new.is_dir() else args.new.parent) / "compare.html"
+        return compare_main([str(args.dir), str(args.new), "--html", str(out)])
     try:
         written = render_report(args.dir)
     except ReportError as exc:

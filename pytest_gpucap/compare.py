@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, metavar="PCT", default=None,
                    help=f"mark regressions beyond PCT percent (default: the --fail-on-regression value, "
                         f"else {DEFAULT_THRESHOLD_PCT:g})")
+    p.add_argument("--html", type=Path, metavar="FILE", default=None,
+                   help="also write the two runs side by side (maps, verdicts, deltas, regressions first) to FILE")
     args = p.parse_args(argv)
     for name in ("fail_on_regression", "threshold"):
         value = getattr(args, name)
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, _ = compare_records(old, new, threshold)
     print(format_table(rows))
+    if args.html is not None:
+        from .report.comparison import render_comparison
+
+        print(render_comparison(old, new, rows, threshold, (str(args.old), str(args.new)), args.html))
     gate = args.fail_on_regression
     failing = [r for r in rows if r.worse and r.delta_pct is not None and gate is not None and abs(r.delta_pct) > gate]
     marked = sum(r.regression for r in rows)

@@ -477,7 +477,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(("gpucap server log (tail)", tail))
     if report.when in ("setup", "call") and not report.passed:
         _record_outcome(item, call, report)
+    if report.when == "teardown":
+        _junit_headline_only(report)
     return report
+
+
+def _junit_headline_only(report: pytest.TestReport) -> None:
+    """JUnit writes the teardown report's properties: there, the headline figures (``gpucap:...``) and the
+    reason only, not the whole record (the recorder reads that from the setup and call reports)."""
+    report.user_properties = [(k, v) for k, v in report.user_properties if k != records.PROPERTY_KEY]
 
 
 def _record_outcome(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:

@@ -137,6 +137,37 @@ def test_cli_compare_and_gate(tmp_path: Path) -> None:
     assert _cli(str(old), str(old), "--fail-on-regression", "0").returncode == 0
 
 
+def test_report_old_new_renders_both_runs_side_by_side(tmp_path: Path) -> None:
+    """``report OLD NEW`` writes NEW/compare.html: regressions first, coloured by direction, both runs' maps."""
+    import re
+
+    from test_report import external_resources
+
+    old, new = _write(tmp_path / "old", _run_a()), _write(tmp_path / "new", _run_b())
+    proc = subprocess.run([sys.executable, "-m", "pytest_gpucap", "report", str(old), str(new)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    page = new / "compare.html"
+    assert str(page) in proc.stdout
+    html = page.read_text()
+    body = re.search(r'<table class="data" id="deltas">.*?<tbody>(.*?)</tbody>', html, re.S).group(1)
+    rows = [re.findall(r"<td(?: class=\"([^\"]*)\")?>([^<]*)</td>", tr) for tr in body.split("</tr>") if "<td" in tr]
+    markers = [r[-1][1] for r in rows]
+    assert markers[:3] == ["REGRESSION"] * 3 and "REGRESSION" not in markers[3:]
+    assert all(r[-1][0] == "bad" for r in rows[:3])
+    assert {(r[0][1], r[3][1]) for r in rows[:3]} == {
+        ("4090-n3-ctx64k-mmproj-q8", "used_after_load_mib ↓"), ("4090-n3-ctx64k-mmproj-q8", "free_mib ↑"),
+        ("4090-n3-ctx128k-q8", "agg_tps ↑")}
+    better = next(r for r in rows if r[0][1] == "4090-n3-ctx64k-mmproj-q8" and r[3][1] == "boot_s ↓")
+    assert better[-1] == ("ok", "better") and better[6] == ("num ok", "-2.00")
+    assert markers.index("worse (within threshold)") < markers.index("better")
+    assert '<p id="regressions" class="gate-bad"><strong>3 regressions</strong> beyond 5.0%' in html
+    sides = re.findall(r'<div class="side" id="side-(\d)">\n<h2>(Old|New): ([^<]*)</h2>', html)
+    assert sides == [("1", "Old", str(old)), ("2", "New", str(new))]
+    assert html.count('<table class="capmap">') == 4  # per run: the mmproj ceilings and the text-only workload
+    assert external_resources(html) == [] and "<script src" not in html
+
+
 def test_cli_compare_errors(tmp_path: Path) -> None:
     old = _write(tmp_path / "old", _run_a())
     missing = _cli(str(old), str(tmp_path / "absent"))

@@ -241,20 +241,32 @@ def test_markdown_tables_equal_the_records(study_dir: Path) -> None:
 
 
 def test_recommendations_pick_largest_passing_config(study_dir: Path) -> None:
+    """One ranked table per use case, largest first: the pick, what passes, and each other row's breach."""
     render_report(study_dir)
     md = (study_dir / "capacity.md").read_text()
     wl_a = _section(md, "### Workload A (TL, Dev, QA) (profile 4090)")
     assert "**Pick: 4090-n3-ctx128k-q8** (N=3 × 128k = 384k)" in wl_a
-    assert "| 4090-n3-ctx256k-q8 | agg\\_tps" not in wl_a
-    assert re.search(r"\| 4090-n3-ctx256k-q8 \| agg_tps 10\.50 tok/s below budget 100\.00 tok/s;.*Dev turns ok", wl_a)
-    assert "| 4090-n3-ctx200k-q8 | agg_tps 78.90 tok/s below budget 100.00 tok/s" in wl_a
-    assert "Dev p95 293.00 s above budget 150.00 s" in wl_a
-    assert "| 4090-n3-ctx64k-mmproj-q8 | smaller than the pick (N=3 × 64k = 192k vs N=3 × 128k = 384k) |" in wl_a
+    assert [r[1] for r in _ranked(wl_a)] == ["4090-n3-ctx256k-q8", "4090-n3-ctx200k-q8", "4090-n3-ctx128k-q8",
+                                            "4090-n3-ctx64k-mmproj-q8"]
+    assert re.search(r"\| 4090-n3-ctx256k-q8 \| 3 \| 256k \| 10\.5 \| agg_tps 10\.50 tok/s below budget "
+                     r"100\.00 tok/s;.*Dev turns ok", wl_a)
+    assert "| 2 | 4090-n3-ctx200k-q8 | 3 | 200k | 78.9 | agg_tps 78.90 tok/s below budget 100.00 tok/s; " \
+           "Dev p95 293.00 s above budget 150.00 s |" in wl_a
+    assert "| 3 | 4090-n3-ctx128k-q8 | 3 | 128k | 132.1 | pick |" in wl_a
+    assert "| 4 | 4090-n3-ctx64k-mmproj-q8 | 3 | 64k | 142.3 | passes |" in wl_a
+    assert "smaller than the pick" not in md
     ceiling_only = _section(md, "### Memory ceiling only (profile 4090)")
     # N5 ctx64K is the largest but failed; N3 ctx128K and N7 ctx32K are Risky/Marginal: Risky fails the SLO.
     assert "**Pick: 4090-n7-ctx32k-mmproj-q8** (N=7 × 32k = 224k)" in ceiling_only
-    assert "| 4090-n3-ctx128k-mmproj-q8 | headroom 1.08 GiB below budget 1.50 GiB |" in ceiling_only
-    assert "| 4090-n5-ctx64k-mmproj-q8 | headroom 1.02 GiB below budget 1.50 GiB |" in ceiling_only
+    assert "| 1 | 4090-n3-ctx128k-mmproj-q8 | 3 | 128k | 1,102.0 | headroom 1.08 GiB below budget 1.50 GiB |" \
+        in ceiling_only
+    assert "| 2 | 4090-n5-ctx64k-mmproj-q8 | 5 | 64k | 1,044.0 | headroom 1.02 GiB below budget 1.50 GiB |" \
+        in ceiling_only
+
+
+def _ranked(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in md.splitlines()
+            if re.match(r"\| \d+ \| ", line)]
 
 
 def test_environment_and_reproduction(study_dir: Path) -> None:
@@ -276,10 +288,27 @@ def test_html_has_the_same_cells(study_dir: Path) -> None:
     assert "<td>4090-n3-ctx128k-mmproj-q8</td>" in html
     assert '<td class="num">22,980.0</td><td class="num">1,102.0</td><td class="num">20.00</td>' in html
     assert '<td class="bad">Risky</td>' in html and '<td class="ok">Comfortable</td>' in html
-    assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="chart"') == 5
-    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "").replace(
-        "http://127.0.0.1:41001", "")  # nothing to fetch: self-contained
-    assert "<script" not in html and "<link" not in html
+    assert html.count('<svg class="chart"') == 7  # two capacity maps, memory, tps, latency, ramp ×2
+    assert external_resources(html) == []  # nothing to fetch: self-contained
+    assert "<link" not in html and "<script src" not in html and html.count("<script>") == 1
+
+
+#: Anything that would make a browser fetch: src/href/action/srcset attributes, CSS url() and @import.
+RESOURCE = re.compile(r"""(?:\b(?:src|href|action|srcset|data|poster)\s*=\s*["']?|url\(\s*["']?|@import\s+["']?)"""
+                      r"""\s*((?:https?:)?//[^"')\s>]+)""", re.I)
+
+
+def external_resources(html: str) -> list[str]:
+    """The http(s):// (or protocol-relative) resources a page references; text that merely names a URL
+    (a server's --host in a command line, an SVG namespace) is not a resource."""
+    return RESOURCE.findall(html)
+
+
+def test_external_resource_check_catches_references() -> None:
+    assert external_resources('<img src="https://x.test/a.png"><style>b{background:url(//cdn.test/i)}</style>'
+                              '<link href="http://x.test/s.css">') == ["https://x.test/a.png", "//cdn.test/i",
+                                                                       "http://x.test/s.css"]
+    assert external_resources('<svg xmlns="http://www.w3.org/2000/svg"></svg><pre>http://127.0.0.1:1</pre>') == []
 
 
 def test_ceiling_only_run_renders_no_workload_note(tmp_path: Path) -> None:
@@ -288,7 +317,8 @@ def test_ceiling_only_run_renders_no_workload_note(tmp_path: Path) -> None:
     md = (tmp_path / "capacity.md").read_text()
     assert "No workload records" in md and "No ramp records." in md
     assert "**Pick: 4090-n3-ctx64k-mmproj-q8**" in md
-    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == ["memory-vs-total-ctx.svg"]
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == ["capacity-map-4090-q8_0-mmproj.svg",
+                                                                         "memory-vs-total-ctx.svg"]
 
 
 def test_hostile_strings_render_escaped(tmp_path: Path) -> None:
@@ -301,7 +331,7 @@ def test_hostile_strings_render_escaped(tmp_path: Path) -> None:
     (tmp_path / "session.json").write_text(json.dumps({"command": f"pytest -k '{HOSTILE}' ```", "git": HOSTILE}))
     written = render_report(tmp_path)
     html = (tmp_path / "capacity.html").read_text()
-    assert "<script" not in html and "<img" not in html
+    assert HOSTILE not in html and html.count("<script") == 1 and "<img" not in html  # only the page's own script
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;img src=x onerror=&#34;alert(2)&#34;&gt;" in html
     md = (tmp_path / "capacity.md").read_text()
@@ -312,7 +342,7 @@ def test_hostile_strings_render_escaped(tmp_path: Path) -> None:
     assert "````text\npytest -k '<script>alert(1)</script>' ```\n````" in md  # fence longer than the data's
     svgs = {p.name: p.read_text() for p in written[2:]}
     assert not [name for name, text in svgs.items() if "<script" in text]
-    assert [name for name, text in svgs.items() if "&lt;script&gt;" in text] == [
+    assert [name for name, text in svgs.items() if "&lt;script&gt;" in text] == ["capacity-map-4090-q8_0-text.svg",
         "tps-vs-ctx.svg", "latency-vs-ctx.svg", "ramp-1-script-alert-1-script-latency.svg",
         "ramp-1-script-alert-1-script-memory.svg"]
 
@@ -416,12 +446,12 @@ def test_html_in_headless_chromium(study_dir: Path, tmp_path: Path) -> None:
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert _page_errors(dom.stderr) == []
     out = dom.stdout
-    assert '<table id="ceiling-table">' in out and '<table id="workload-table">' in out
+    assert 'id="ceiling-table"' in out and 'id="workload-table"' in out
     assert '<td class="num">22,980.0</td><td class="num">1,102.0</td>' in out
     assert '<td class="bad">Risky</td>' in out
     assert '<strong class="pick-id">4090-n3-ctx128k-q8</strong>' in out
-    assert len(re.findall(r'<svg[^>]*class="chart"', out)) == 5
-    assert len(re.findall(r"<polyline ", out)) >= 8 and len(re.findall(r"<circle ", out)) >= 20
+    assert len(re.findall(r'<svg[^>]*class="chart"', out)) == 7
+    assert len(re.findall(r'<g id="series-', out)) >= 14 and len(re.findall(r'<g id="cell-', out)) == 8
     if os.environ.get("GPUCAP_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["GPUCAP_KEEP_SCREENSHOT"])
 
@@ -437,13 +467,17 @@ def test_console_error_detection_works(tmp_path: Path) -> None:
     assert any("gpucap-probe" in e for e in errors) and any("Uncaught" in e for e in errors), proc.stderr[-2000:]
 
 
-def test_step_summary_has_tables_without_images(study_dir: Path) -> None:
+def test_step_summary_is_the_map_and_the_verdicts(study_dir: Path) -> None:
+    """$GITHUB_STEP_SUMMARY gets the answer only: verdict paragraph, gate, capacity maps; no images, no detail."""
     from pytest_gpucap.report import render_summary
 
     text = render_summary(study_dir)
-    assert "| 4090-n3-ctx128k-mmproj-q8 | 3 | 131,072 | 393,216 | 22,980.0 | 1,102.0 |" in text
-    assert "**Pick: 4090-n3-ctx128k-q8**" in text
-    assert "](charts/" not in text and "## Environment" not in text
+    paragraph = text.split("\n\n")[1]
+    assert "**4090-n3-ctx128k-q8** (N=3 × 128k) is the pick, 132.1 tok/s" in paragraph
+    assert "**Gate: failed**" in text
+    assert "| N=3 | — | Marginal; 2,972.0 MiB free idle; 2,662.0 MiB free under load; 142.3 tok/s (A); " \
+           "180.2 tok/s (B) | Risky; 1,102.0 MiB free idle |" in text
+    assert "](charts/" not in text and "## Environment" not in text and "## Phase 1" not in text
     assert not (study_dir / "capacity.md").exists()  # nothing written
 
 
@@ -513,7 +547,7 @@ def test_memory_prediction_table_per_config(tmp_path: Path) -> None:
     assert _rows(section, plain.config_id) == []
     assert "largest +11.1% (4090-n4-ctx8k-q8)" in section  # |−10%| of measured = +11.1% of it
     html = (tmp_path / "capacity.html").read_text()
-    assert '<table id="prediction-table">' in html
+    assert 'id="prediction-table"' in html
     assert f'<td class="num ok">{err["total"]["error_pct"]:+.1f}%</td>' in html
     assert '<td class="num warn">+11.1%</td>' in html and '<td class="bad">off by -2.00 MiB</td>' in html
 
@@ -571,7 +605,7 @@ def test_client_server_crosscheck_and_goodput(tmp_path: Path) -> None:
     goodput = _section(md, "### Goodput under the SLOs")
     assert _rows(goodput, "4090-n3-ctx64k-q8")[0][2:] == ["41 / 42", "98%", "0.065", "118.2", "142.3"]
     html = (tmp_path / "capacity.html").read_text()
-    assert '<table id="crosscheck-table">' in html and '<table id="goodput-table">' in html
+    assert 'id="crosscheck-table"' in html and 'id="goodput-table"' in html
     assert "<li class=\"warn\">4090-n3-ctx128k-q8 (A (TL, Dev, QA)): client fell behind the server: figures " \
            "understate it (decode-rate ratio 0.720).</li>" in html
     assert '<td class="bad">yes</td>' in html
@@ -650,9 +684,9 @@ def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None
     # The free-memory verdict (600 MiB < 1.5 GiB) is no reason against a vLLM config; KV capacity is.
     ceiling_only = _section(md, "### Memory ceiling only (profile 4090)")
     assert "headroom 0.59 GiB" not in md and "**Pick: 4090-n3-ctx64k-mmproj-q8**" in ceiling_only
-    assert ("| 4090-vllm-n16-ctx32k-q8 | KV capacity (concurrent full-length sequences) 12.50 seq below budget "
-            "16.00 seq |") in ceiling_only
-    assert "| 4090-vllm-n4-ctx32k-q8 | smaller than the pick" in ceiling_only
+    assert re.search(r"\| 4090-vllm-n16-ctx32k-q8 \| 16 \| 32k \| [\d,.]+ \| KV capacity \(concurrent full-length "
+                     r"sequences\) 12\.50 seq below budget 16\.00 seq \|", ceiling_only)
+    assert re.search(r"\| 4090-vllm-n4-ctx32k-q8 \| 4 \| 32k \| [\d,.]+ \| passes \|", ceiling_only)
     queue = _section(md, "### Server-side queueing (vLLM)")
     assert _rows(queue, "4090-vllm-n4-ctx32k-q8")[0][1:] == ["fixed-c8", "1.25", "2.75", "4", "55%", "4 / 4", "2",
                                                              "31%", "0%", "yes"]
@@ -662,7 +696,7 @@ def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None
     assert '<td class="bad">KV pool holds 12.5 full-length sequences for N=16</td>' in html
     vllm_rows = [r for r in re.findall(r"<tr>.*?</tr>", html) if "<td>4090-vllm-" in r and "Free" not in r]
     assert vllm_rows and not [r for r in vllm_rows if re.search(r">(Comfortable|Marginal|Risky)<", r)]
-    assert '<table id="queueing-table">' in html and '<td class="bad">yes</td>' in html
+    assert 'id="queueing-table"' in html and '<td class="bad">yes</td>' in html
 
     llama_only = tmp_path / "llama"
     write_results(llama_only, [llama])
@@ -705,14 +739,15 @@ def test_unmeasured_records_render_without_figures(tmp_path: Path) -> None:
     assert "Records of other kinds" not in md
     ceiling_only = _section(md, "### Memory ceiling only (profile 4090)")
     assert "**Pick: 4090-n7-ctx32k-mmproj-q8**" in ceiling_only
-    assert "| n9-boom | test failed (ServerError: llama-server exited with status 1) |" in ceiling_only
+    assert re.search(r"\| n9-boom \| 7 \| 64k \| — \| test failed \(ServerError: llama-server exited with "
+                     r"status 1\) \|", ceiling_only)
     html = (tmp_path / "capacity.html").read_text()
-    assert "<script" not in html and '<table id="not-measured-table">' in html
+    assert HOSTILE not in html and 'id="not-measured-table"' in html
     assert "20,682 MiB &lt;script&gt;alert(1)&lt;/script&gt; a|b</td>" in html
     assert "<td>n7-big</td><td class=\"text\">capacity_tests/test_workload.py::test_workflow[n7-big-A]</td>" in html
     from pytest_gpucap.report import render_summary
 
-    assert "## Not measured" in render_summary(tmp_path)
+    assert "Does not fit (measured)" in render_summary(tmp_path)  # the boot that failed, on the map
 
 
 def test_only_unmeasured_records_still_render(tmp_path: Path) -> None:
@@ -722,7 +757,7 @@ def test_only_unmeasured_records_still_render(tmp_path: Path) -> None:
         unmeasured("mystery", "n7-big", "failed", "?", "t::other")])
     written = render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
-    assert [p.name for p in written] == ["capacity.md", "capacity.html"]  # no chart without figures
+    assert [p.name for p in written] == ["capacity.md", "capacity.html", "capacity-map-4090-q8_0-text.svg"]
     assert "No ceiling config was measured." in md and "No workload records" in md
     assert "Headroom verdict rule" not in md  # no measured record to state a rule for
     assert "Records of other kinds not shown: mystery ×1." in md

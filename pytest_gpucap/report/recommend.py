@@ -1,4 +1,4 @@
-"""Recommended configurations: per use case, the largest config meeting every SLO, and why the rest lost.
+"""Recommended configurations: per use case, the largest config meeting every SLO, and one ranked table of the rest.
 
 "Largest" is N×ctx first, then N (more agents at the same total context). A workload candidate must
 pass its workload verdicts and, when the same config has a ceiling record, its memory verdicts too:
@@ -13,7 +13,7 @@ from typing import Any
 from ..records import Record, workload_name
 from . import fmt
 from .tables import (
-    ceiling_memory, failed_verdicts, ident, of_kind, profile_of, reason_of, workload_label, workload_parts,
+    Cell, Table, ceiling_memory, failed_verdicts, ident, of_kind, profile_of, reason_of, workload_label, workload_parts,
 )
 
 
@@ -24,6 +24,7 @@ class Candidate:
     ctx: int | None
     failures: tuple[str, ...]
     tiebreak: float | None
+    efficiency: float | None = None  # agg TPS ÷ bandwidth roofline (metrics.efficiency), workload candidates
 
     @property
     def total_ctx(self) -> int:
@@ -42,7 +43,22 @@ class Recommendation:
     use_case: str
     rule: str
     pick: Candidate | None
-    losers: list[tuple[str, str]] = field(default_factory=list)
+    label: str = ""  # the workload label, or "memory ceiling only"
+    profile: str = ""
+    tiebreak_name: str = ""
+    tiebreak_unit: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def ranked(self) -> Table:
+        """Every candidate, largest first: the pick, the ones that pass, and why each other one failed."""
+        t = Table(["#", "Config", "N", "ctx/slot", self.tiebreak_name, "Result"],
+                  numeric=[True, False, True, True, True, False])
+        for i, c in enumerate(sorted(self.candidates, key=Candidate.key, reverse=True), start=1):
+            result = (Cell("pick", "ok pick") if c is self.pick else
+                      Cell("; ".join(c.failures), "bad") if c.failures else Cell("passes", "ok"))
+            t.rows.append([Cell(str(i), "num"), Cell(c.config_id), Cell(fmt.integer(c.n), "num"),
+                           Cell(fmt.short_ctx(c.ctx), "num"), Cell(fmt.num(c.tiebreak), "num"), result])
+        return t
 
 
 def latest(records: list[Record], kind: str) -> list[Record]:
@@ -64,26 +80,14 @@ def _failures(rec: Record, prefix: str = "") -> list[str]:
 
 def _candidate(rec: Record, failures: list[str], tiebreak: Any) -> Candidate:
     cfg = rec.config  # type: ignore[attr-defined]
-    return Candidate(ident(rec), fmt.as_int(cfg.n), fmt.as_int(cfg.ctx), tuple(failures), fmt.as_float(tiebreak))
+    eff = fmt.as_float(workload_parts(rec)[1].efficiency)
+    return Candidate(ident(rec), fmt.as_int(cfg.n), fmt.as_int(cfg.ctx), tuple(failures), fmt.as_float(tiebreak), eff)
 
 
-def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str) -> Recommendation:
+def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str, **about: str) -> Recommendation:
     passing = [c for c in cands if not c.failures]
     pick = max(passing, key=Candidate.key) if passing else None
-    rec = Recommendation(use_case, rule, pick)
-    for c in sorted(cands, key=Candidate.key, reverse=True):
-        if c is pick:
-            continue
-        if c.failures:
-            reason = "; ".join(c.failures)
-        elif pick is not None and c.total_ctx < pick.total_ctx:
-            reason = f"smaller than the pick ({c.size} vs {pick.size})"
-        elif pick is not None and (c.n or 0) < (pick.n or 0):
-            reason = f"same N×ctx as the pick with fewer slots ({c.size})"
-        else:
-            reason = (f"same size as the pick; lower {tiebreak_name} "
-                      f"({fmt.num(c.tiebreak)} vs {fmt.num(pick.tiebreak if pick else None)})")
-        rec.losers.append((c.config_id, reason))
+    rec = Recommendation(use_case, rule, pick, tiebreak_name=tiebreak_name, candidates=list(cands), **about)
     return rec
 
 
@@ -105,7 +109,7 @@ def recommendations(records: list[Record]) -> list[Recommendation]:
             cands.append(_candidate(r, fails, workload_parts(r)[1].agg_tps))
         out.append(_choose(f"Workload {label} (profile {profile})",
                            "largest N×ctx (then N) whose workload verdicts and memory ceiling verdicts all pass",
-                           cands, "aggregate TPS"))
+                           cands, "Agg TPS", label=f"workload {label}", profile=profile, tiebreak_unit="tok/s"))
     by_profile: dict[str, list[Candidate]] = {}
     for r in ceilings.values():
         cand = _candidate(r, _failures(r), ceiling_memory(r).free_mib)
@@ -113,5 +117,6 @@ def recommendations(records: list[Record]) -> list[Recommendation]:
     for profile, cands in by_profile.items():
         out.append(_choose(f"Memory ceiling only (profile {profile})",
                            "largest N×ctx (then N) whose ceiling verdicts pass (headroom SLO; on vLLM, "
-                           "KV capacity ≥ N); says nothing about speed", cands, "free memory (MiB)"))
+                           "KV capacity ≥ N); says nothing about speed", cands, "Free (MiB)",
+                           label="memory ceiling only", profile=profile, tiebreak_unit="MiB free"))
     return out

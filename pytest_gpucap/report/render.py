@@ -19,7 +19,8 @@ from markupsafe import Markup
 from ..records import MeasuredRecord, RampRecord, Record, SchemaError, SearchRecord, as_record, read_records
 from ..verdicts import HEADROOM_CLASSES, HEADROOM_RULE, headroom_bands, judged_by_kv_capacity
 from . import fmt
-from .charts import Chart, to_svg
+from .answer import VERDICT_WORDS, capacity_maps, gate, verdict_paragraph
+from .figures import Chart, to_svg
 from .crosschecks import (
     crosscheck_flags, crosscheck_table, goodput_table, low_efficiency, not_measured_table, prediction_table,
     queueing_table,
@@ -27,7 +28,7 @@ from .crosschecks import (
 from .recommend import recommendations
 from .scaling import memory_chart, ramp_charts, workload_charts
 from .tables import (
-    ceiling_memory, ceiling_table, ident, kv_table, of_kind, profile_of, ramp_table, roles_table, scaling_tables,
+    ceiling_memory, ceiling_table, host_label, ident, kv_table, of_kind, profile_of, ramp_table, roles_table, scaling_tables,
     search_table, verdicts_table, workload_table,
 )
 
@@ -35,6 +36,21 @@ from .tables import (
 SHOWN_KINDS = ("ceiling", "workload", "ramp", "search", "unmeasured")
 RESULTS_NAME = "results.jsonl"
 SESSION_NAME = "session.json"
+#: Column header → the formula or field behind it (HTML tooltips).
+COLUMN_TIPS = {
+    "Free (MiB)": "memory.free_mib: the lowest free device memory from load through the hold window",
+    "Used after load (MiB)": "memory.used_after_load_mib",
+    "Headroom": HEADROOM_RULE,
+    "Measured KV/slot†": "(used after load − baseline − model − compute − output buffers on the GPU) ÷ N",
+    "Overhead/slot†": "Measured KV/slot − Server KV/slot",
+    "Unattributed†": "used after load − baseline − all server-reported buffers",
+    "Efficiency": "Agg TPS ÷ Roofline TPS (metrics.efficiency)",
+    "Roofline TPS": "bandwidth-bound ceiling of aggregate decode tokens/s (metrics.roofline_tps)",
+    "Agg TPS": "metrics.agg_tps: completion tokens of all agents ÷ measured window",
+    "Agg TPS vs smallest ctx†": "agg TPS ÷ agg TPS at the smallest ctx/slot of this group − 1",
+    "Min free (MiB)": "memory.min_free_mib: the lowest free memory during the workload",
+    "total ctx": "N × ctx/slot",
+}
 #: Extra sections from ``pytest_gpucap_report_sections`` hooks, saved so a re-render keeps them.
 SECTIONS_NAME = "sections.json"
 CHART_DIR = "charts"
@@ -70,6 +86,11 @@ def md_codeblock(text: Any) -> MdRaw:
     return MdRaw(f"{fence}text\n{text}\n{fence}")
 
 
+def md_pieces(pieces: Any) -> MdRaw:
+    """(text, is_name) pieces as one Markdown paragraph: all escaped, names (config ids, profiles) in bold."""
+    return MdRaw("".join(f"**{md_escape(t)}**" if code else md_escape(t) for t, code in pieces))
+
+
 def _environments() -> tuple[Environment, Environment]:
     loader = PackageLoader("pytest_gpucap.report", "templates")
     common: dict[str, Any] = {"loader": loader, "trim_blocks": True, "lstrip_blocks": True,
@@ -78,6 +99,7 @@ def _environments() -> tuple[Environment, Environment]:
     md = Environment(autoescape=False, finalize=md_escape, **common)
     md.filters["codeblock"] = md_codeblock
     md.filters["raw"] = MdRaw
+    md.filters["pieces"] = md_pieces
     return md, html
 
 
@@ -198,11 +220,18 @@ def _environment(records: list[Record], session: dict[str, Any] | None) -> dict[
     return {"hosts": list(hosts.values()), "servers": servers, "session": sess}
 
 
+def _host_names(records: list[Record]) -> list[str]:
+    """One label per host and GPU the measured records came from (the HTML filter shows when there are several)."""
+    return sorted({host_label(r) for r in records if isinstance(r, MeasuredRecord)} - {""})
+
+
 def build_context(records: list[Record] | list[dict[str, Any]], session: dict[str, Any] | None = None,
                   session_note: str = "") -> tuple[dict[str, Any], list[Chart]]:
     """Everything both templates show, computed once so the Markdown and HTML cannot disagree."""
     records = [as_record(r) for r in records]
-    charts: list[Chart] = []
+    maps = capacity_maps(records)
+    map_charts = [m.chart() for m in maps]
+    charts: list[Chart] = list(map_charts)
     mem = memory_chart(records)
     if mem:
         charts.append(mem)
@@ -222,7 +251,12 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
     for r in records:
         kinds[str(r.kind)] = kinds.get(str(r.kind), 0) + 1
     profiles = sorted({str(r.profile) for r in records if r.profile})
+    recs = recommendations(records)
+    passed, gate_why = gate(records)
     context = {
+        "maps": [{"map": m, "table": m.table(), "chart": c, "tips": m.tooltips()} for m, c in zip(maps, map_charts)],
+        "verdict_words": VERDICT_WORDS, "paragraph": verdict_paragraph(records, recs),
+        "gate": {"passed": passed, "why": gate_why}, "hosts": _host_names(records), "tips": COLUMN_TIPS,
         "profiles": profiles, "n_records": len(records), "kinds": sorted(kinds.items()),
         "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in SHOWN_KINDS),
         "searches": searches, "headroom_rule": HEADROOM_RULE,
@@ -235,7 +269,7 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
         "goodput": goodput_table(records), "queueing": queueing_table(records),
         "not_measured": not_measured_table(records), "scaling": scaling_tables(records),
         "memory_chart": mem, "workload_charts": wl_charts, "ramps": ramps,
-        "recommendations": recommendations(records), "env": _environment(records, session),
+        "recommendations": recs, "env": _environment(records, session),
         "session_note": session_note, "chart_dir": CHART_DIR, "summary": False, "extra_sections": [],
     }
     return context, charts
@@ -273,8 +307,8 @@ def render_report(report_dir: Path) -> list[Path]:
 
 
 def render_summary(report_dir: Path) -> str:
-    """The Markdown tables without images or environment: for ``$GITHUB_STEP_SUMMARY``, where the
-    chart files beside capacity.md cannot be shown. Raises ReportError like ``render_report``."""
+    """The first screen of capacity.md (verdict paragraph, gate, capacity maps) without images: for
+    ``$GITHUB_STEP_SUMMARY``, where the chart files cannot be shown. Raises ReportError like ``render_report``."""
     report_dir = Path(report_dir)
     context, _ = build_context(load_records(report_dir / RESULTS_NAME))
     md_env, _ = _environments()

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..records import RampRecord, Record
 from . import fmt
-from .charts import Chart, Series, slugify
+from .figures import Chart, Marker, Series, slugify
 from .tables import ceiling_frame, ident, workload_frame, workload_label
 
 
@@ -40,25 +40,36 @@ def memory_chart(records: list[Record]) -> Chart | None:
 
 
 def workload_charts(records: list[Record]) -> list[Chart]:
-    """TPS and latency vs per-slot context at fixed N: one series per (profile, N, workload)."""
+    """TPS and latency vs total context (the study's scaling curve): one series per (profile, N, workload)."""
     df = workload_frame(records)
     if df.empty:
         return []
-    tps = Chart("tps-vs-ctx", "Throughput vs context per slot (fixed N)", "context per slot (tokens)",
+    tps = Chart("tps-vs-ctx", "Throughput vs total context (N × ctx/slot)", "total context (tokens)",
                 "tokens/s", x_kind="ctx", caption="Solid: aggregate TPS (metrics.agg_tps). "
                 "Dashed: per-call TPS (metrics.per_call_tps).")
-    lat = Chart("latency-vs-ctx", "Turn latency vs context per slot (fixed N)", "context per slot (tokens)",
+    lat = Chart("latency-vs-ctx", "Turn latency vs total context (N × ctx/slot)", "total context (tokens)",
                 "seconds", x_kind="ctx", caption="Solid: end-to-end p95 (metrics.e2e_s.p95). "
                 "Dashed: end-to-end p50.")
     for (profile, n, workload), group in df.groupby(["profile", "n", "workload"], sort=False, dropna=False):
         name = f"N={fmt.integer(n)} {workload_label(str(workload), group['agents'].iloc[0])}"
         if df["profile"].nunique() > 1:
             name = f"{profile} {name}"
-        tps.series.append(Series(f"{name} agg", _points(group, "ctx", "agg_tps")))
-        tps.series.append(Series(f"{name} per-call", _points(group, "ctx", "per_call_tps"), True))
-        lat.series.append(Series(f"{name} p95", _points(group, "ctx", "e2e_p95")))
-        lat.series.append(Series(f"{name} p50", _points(group, "ctx", "e2e_p50"), True))
-    return [c for c in (tps, lat) if c.has_points()]
+        tps.series.append(Series(f"{name} agg", _points(group, "total_ctx", "agg_tps")))
+        tps.series.append(Series(f"{name} per-call", _points(group, "total_ctx", "per_call_tps"), True))
+        lat.series.append(Series(f"{name} p95", _points(group, "total_ctx", "e2e_p95")))
+        lat.series.append(Series(f"{name} p50", _points(group, "total_ctx", "e2e_p50"), True))
+    return [c for c in (tps, lat, rtt_chart(df)) if c is not None and c.has_points()]
+
+
+def rtt_chart(df: Any) -> Chart | None:
+    """Aggregate TPS vs the injected round trip (workload.rtt_s), when one config ran a workload at several RTTs."""
+    df = df.assign(rtt=[fmt.as_float(r.workload.rtt_s) for r in df["record"]])
+    chart = Chart("tps-vs-rtt", "RTT penalty: throughput vs round-trip time", "round trip per turn (s)",
+                  "tokens/s", caption="Aggregate TPS (metrics.agg_tps) per injected round trip (workload.rtt_s).")
+    for (cid, workload), group in df.groupby(["config_id", "workload"], sort=False):
+        if group["rtt"].nunique() >= 2:
+            chart.series.append(Series(f"{cid} {workload}", _points(group, "rtt", "agg_tps")))
+    return chart if chart.has_points() else None
 
 
 def ramp_charts(record: RampRecord, index: int) -> list[Chart]:
@@ -71,9 +82,15 @@ def ramp_charts(record: RampRecord, index: int) -> list[Chart]:
         pts = [(fmt.as_float(s.n), fmt.as_float(getattr(s, key))) for s in steps]
         return Series(name, [(x, y) for x, y in pts if x is not None and y is not None], dashed)
 
-    lat = Chart(f"{slug}-latency", f"Ramp latency vs N — {cid}", "concurrent agents (N)", "seconds", x_kind="int",
+    lat = Chart(f"{slug}-latency", f"Ramp latency vs N — {cid}", "concurrent agents (N)", "seconds", x_kind="log2",
                 series=[series("turn p95", "turn_p95_s"), series("turn p50", "turn_p50_s", True),
                         series("TTFT p95", "ttft_p95_s"), series("TTFT p50", "ttft_p50_s", True)])
-    mem = Chart(f"{slug}-memory", f"Ramp memory vs N — {cid}", "concurrent agents (N)", "MiB", x_kind="int",
+    knee = next((s for s in steps if record.knee_n is not None and s.n == record.knee_n), None)
+    if knee is not None and fmt.as_float(knee.turn_p95_s) is not None:
+        lat.markers.append(Marker(float(record.knee_n), float(knee.turn_p95_s), f"knee N={record.knee_n}"))
+    mem = Chart(f"{slug}-memory", f"Ramp memory vs N — {cid}", "concurrent agents (N)", "MiB", x_kind="log2",
                 series=[series("server RSS", "server_rss_mib"), series("device used", "device_used_mib")])
+    used = next((s for s in steps if record.knee_n is not None and s.n == record.knee_n), None)
+    if used is not None and fmt.as_float(used.device_used_mib) is not None:
+        mem.markers.append(Marker(float(record.knee_n), float(used.device_used_mib), f"knee N={record.knee_n}"))
     return [c for c in (lat, mem) if c.has_points()]

@@ -6,6 +6,7 @@ whose column header carries † and whose formula is stated in the report.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -44,6 +45,7 @@ class Table:
     rows: list[list[Cell]] = field(default_factory=list)
     numeric: list[bool] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # per row, for the HTML host filter (empty: not filtered)
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -60,6 +62,16 @@ def ident(record: Record) -> str:
 
 def profile_of(record: Record) -> str:
     return "" if record.profile is None else str(record.profile)
+
+
+def host_label(record: Record) -> str:
+    """The host and GPU a record was measured on, as one label (the HTML host filter)."""
+    host = getattr(record, "host", None)
+    if not isinstance(host, dict):
+        return ""
+    name = host.get("hostname") or host.get("host") or ""
+    gpu = host.get("gpu") or host.get("device") or ""
+    return " · ".join(str(x) for x in (name, gpu) if x)
 
 
 def reason_of(record: Record) -> Any:
@@ -101,6 +113,9 @@ def failed_verdicts(rec: Record) -> list[str]:
     """One phrase per breach that counts against the config, e.g. ``headroom 0.31 GiB below budget 0.50 GiB``."""
     out = []
     for v in counted_breaches(rec):
+        if isinstance(v.measured, float) and math.isinf(v.measured):  # nothing to measure: the name says why
+            out.append(f"{v.name}, budget {fmt.num(v.budget, 2)} {v.unit}".strip())
+            continue
         op = "below budget" if v.higher_is_better else "above budget"
         out.append(f"{v.name} {fmt.num(v.measured, 2)} {v.unit} {op} {fmt.num(v.budget, 2)} {v.unit}"
                    .replace("  ", " ").strip())
@@ -171,7 +186,9 @@ def ceiling_table(records: list[Record]) -> Table:
             _n(fmt.mib(row.used)), _n(fmt.mib(row.free)), _n(fmt.secs(row.boot)), *_headroom_cells(row),
             _outcome(row.record),
         ])
-    return _table(cols, rows)
+    table = _table(cols, rows)
+    table.hosts = [host_label(r) for r in df["record"]] if not df.empty else []
+    return table
 
 
 def _device_sum(mapping: Any, gpu_only: bool) -> float:
@@ -299,7 +316,9 @@ def workload_table(records: list[Record]) -> Table:
             _n(fmt.mib(row.min_free)), Cell(turns, "num bad" if row.errors or row.turns_failed else "num"),
             _outcome(row.record),
         ])
-    return _table(cols, rows)
+    table = _table(cols, rows)
+    table.hosts = [host_label(r) for r in df["record"]] if not df.empty else []
+    return table
 
 
 def verdicts_table(records: list[Record]) -> Table:
