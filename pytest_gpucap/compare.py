@@ -1,7 +1,9 @@
 """Run-to-run comparison of two results.jsonl files: per-config deltas of the headline figures.
 
 Regressions are judged per metric direction (less free memory, more used memory, slower boot,
-lower TPS, higher latency are worse) so ``--fail-on-regression`` can gate a CI run.
+lower TPS, higher latency are worse) so ``--fail-on-regression`` can gate a CI run. A figure measured
+over repeated runs (``--gpucap-repeat``) is judged against the larger of the threshold and its measured
+spread: a change the host's own run-to-run noise explains is not a regression.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ class Row:
     new: float | None
     higher_is_better: bool
     threshold_pct: float
+    spread_pct: float | None = None  # the larger run-to-run spread of the two sides (--gpucap-repeat)
+
+    @property
+    def tolerance_pct(self) -> float:
+        """How far the figure may worsen: the threshold, or the measured spread when that is larger."""
+        return max(self.threshold_pct, self.spread_pct or 0.0)
+
+    @property
+    def spread_binds(self) -> bool:
+        return (self.spread_pct or 0.0) > self.threshold_pct
 
     @property
     def delta(self) -> float | None:
@@ -61,7 +73,12 @@ class Row:
     @property
     def regression(self) -> bool:
         pct = self.delta_pct
-        return self.worse and pct is not None and abs(pct) > self.threshold_pct
+        return self.worse and pct is not None and abs(pct) > self.tolerance_pct
+
+    def fails(self, gate_pct: float) -> bool:
+        """Whether ``--fail-on-regression gate_pct`` fails on this row (again beyond the spread, if larger)."""
+        pct = self.delta_pct
+        return self.worse and pct is not None and abs(pct) > max(gate_pct, self.spread_pct or 0.0)
 
     @property
     def marker(self) -> str:
@@ -71,10 +88,11 @@ class Row:
             return "only in new"
         if self.new is None:
             return "only in old"
+        spread = f"spread {self.spread_pct:.1f}%" if self.spread_binds else ""
         if self.regression:
-            return "REGRESSION"
+            return f"REGRESSION (beyond {spread})" if spread else "REGRESSION"
         if self.worse:
-            return "worse (within threshold)"
+            return f"worse (within {spread or 'threshold'})"
         return "better" if self.delta else ""
 
 
@@ -100,9 +118,22 @@ def compare_records(old: list[Record | Mapping[str, Any]], new: list[Record | Ma
         kind, cid, workload = key
         ra, rb = a.get(key), b.get(key)
         for fig in (f for f in GATED if f.kind == kind):
+            spreads = [s for s in (fig.spread_pct(ra, fig.name), fig.spread_pct(rb, fig.name)) if s is not None]
             rows.append(Row(kind, cid, workload, fig.name, fig.values(ra)[fig.name] if ra else None,
-                            fig.values(rb)[fig.name] if rb else None, fig.higher_is_better, threshold_pct))
+                            fig.values(rb)[fig.name] if rb else None, fig.higher_is_better, threshold_pct,
+                            max(spreads) if spreads else None))
     return rows, [r for r in rows if r.regression]
+
+
+def spread_note(rows: list[Row]) -> str:
+    """One line for the gate output when repeated runs widened the tolerance of some figures ("" if none)."""
+    wide = [r for r in rows if r.spread_binds]
+    if not wide:
+        return ""
+    threshold = wide[0].threshold_pct
+    return (f"{len(wide)} figure(s) measured over repeated runs (--gpucap-repeat) spread wider than "
+            f"{threshold:g}%: each is judged beyond the larger of the threshold and its measured spread "
+            f"(up to {max(r.spread_pct or 0.0 for r in wide):.1f}%).")
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -181,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render_comparison(old, new, rows, threshold, (str(args.old), str(args.new)), args.html))
     gate = args.fail_on_regression
-    failing = [r for r in rows if r.worse and r.delta_pct is not None and gate is not None and abs(r.delta_pct) > gate]
+    failing = [r for r in rows if gate is not None and r.fails(gate)]
     marked = sum(r.regression for r in rows)
     print(f"\n{marked} regression(s) beyond {threshold:g}% "
           "(↑ higher is better, ↓ lower is better; Δ = new − old, Δ% relative to old).")
+    if note := spread_note(rows):
+        print(note)
     if failing:
         print(f"FAIL: {len(failing)} tracked metric(s) regressed by more than {gate:g}%: "
               + ", ".join(f"{r.config_id} {r.metric} {_fmt_pct(r.delta_pct)}" for r in failing), file=sys.stderr)

@@ -16,6 +16,7 @@ from .records import (
     header, parse,
 )
 from .backends import ServerError, ServerHandle
+from .repeat import repeated
 from .verdicts import assert_slos, goodput, workload_verdicts
 from .workload import runner
 from .workload.metrics import server_crosscheck
@@ -50,8 +51,10 @@ class Harness:
 
     def __init__(self, handle: ServerHandle, slo: SLO, workload: Workload, roles: dict[str, Role],
                  workflows: dict[str, tuple[str, ...]], test_id: str,
-                 record: Callable[[dict[str, Any]], None], progress: runner.ProgressSink | None = None) -> None:
+                 record: Callable[[dict[str, Any]], None], progress: runner.ProgressSink | None = None,
+                 repeat: int = 1) -> None:
         self.handle = handle
+        self.repeat = repeat  # --gpucap-repeat: each workflow/fixed/poisson run K times, recorded once
         self.slo = slo
         self.settings = workload
         self.roles = roles
@@ -157,6 +160,7 @@ class Harness:
         return {"bandwidth_gbps": bandwidth, "context_used_tokens": used, "roofline_tps": roof,
                 "roofline_full_slots_tps": full, "efficiency": prediction.efficiency(agg_tps, roof)}
 
+    @repeated
     def workflow(self, name: str) -> WorkloadResult:
         """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration."""
         roles = [scale(r, self.settings) for r in resolve_workflow(name, self.roles, self.workflows)]
@@ -168,6 +172,7 @@ class Harness:
                 label=f"{self.handle.config.id} workflow {name}", **self.client_kw))
         return self._finish(name, [r.name for r in roles], res, poller=poller)
 
+    @repeated
     def fixed(self, concurrency: int, n_requests: int, prompt_tokens: int = 64, max_tokens: int = 32,
               shared_prefix_tokens: int = 0, name: str | None = None) -> WorkloadResult:
         """Fixed concurrency (optionally with a shared system prompt to exercise the prefix cache)."""
@@ -187,6 +192,7 @@ class Harness:
         runner.run(runner.run_fixed(self.handle.url, concurrency, n_requests, 16, max_tokens, self.chars_per_token,
                                     self.settings, abort=self._abort, **self.client_kw))
 
+    @repeated
     def poisson(self, rate_per_s: float, n_requests: int, prompt_tokens: int = 64,
                 max_tokens: int = 32) -> WorkloadResult:
         """Open-loop Poisson arrivals: TTFT p50/p99 at an offered rate."""
@@ -221,6 +227,6 @@ class Harness:
     def with_settings(self, **changes: Any) -> "Harness":
         """A harness with some workload settings changed (e.g. a different RTT or duration)."""
         other = Harness(self.handle, self.slo, replace(self.settings, **changes), self.roles, {},
-                        self.test_id, self._record, self.progress)
+                        self.test_id, self._record, self.progress, self.repeat)
         other.workflows, other._cpt = self.workflows, self._cpt
         return other

@@ -41,6 +41,7 @@ class Settings:
     baseline_path: Path | None = None
     regression_threshold_pct: float = 5.0
     stop_services: bool = False  # stop the profiles' [[services]] for the session, restore them after
+    repeat: int = 1  # --gpucap-repeat: runs per workload (median recorded, spread judged by the gate)
 
 
 
@@ -75,6 +76,9 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
      "regresses against it by more than the regression threshold"),
     ("regression-threshold", "gpucap_regression_threshold", "GPUCAP_REGRESSION_THRESHOLD",
      "percent a tracked figure may worsen against --gpucap-baseline before the session fails (default 5)"),
+    ("repeat", "gpucap_repeat", "GPUCAP_REPEAT",
+     "run each workload K times (noisy hosts): the record keeps the median run and the spread, and the "
+     "gate flags a regression only beyond the larger of the threshold and that spread (default 1)"),
 ]
 
 
@@ -172,7 +176,22 @@ def resolve_settings(config: pytest.Config) -> Settings:
         baseline_path=baseline,
         regression_threshold_pct=5.0 if threshold is None else threshold,
         stop_services=_stop_services(config),
+        repeat=_repeat(config),
     )
+
+
+def _repeat(config: pytest.Config) -> int:
+    """``--gpucap-repeat K``: a whole number >= 1."""
+    raw = _setting(config, "gpucap_repeat", "GPUCAP_REPEAT")
+    if raw is None:
+        return 1
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise pytest.UsageError(f"--gpucap-repeat must be a whole number >= 1, got {raw!r}")
+    return value
 
 
 def _stop_services(config: pytest.Config) -> bool:

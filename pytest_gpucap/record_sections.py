@@ -416,6 +416,34 @@ class WorkloadMemory(Section):
     peak_server_rss_mib: float | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class FigureSpread(Section):
+    """One tracked figure over the ``--gpucap-repeat`` runs: the median the record reports, and its range."""
+
+    median: float | None = None
+    min: float | None = None
+    max: float | None = None
+    values: list[float] | None = None
+
+    @property
+    def spread_pct(self) -> float | None:
+        """(max − min) relative to the median, in percent: how far this host's runs disagree."""
+        lo, hi, mid = number(self.min), number(self.max), number(self.median)
+        if lo is None or hi is None or not mid:
+            return None
+        return (hi - lo) / abs(mid) * 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepeatSpread(Section):
+    """A workload run ``runs`` times: the record's metrics are the median run's (by aggregate tok/s),
+    ``figures`` the per-figure medians and ranges over all runs (the gate reads both)."""
+
+    runs: int | None = None
+    median_run: int | None = None  # 0-based index of the run whose metrics the record holds
+    figures: dict[str, FigureSpread] = sub(FigureSpread, many="map")
+
+
 # ---------------------------------------------------------------- ramp and search
 
 @dataclass(frozen=True, kw_only=True)

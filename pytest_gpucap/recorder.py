@@ -24,6 +24,7 @@ class Recorder:
         self.results_path = state.settings.report_dir / "results.jsonl" if state.settings.report_dir else None
         self.regressions: list[compare.Row] | None = None
         self.baseline_error: str | None = None
+        self.spread_note = ""  # the gate's line on figures judged against their --gpucap-repeat spread
         self.previous_error: str | None = None
         self.section_errors: list[str] = []
 
@@ -103,8 +104,9 @@ class Recorder:
         except compare.CompareError as exc:
             self.baseline_error = str(exc)
             return
-        _, self.regressions = compare.compare_records(baseline, self.state.records,
-                                                      settings.regression_threshold_pct)
+        rows, self.regressions = compare.compare_records(baseline, self.state.records,
+                                                         settings.regression_threshold_pct)
+        self.spread_note = compare.spread_note(rows)  # --gpucap-repeat: figures judged against their spread
         if self.regressions and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -147,7 +149,10 @@ class Recorder:
         terminalreporter.section("gpucap regression gate")
         if self.baseline_error:
             terminalreporter.write_line(f"gpucap: baseline not compared: {self.baseline_error}")
-        elif not self.regressions:
+            return
+        if self.spread_note:
+            terminalreporter.write_line(self.spread_note)
+        if not self.regressions:
             terminalreporter.write_line(f"no tracked figure regressed by more than "
                                         f"{settings.regression_threshold_pct:g}% against {settings.baseline_path}")
         else:

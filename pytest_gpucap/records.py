@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from .record_sections import (
     CeilingMemory, Crosscheck, Goodput, KvHeadroom, Percentiles, Predicted, PredictionCheck, PredictionPart,
-    QueueTimes, RampStep, RecordConfig, RoleMetrics, SearchProbe, Section, ServerBuffers, ServerInfo, ServerView,
-    SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, is_number, number, opt, sub,
+    QueueTimes, RampStep, RecordConfig, RepeatSpread, RoleMetrics, SearchProbe, Section, ServerBuffers, ServerInfo,
+    ServerView, SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, is_number, number, opt, sub,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +142,7 @@ class WorkloadRecord(MeasuredRecord):
     tokens_from: str | None = None
     slo: SloBudgets = sub(SloBudgets)
     verdicts: tuple[Verdict, ...] = sub(Verdict, many="list")
+    repeat: RepeatSpread | None = sub(RepeatSpread, optional=True)  # --gpucap-repeat K > 1
 
     def _summary(self, head: str) -> str:
         m = self.metrics
@@ -333,12 +334,23 @@ class Figure:
     gated: bool = True
 
     def values(self, record: Record) -> dict[str, float | None]:
+        """The figure(s) of one record: the median over the runs when the workload was repeated."""
         if not isinstance(record, KINDS[self.kind]):
             return {} if "{role}" in self.name else {self.name: None}
         got = self.read(record)
-        if "{role}" in self.name:
-            return {self.name.format(role=k): number(v) for k, v in got.items()}
-        return {self.name: number(got)}
+        got = {self.name.format(role=k): v for k, v in got.items()} if "{role}" in self.name else {self.name: got}
+        spreads = _spreads(record)
+        return {k: number(spreads[k].median) if k in spreads else number(v) for k, v in got.items()}
+
+    def spread_pct(self, record: Record | None, name: str) -> float | None:
+        """How far the repeated runs of ``record`` disagreed on figure ``name`` (None: run once)."""
+        spread = _spreads(record).get(name) if record is not None else None
+        return None if spread is None else spread.spread_pct
+
+
+def _spreads(record: Record) -> dict[str, Any]:
+    repeat = getattr(record, "repeat", None)
+    return repeat.figures if repeat is not None else {}
 
 
 #: The one list of tracked figures: JUnit properties and benchmark entries (``headline``) and the
@@ -392,9 +404,9 @@ __all__ = [
     "MIGRATIONS", "PROPERTY_KEY", "REASON_KEY", "SCHEMA_VERSION", "TRACKED", "CeilingMemory", "CeilingRecord",
     "Crosscheck", "Figure", "Goodput", "KvHeadroom", "MeasuredRecord", "OtherRecord", "Percentiles", "Predicted",
     "PredictionCheck", "PredictionPart", "QueueTimes", "RampRecord", "RampStep", "Record", "RecordConfig",
-    "RoleMetrics", "SchemaError", "SearchProbe", "SearchRecord", "Section", "ServerBuffers", "ServerInfo",
-    "ServerView", "SloBudgets", "UnmeasuredRecord", "Verdict", "WorkloadInfo", "WorkloadMemory", "WorkloadMetrics",
-    "WorkloadRecord", "append_jsonl", "as_dict", "as_record", "check_schema", "header", "headline", "number",
-    "one_line", "opt", "outcome_record", "parse", "read_jsonl", "read_records", "record_name", "sub",
-    "summary_line", "workload_name",
+    "RepeatSpread", "RoleMetrics", "SchemaError", "SearchProbe", "SearchRecord", "Section", "ServerBuffers",
+    "ServerInfo", "ServerView", "SloBudgets", "UnmeasuredRecord", "Verdict", "WorkloadInfo", "WorkloadMemory",
+    "WorkloadMetrics", "WorkloadRecord", "append_jsonl", "as_dict", "as_record", "check_schema", "header",
+    "headline", "number", "one_line", "opt", "outcome_record", "parse", "read_jsonl", "read_records", "record_name",
+    "sub", "summary_line", "workload_name",
 ]
