@@ -123,7 +123,8 @@ class Harness:
             memory=WorkloadMemory(
                 free_at_boot_mib=self.handle.after_load.device.free_mib if self.handle.after_load else None,
                 min_free_mib=min((s.device.free_mib for s in window), default=None),
-                peak_server_rss_mib=max((s.server_rss_mib or 0 for s in window), default=None)),
+                peak_server_rss_mib=max((s.server_rss_mib or 0 for s in window), default=None),
+                timeline=(tl.downsampled(start=res.started, end=res.ended) or None) if tl else None),
             aborted=res.aborted,
             tokens_from="server usage" if metrics.usage_missing == 0 else
                         f"server usage missing on {metrics.usage_missing} turns",

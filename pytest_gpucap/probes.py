@@ -230,15 +230,19 @@ class Timeline:
     def peak_server_rss_mib(self) -> float | None:
         return max((s.server_rss_mib or 0.0 for s in self.samples), default=None)
 
-    def downsampled(self, max_points: int = 120) -> list[dict[str, float]]:
+    def downsampled(self, max_points: int = 120, start: float | None = None,
+                    end: float | None = None) -> list[dict[str, float]]:
         """At most ``max_points`` readings for the record, in time order: per bucket the reading with
-        the least free memory, so the minimum (and the spike that caused it) survives."""
-        points = sorted(self.points, key=lambda p: p.t)
-        if not points:
+        the least free memory, so the minimum (and the spike that caused it) survives. ``start``/``end``
+        keep one window (a workload run); t stays counted from the first reading, so the windows of one
+        server line up on one time axis."""
+        everything = sorted(self.points, key=lambda p: p.t)
+        if not everything:
             return []
+        t0 = everything[0].t
+        points = [p for p in everything if (start is None or p.t >= start) and (end is None or p.t <= end)]
         size = max(1, -(-len(points) // max_points))
         kept = [min(points[i:i + size], key=lambda p: p.free_mib) for i in range(0, len(points), size)]
-        t0 = points[0].t
         return [{"t": round(p.t - t0, 3), "used_mib": round(p.used_mib, 1), "free_mib": round(p.free_mib, 1)}
                 for p in kept]
 

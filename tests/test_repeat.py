@@ -76,7 +76,7 @@ def test_cli_gate_says_it_used_the_spread(tmp_path: Path) -> None:
 
 REPEATED = '''
 def test_fixed(gpucap_workload):
-    gpucap_workload.fixed(2, 4, max_tokens=8)
+    gpucap_workload.fixed(2, 16, max_tokens=32)
 '''
 
 
@@ -92,7 +92,9 @@ def test_repeat_2_on_a_real_server_records_median_and_spread(capacity_run: Capac
     assert len(agg["values"]) == 2 and agg["min"] == min(agg["values"]) and agg["max"] == max(agg["values"])
     assert agg["median"] == pytest.approx(statistics.median(agg["values"]), abs=1e-3)
     assert rec["metrics"]["agg_tps"] == agg["values"][rep["median_run"]]
-    assert rep["figures"]["turns_ok"]["values"] == [4, 4]
+    assert rep["figures"]["turns_ok"]["values"] == [16, 16]
+    timeline = rec["memory"]["timeline"]  # both runs' device readings, on the server's time axis
+    assert timeline and [p["t"] for p in timeline] == sorted(p["t"] for p in timeline) and timeline[0]["t"] > 0
     bad = capacity_run.run(matrix, "--gpucap-repeat", "0", test_src=REPEATED)
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--gpucap-repeat must be a whole number >= 1, got '0'*"])

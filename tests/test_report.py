@@ -342,7 +342,9 @@ def test_hostile_strings_render_escaped(tmp_path: Path) -> None:
     assert "````text\npytest -k '<script>alert(1)</script>' ```\n````" in md  # fence longer than the data's
     svgs = {p.name: p.read_text() for p in written[2:]}
     assert not [name for name, text in svgs.items() if "<script" in text]
-    assert [name for name, text in svgs.items() if "&lt;script&gt;" in text] == ["capacity-map-4090-q8_0-text.svg",
+    # the ceiling's GPU name differs from the workload's: two hosts, one map each (the workload's host holds the label)
+    assert [name for name, text in svgs.items() if "&lt;script&gt;" in text] == [
+        "capacity-map-4090-q8_0-text-NVIDIA-GeForce-RTX-4090.svg",
         "tps-vs-ctx.svg", "latency-vs-ctx.svg", "ramp-1-script-alert-1-script-latency.svg",
         "ramp-1-script-alert-1-script-memory.svg"]
 

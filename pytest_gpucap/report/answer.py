@@ -57,15 +57,18 @@ class CapacityMap:
     kv: str
     mmproj: bool
     entries: dict[tuple[int, int], MapEntry] = field(default_factory=dict)
+    host: str = ""  # set when the records come from several hosts: one map per host (``hosts.first_screen``)
 
     @property
     def title(self) -> str:
-        return f"profile {self.profile}, KV {self.kv}, {'with' if self.mmproj else 'without'} mmproj (vision)"
+        return (f"profile {self.profile}, KV {self.kv}, {'with' if self.mmproj else 'without'} mmproj (vision)"
+                + (f" — {self.host}" if self.host else ""))
 
     @property
     def slug(self) -> str:
         from .figures import slugify
-        return "capacity-map-" + slugify(f"{self.profile}-{self.kv}-{'mmproj' if self.mmproj else 'text'}")
+        return "capacity-map-" + slugify(f"{self.profile}-{self.kv}-{'mmproj' if self.mmproj else 'text'}"
+                                         + (f"-{self.host}" if self.host else ""))
 
     @property
     def ns(self) -> list[int]:

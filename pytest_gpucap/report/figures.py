@@ -45,6 +45,15 @@ class Marker:
 
 
 @dataclass
+class Span:
+    """A shaded stretch of the x axis (a phase of a memory timeline: boot, hold, a workload), with its label."""
+
+    x0: float
+    x1: float
+    label: str
+
+
+@dataclass
 class MapCell:
     """One capacity-map cell: grid position, verdict class and the text inside it."""
 
@@ -70,6 +79,7 @@ class Chart:
     x_kind: str = "num"
     caption: str = ""
     markers: list[Marker] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
     cells: list[MapCell] = field(default_factory=list)
     rows: list[str] = field(default_factory=list)
     cols: list[str] = field(default_factory=list)
@@ -95,7 +105,16 @@ def _tick(kind: str) -> FuncFormatter:
     return FuncFormatter(label)
 
 
+def _draw_spans(ax: Axes, chart: Chart) -> None:
+    for i, sp in enumerate(chart.spans):
+        ax.axvspan(sp.x0, sp.x1, color=PALETTE[(i + 4) % len(PALETTE)], alpha=0.12, linewidth=0).set_gid(
+            f"span-{slugify(sp.label)}")
+        ax.text((sp.x0 + sp.x1) / 2, 1.0, sp.label, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=7.5, color="#333")
+
+
 def _draw_lines(ax: Axes, chart: Chart) -> None:
+    _draw_spans(ax, chart)
     for i, s in enumerate(chart.series):
         if not s.points:
             continue

@@ -19,14 +19,15 @@ from markupsafe import Markup
 from ..records import MeasuredRecord, RampRecord, Record, SchemaError, SearchRecord, as_record, read_records
 from ..verdicts import HEADROOM_CLASSES, HEADROOM_RULE, headroom_bands, judged_by_kv_capacity
 from . import fmt
-from .answer import VERDICT_WORDS, capacity_maps, gate, verdict_paragraph
+from .answer import VERDICT_WORDS, gate
 from .figures import Chart, to_svg
 from .crosschecks import (
     crosscheck_flags, crosscheck_table, goodput_table, low_efficiency, not_measured_table, prediction_table,
     queueing_table,
 )
-from .recommend import recommendations
+from .hosts import first_screen, side_by_side
 from .scaling import memory_chart, ramp_charts, workload_charts
+from .timeline import memory_timelines
 from .tables import (
     ceiling_memory, ceiling_table, host_label, ident, kv_table, of_kind, profile_of, ramp_table, roles_table, scaling_tables,
     search_table, verdicts_table, workload_table,
@@ -229,12 +230,14 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
                   session_note: str = "") -> tuple[dict[str, Any], list[Chart]]:
     """Everything both templates show, computed once so the Markdown and HTML cannot disagree."""
     records = [as_record(r) for r in records]
-    maps = capacity_maps(records)
+    maps, recs, paragraph = first_screen(records)
     map_charts = [m.chart() for m in maps]
     charts: list[Chart] = list(map_charts)
     mem = memory_chart(records)
     if mem:
         charts.append(mem)
+    timelines = memory_timelines(records)
+    charts += timelines
     wl_charts = workload_charts(records)
     charts += wl_charts
     ramps = []
@@ -251,11 +254,10 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
     for r in records:
         kinds[str(r.kind)] = kinds.get(str(r.kind), 0) + 1
     profiles = sorted({str(r.profile) for r in records if r.profile})
-    recs = recommendations(records)
     passed, gate_why = gate(records)
     context = {
         "maps": [{"map": m, "table": m.table(), "chart": c, "tips": m.tooltips()} for m, c in zip(maps, map_charts)],
-        "verdict_words": VERDICT_WORDS, "paragraph": verdict_paragraph(records, recs),
+        "verdict_words": VERDICT_WORDS, "paragraph": paragraph,
         "gate": {"passed": passed, "why": gate_why}, "hosts": _host_names(records), "tips": COLUMN_TIPS,
         "profiles": profiles, "n_records": len(records), "kinds": sorted(kinds.items()),
         "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in SHOWN_KINDS),
@@ -268,7 +270,8 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
         "crosscheck": crosscheck_table(records), "crosscheck_flags": crosscheck_flags(records),
         "goodput": goodput_table(records), "queueing": queueing_table(records),
         "not_measured": not_measured_table(records), "scaling": scaling_tables(records),
-        "memory_chart": mem, "workload_charts": wl_charts, "ramps": ramps,
+        "memory_chart": mem, "timelines": timelines, "workload_charts": wl_charts, "ramps": ramps,
+        "across_hosts": side_by_side(records),
         "recommendations": recs, "env": _environment(records, session),
         "session_note": session_note, "chart_dir": CHART_DIR, "summary": False, "extra_sections": [],
     }
