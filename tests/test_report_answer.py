@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
+
 from test_report import (
     ceiling, ramp, study_records, unmeasured, with_metrics, workload, write_results,
 )
@@ -173,6 +175,10 @@ def test_each_chart_renders_from_the_records(tmp_path: Path) -> None:
     assert _series_ids(svg["ramp-1-4090-n6-ctx32k-q8-memory.svg"]) == ["server-RSS", "device-used"]
     assert 'id="marker-knee-N-4"' in svg["ramp-1-4090-n6-ctx32k-q8-memory.svg"]
     assert _series_ids(svg["tps-vs-rtt.svg"]) == ["4090-n3-ctx64k-q8-A"]
+    (rtt,) = [c for c in charts if c.slug == "tps-vs-rtt"]
+    (even,) = rtt.markers  # 120.4 tok/s at 0.5 s, 71.8 at 2 s: through the 100 tok/s budget at 0.5 + 20.4/48.6 × 1.5 s
+    assert even.x == pytest.approx(0.5 + 20.4 / 48.6 * 1.5) and even.y == 100.0
+    assert even.label.startswith("break-even 1,130 ms") and 'id="marker-break-even-1-130-ms' in svg["tps-vs-rtt.svg"]
     assert _series_ids(svg["memory-vs-total-ctx.svg"]) == ["4090-q8_0-mmproj-used", "4090-q8_0-mmproj-server-buffers"]
     md = (tmp_path / "capacity.md").read_text()
     assert [c.filename for c in charts if f"](charts/{c.filename})" not in md] == []

@@ -62,14 +62,34 @@ def workload_charts(records: list[Record]) -> list[Chart]:
 
 
 def rtt_chart(df: Any) -> Chart | None:
-    """Aggregate TPS vs the injected round trip (workload.rtt_s), when one config ran a workload at several RTTs."""
+    """Aggregate TPS vs the injected round trip (workload.rtt_s), when one config ran a workload at several RTTs;
+    the break-even (where the curve falls through the workload's min_agg_tps budget) marked."""
     df = df.assign(rtt=[fmt.as_float(r.workload.rtt_s) for r in df["record"]])
     chart = Chart("tps-vs-rtt", "RTT penalty: throughput vs round-trip time", "round trip per turn (s)",
-                  "tokens/s", caption="Aggregate TPS (metrics.agg_tps) per injected round trip (workload.rtt_s).")
+                  "tokens/s", caption="Aggregate TPS (metrics.agg_tps) per injected round trip (workload.rtt_s). "
+                  "◆ break-even: the round trip at which the curve falls through the workload's budget "
+                  "(slo.min_agg_tps), interpolated between the two measured round trips either side.")
     for (cid, workload), group in df.groupby(["config_id", "workload"], sort=False):
         if group["rtt"].nunique() >= 2:
-            chart.series.append(Series(f"{cid} {workload}", _points(group, "rtt", "agg_tps")))
+            points = _points(group, "rtt", "agg_tps")
+            chart.series.append(Series(f"{cid} {workload}", points))
+            budgets = [b for r in group["record"] if (b := fmt.as_float(r.slo.min_agg_tps)) is not None]
+            if budgets and (x := break_even(points, budgets[0])) is not None:
+                chart.markers.append(Marker(x, budgets[0], f"break-even {fmt.num(x * 1000, 0)} ms"
+                                                           f" ({cid} {workload}, min {fmt.tps(budgets[0])} tok/s)"))
     return chart if chart.has_points() else None
+
+
+def break_even(points: list[tuple[float, float]], budget: float) -> float | None:
+    """The first round trip at which throughput falls below ``budget`` (linear between the measured points);
+    None when every measured round trip stays above it, or the curve starts below it."""
+    pts = sorted(points)
+    if not pts or pts[0][1] < budget:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y0 >= budget > y1:
+            return x0 + (y0 - budget) / (y0 - y1) * (x1 - x0)
+    return None
 
 
 def ramp_charts(record: RampRecord, index: int) -> list[Chart]:
