@@ -15,6 +15,7 @@ from pytest_gpucap import records
 from pytest_gpucap.compare import compare_records, spread_note
 from pytest_gpucap.records import WorkloadRecord
 from pytest_gpucap.repeat import combine
+from pytest_gpucap.report.timeline import memory_timelines
 from conftest import CapacityRun, matrix_toml
 from test_report import REPO, workload
 
@@ -75,6 +76,10 @@ def test_cli_gate_says_it_used_the_spread(tmp_path: Path) -> None:
 
 
 REPEATED = '''
+def test_ceiling(gpucap_ceiling):
+    pass
+
+
 def test_fixed(gpucap_workload):
     gpucap_workload.fixed(2, 16, max_tokens=32)
 '''
@@ -83,9 +88,9 @@ def test_fixed(gpucap_workload):
 def test_repeat_2_on_a_real_server_records_median_and_spread(capacity_run: CapacityRun, tiny_model: Path) -> None:
     matrix = matrix_toml(tiny_model, "[[profiles.cpu.configs]]\nn = 2\nctx = 1024\n")
     result = capacity_run.run(matrix, "--gpucap-repeat", "2", "--gpucap-report", "rep", test_src=REPEATED)
-    result.assert_outcomes(passed=1)
-    (rec,) = [r for r in records.read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl")
-              if r["kind"] == "workload"]
+    result.assert_outcomes(passed=2)
+    rep_dir = capacity_run.pytester.path / "rep"
+    (rec,) = [r for r in records.read_jsonl(rep_dir / "results.jsonl") if r["kind"] == "workload"]
     rep = rec["repeat"]
     assert rep["runs"] == 2 and rep["median_run"] in (0, 1)
     agg = rep["figures"]["agg_tps"]
@@ -95,6 +100,12 @@ def test_repeat_2_on_a_real_server_records_median_and_spread(capacity_run: Capac
     assert rep["figures"]["turns_ok"]["values"] == [16, 16]
     timeline = rec["memory"]["timeline"]  # both runs' device readings, on the server's time axis
     assert timeline and [p["t"] for p in timeline] == sorted(p["t"] for p in timeline) and timeline[0]["t"] > 0
+    # the write-up: the spread table, and one memory-over-time chart with boot, hold and the workload
+    (chart,) = memory_timelines(records.read_records(rep_dir / "results.jsonl"))
+    assert [s.label.split(" ")[0] for s in chart.spans] == ["boot", "load", "workload"]
+    assert chart.spans[-1].label == "workload fixed-c2" and chart.spans[-1].x0 >= chart.spans[1].x1
+    md = (rep_dir / "capacity.md").read_text()
+    assert "### Repeated runs" in md and "## Memory over time" in md and (rep_dir / "charts" / chart.filename).is_file()
     bad = capacity_run.run(matrix, "--gpucap-repeat", "0", test_src=REPEATED)
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--gpucap-repeat must be a whole number >= 1, got '0'*"])

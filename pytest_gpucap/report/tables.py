@@ -321,6 +321,28 @@ def workload_table(records: list[Record]) -> Table:
     return table
 
 
+def repeat_table(records: list[Record]) -> Table:
+    """Workloads run K times (``--gpucap-repeat``): per gated figure the median the record reports and its range."""
+    cols = [("Config", False), ("Workload", False), ("Runs", True), ("Figure", False), ("Median", True),
+            ("Min", True), ("Max", True), ("Spread†", True)]
+    rows = []
+    for r in of_kind(records, "workload"):
+        rep = getattr(r, "repeat", None)
+        if rep is None:
+            continue
+        for name, fig in rep.figures.items():
+            if name in ("agg_tps", "per_call_tps", "e2e_p95_s", "ttft_p95_s"):
+                spread = fig.spread_pct
+                rows.append([Cell(ident(r)), Cell(str(workload_parts(r)[0].name or ""), "text"),
+                             _n(fmt.integer(rep.runs)), Cell(name), _n(fmt.num(fig.median, 2)),
+                             _n(fmt.num(fig.min, 2)), _n(fmt.num(fig.max, 2)),
+                             _n(fmt.DASH if spread is None else f"{spread:.1f}%")])
+    table = _table(cols, rows)
+    table.notes = ["Spread† = (max − min) ÷ median; the regression gate flags a change only beyond the larger of "
+                   "its threshold and this spread."]
+    return table
+
+
 def verdicts_table(records: list[Record]) -> Table:
     """Every SLO verdict of the workload records: measured vs budget, margin, ok or breach."""
     cols = [("Config", False), ("Workload", False), ("SLO", False), ("Measured", True), ("Budget", True),

@@ -56,7 +56,8 @@ def memory_timelines(records: list[Record]) -> list[Chart]:
         free: list[tuple[float, float]] = []
         used: list[tuple[float, float]] = []
         for r in sorted(recs, key=lambda r: not isinstance(r, CeilingRecord)):
-            f, u = _points(r.memory.timeline, "free_mib"), _points(r.memory.timeline, "used_mib")  # type: ignore[union-attr]
+            timeline = r.memory.timeline  # type: ignore[attr-defined]
+            f, u = _points(timeline, "free_mib"), _points(timeline, "used_mib")
             free += f
             used += u
             if not f:
@@ -70,7 +71,8 @@ def memory_timelines(records: list[Record]) -> list[Chart]:
                 if end > start:
                     chart.spans.append(Span(start, end, "load + hold"))
             else:
-                chart.spans.append(Span(start, max(end, start + 1e-3), f"workload {r.workload.name}"))  # type: ignore[attr-defined]
+                name = r.workload.name  # type: ignore[attr-defined]
+                chart.spans.append(Span(start, max(end, start + 1e-3), f"workload {name}"))
         chart.series = [Series("free", sorted(free)), Series("used", sorted(used), dashed=True)]
         if free:
             t, v = min(free, key=lambda p: (p[1], p[0]))
