@@ -109,3 +109,29 @@ def test_repeat_2_on_a_real_server_records_median_and_spread(capacity_run: Capac
     bad = capacity_run.run(matrix, "--gpucap-repeat", "0", test_src=REPEATED)
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--gpucap-repeat must be a whole number >= 1, got '0'*"])
+
+
+def test_session_gate_judges_a_repeated_figure_against_its_spread(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """``--gpucap-baseline`` with ``--gpucap-repeat``: the baseline's agg tok/s runs spread 100% around a median
+    3× this run's, so this run is 67% slower: beyond the 50% threshold, within the spread. Not flagged, and the
+    gate says why. (Every other gated figure of the baseline is set far worse, so host noise cannot fail it.)"""
+    matrix = matrix_toml(tiny_model, "[[profiles.cpu.configs]]\nn = 2\nctx = 1024\n")
+    first = capacity_run.run(matrix, "--gpucap-repeat", "2", "--gpucap-report", "rep", test_src=REPEATED)
+    first.assert_outcomes(passed=2)
+    for r in records.read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl"):
+        if r["kind"] == "ceiling":
+            r = {**r, "boot_s": 1e6, "memory": {**r["memory"], "used_after_load_mib": 1e9, "free_mib": 0.0}}
+        elif r["kind"] == "workload":
+            agg = r["repeat"]["figures"]["agg_tps"]["median"]
+            figures = {"agg_tps": {"median": 3 * agg, "min": 1.5 * agg, "max": 4.5 * agg, "values": [1.5 * agg]},
+                       "per_call_tps": {"median": 0.0}, "e2e_p95_s": {"median": 1e6}}
+            r = {**r, "repeat": {**r["repeat"], "figures": figures}}
+        records.append_jsonl(capacity_run.pytester.path / "base" / "results.jsonl", r)
+    gated = capacity_run.run(matrix, "--gpucap-repeat", "2", "--gpucap-baseline", "base",
+                             "--gpucap-regression-threshold", "50", test_src=REPEATED)
+    assert gated.ret == 0, gated.stdout.str()
+    gated.stdout.fnmatch_lines([
+        "*gpucap regression gate*",
+        "1 figure(s) measured over repeated runs (--gpucap-repeat) spread wider than 50%: each is judged beyond "
+        "the larger of the threshold and its measured spread (up to 100.0%).",
+        "no tracked figure regressed by more than 50% against base*"])
