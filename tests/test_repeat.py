@@ -73,6 +73,11 @@ def test_cli_gate_says_it_used_the_spread(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "worse (within spread 40.0%)" in out.stdout and "--gpucap-repeat" in out.stdout
+    page = subprocess.run([sys.executable, "-m", "pytest_gpucap", "compare", str(tmp_path / "old"),
+                           str(tmp_path / "new"), "--html", str(tmp_path / "compare.html")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    html = (tmp_path / "compare.html").read_text()
+    assert page.returncode == 0 and '<p id="spread-note"' in html and "worse (within spread 40.0%)" in html
 
 
 REPEATED = '''

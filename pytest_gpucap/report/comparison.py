@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from ..records import Record, as_record
-from .answer import VERDICT_WORDS, capacity_maps, gate, verdict_paragraph
-from .recommend import recommendations
+from .answer import VERDICT_WORDS, gate
+from .hosts import first_screen
 from .render import COLUMN_TIPS, _environments
 from .tables import Cell, Table
 
 
 def _side(records: list[Record], label: str) -> dict[str, Any]:
-    maps = capacity_maps(records)
+    maps, _, paragraph = first_screen(records)  # per host when a run's records come from several
     passed, why = gate(records)
     return {"label": label, "maps": [{"map": m, "table": m.table(), "tips": m.tooltips()} for m in maps],
-            "paragraph": verdict_paragraph(records, recommendations(records)),
+            "paragraph": paragraph,
             "gate": {"passed": passed, "why": why}}
 
 
@@ -51,11 +51,14 @@ def delta_table(rows: list[Any]) -> Table:
 def render_comparison(old: list[Any], new: list[Any], rows: list[Any], threshold_pct: float,
                       names: tuple[str, str], out: Path) -> Path:
     """Write the side-by-side page to ``out``."""
+    from ..compare import spread_note
+
     old_recs, new_recs = [as_record(r) for r in old], [as_record(r) for r in new]
     _, html_env = _environments()
     text = html_env.get_template("compare.html.j2").render(
         sides=[_side(old_recs, names[0]), _side(new_recs, names[1])], deltas=delta_table(rows),
-        regressions=sum(r.regression for r in rows), threshold=threshold_pct, verdict_words=VERDICT_WORDS,
+        regressions=sum(r.regression for r in rows), threshold=threshold_pct, spread_note=spread_note(rows),
+        verdict_words=VERDICT_WORDS,
         tips=COLUMN_TIPS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
