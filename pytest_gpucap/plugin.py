@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from . import prediction, records, terminal
+from . import prediction, records, strict, terminal
 from .matrix import (
     BACKENDS, DEFAULT_MATRIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
@@ -28,7 +28,8 @@ from .search import SearchSpace
 from .xdist_groups import GROUPS_DIR_KEY, ConfigGroupScheduling, write_groups
 from .search_run import SearchRun, SearchSession
 from .harness import Harness
-from .options import Settings, add_options, resolve_settings
+from .options import Settings, add_options, gpus_setting, resolve_settings
+from .pinning import probe_cards, worker_gpu
 from .workload.roles import roles_from_matrix
 
 
@@ -74,7 +75,10 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspec)
 
 
-
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` with ``--gpucap-gpus``: one worker per listed card (each worker then takes its own)."""
+    return len(gpus) if (gpus := gpus_setting(config)) else None
 
 # ---------------------------------------------------------------- configure
 
@@ -100,6 +104,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE] = state
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Recorder(state, config), "gpucap-recorder")
+        if settings.strict:
+            config.pluginmanager.register(strict.StrictGate(), "gpucap-strict")
 
 
 def _dist_given(config: pytest.Config) -> bool:
@@ -216,21 +222,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 # ---------------------------------------------------------------- launching
 
-def _probe(state: State, profile: HostProfile) -> MemoryProbe:
-    """One probe per profile; a GPU profile on a host without a usable GPU skips."""
-    cached = state.probes.get(profile.name)
+def _probe(state: State, profile: HostProfile, cards: tuple[int | str, ...] = ()) -> MemoryProbe:
+    """One probe per profile and set of pinned cards; a GPU profile on a host without a usable GPU skips."""
+    key = f"{profile.name}@{','.join(map(str, cards))}"
+    cached = state.probes.get(key)
     if cached is None:
         if profile.device == "cuda":
             try:
-                cached = NvmlProbe(profile.gpu_index, profile.memory_gib * 1024)
+                cached = _nvml_probe(cards or (profile.gpu_index,), profile.memory_gib * 1024)
             except NvmlError as exc:
                 cached = f"profile {profile.name!r} needs an NVIDIA GPU: {exc}"
         else:
             cached = HostProbe(profile.memory_gib * 1024)
-        state.probes[profile.name] = cached
+        state.probes[key] = cached
     if isinstance(cached, str):
         pytest.skip(cached)
     return cached
+
+
+def _nvml_probe(cards: tuple[int | str, ...], budget_mib: float) -> MemoryProbe:
+    """The one place that picks the cards NVML reads for a pinned server: for now the first card, by index."""
+    if not isinstance(cards[0], int):
+        raise NvmlError(f"card {cards[0]} is named by UUID; the NVML probe selects cards by index")
+    return NvmlProbe(index=cards[0], budget_mib=budget_mib)
 
 
 def _resolver(request: pytest.FixtureRequest) -> Resolver:
@@ -241,9 +255,11 @@ def _resolver(request: pytest.FixtureRequest) -> Resolver:
         cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
         basetemp = request.getfixturevalue("tmp_path_factory").getbasetemp()
         # xdist workers' basetemps share a parent: the device locks live there (pytest-xdist's own advice)
-        lock_dir = (basetemp.parent if hasattr(request.config, "workerinput") else basetemp) / "gpucap-devices"
+        worker = getattr(request.config, "workerinput", None)
+        lock_dir = (basetemp.parent if worker is not None else basetemp) / "gpucap-devices"
         state.resolver = Resolver(state.settings, state.matrix, cache_dir, basetemp / "gpucap-logs",
-                                  state.owner_token, _progress_sink(request.config), lock_dir=lock_dir)
+                                  state.owner_token, _progress_sink(request.config), lock_dir=lock_dir,
+                                  worker_gpu=worker_gpu(state.settings.gpus or (), (worker or {}).get("workerid")))
     return state.resolver
 
 
@@ -312,7 +328,8 @@ def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig)
     state = request.config.stash[STATE]
     _ensure_swept(state)
     spec = launch_spec(request, gpucap_config)
-    handle = ServerHandle(spec, _probe(state, spec.profile))
+    cards = probe_cards(spec.visible_devices.split(",")) if spec.visible_devices else ()
+    handle = ServerHandle(spec, _probe(state, spec.profile, cards))
     handle.prediction = _predict(state, handle)
     if handle.prediction is not None and state.settings.predict_skip:
         reason = handle.prediction.skip_reason()
@@ -473,6 +490,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(("gpucap server log (tail)", tail))
     if report.when in ("setup", "call") and not report.passed:
         _record_outcome(item, call, report)
+    strict.tag(item, report)
     return report
 
 

@@ -187,6 +187,8 @@ class ServerInfo(Section):
     exclusive: bool | None = opt()  # False: the profile let other servers share the device
     device_wait_s: float | None = opt()  # waited for another worker's server to leave the device
     up_at: float | None = opt()  # wall-clock time the server took the device (epoch seconds)
+    gpus: list[int] | None = opt()  # the cards it was pinned to, as the caller numbers them
+    visible_devices: str | None = opt()  # the CUDA_VISIBLE_DEVICES it was given
 
 
 @dataclass(frozen=True, kw_only=True)

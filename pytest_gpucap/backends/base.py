@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from ..matrix import CapacityConfig
+from ..pinning import VISIBLE_ENV
 from .process import ManagedProcess, Readiness, ServerError, free_port, wait_healthy
 
 if TYPE_CHECKING:
@@ -136,6 +137,8 @@ class Backend(ABC):
         self.prepare(handle)
         handle.argv = self.argv(handle, port)
         env = self.env(handle, dict(os.environ))
+        if spec.visible_devices is not None:  # pinned: exactly these cards, whatever the config's env says
+            env[VISIBLE_ENV] = spec.visible_devices
         handle.process = ManagedProcess(handle.argv, fresh_log_path(spec.log_dir, handle.config.id), env=env,
                                         owner_token=spec.owner_token)
         handle.process.start()

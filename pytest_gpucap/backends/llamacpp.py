@@ -14,11 +14,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import httpx
 
 from ..matrix import CapacityConfig
+from ..pinning import llama_args
 from ..prediction import slot_ctx
 from .base import Backend, CommandLookup, MemoryReport, MetricNames
 from .process import ServerError
@@ -97,8 +98,10 @@ def _package_version(binary: Path) -> str | None:
         return None  # not installed, or metadata missing: the binary's own line stands alone
 
 
-def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj: Path | None) -> list[str]:
-    """argv for one config. ``-fit off`` stops llama.cpp from silently shrinking the context."""
+def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj: Path | None,
+               pin: Sequence[str] = ()) -> list[str]:
+    """argv for one config. ``-fit off`` stops llama.cpp from silently shrinking the context; ``pin``
+    is the card split matching the server's CUDA_VISIBLE_DEVICES (``pinning.llama_args``)."""
     argv = [
         str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
         "--parallel", str(cfg.n), "--ctx-size", str(cfg.total_ctx), "--no-kv-unified",
@@ -118,7 +121,7 @@ def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj
         argv += ["--cache-ram", str(cfg.cache_ram_mib)]
     if cfg.batch_size is not None:
         argv += ["--batch-size", str(cfg.batch_size)]
-    return argv + list(cfg.extra_args)
+    return argv + list(pin) + list(cfg.extra_args)
 
 
 def server_env(cfg: CapacityConfig, cuda: bool) -> dict[str, str]:
@@ -291,7 +294,8 @@ class LlamaCpp(Backend):
     def argv(self, handle: "ServerHandle", port: int) -> list[str]:
         spec = handle.spec
         assert spec.command and spec.model is not None
-        return build_argv(Path(spec.command[0]), handle.config, spec.model, port, spec.mmproj)
+        return build_argv(Path(spec.command[0]), handle.config, spec.model, port, spec.mmproj,
+                          llama_args(len(spec.gpus), cuda=handle.is_gpu))
 
     def env(self, handle: "ServerHandle", base: Mapping[str, str]) -> dict[str, str]:
         return {**base, **server_env(handle.config, cuda=handle.is_gpu)}
