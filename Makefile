@@ -16,7 +16,7 @@ export GPUCAP_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[llama]'
+	$(PY) -m pip install -e '.[llama,test]'
 	touch $@
 
 setup: $(VENV)/.installed
