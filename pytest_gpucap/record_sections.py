@@ -272,6 +272,23 @@ class KvHeadroom(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LlamaProjection(Section):
+    """``memory.llama_projection``: llama.cpp's own projection (``llama-fit-params``) beside ours and the
+    measured use (MiB); ``disagree`` when the two predictions differ by more than 5 %."""
+
+    total_mib: float | None = opt()
+    model_mib: float | None = opt()
+    context_mib: float | None = opt()
+    compute_mib: float | None = opt()
+    predicted_mib: float | None = opt()
+    measured_mib: float | None = opt()
+    vs_prediction_pct: float | None = opt()  # (ours - llama.cpp's) / llama.cpp's
+    vs_measured_pct: float | None = opt()  # (llama.cpp's - measured) / measured
+    disagree: bool | None = opt()
+    error: str | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
 class CeilingMemory(Section):
     """What the probe saw from load through the hold window, and the server's own account (MiB)."""
 
@@ -291,6 +308,7 @@ class CeilingMemory(Section):
     predicted_kv_per_slot_mib: float | None = opt()
     prediction_error: PredictionCheck | None = sub(PredictionCheck, optional=True)
     kv_headroom: KvHeadroom | None = sub(KvHeadroom, optional=True)
+    llama_projection: LlamaProjection | None = sub(LlamaProjection, optional=True)
 
 
 # ---------------------------------------------------------------- workload

@@ -97,6 +97,7 @@ class ServerHandle:
     locks: list[DeviceLock] = field(default_factory=list)
     device_wait_s: float | None = None  # how long boot waited for the device (not in any figure)
     up_at: float | None = None  # wall-clock time this server took the device
+    projection: Any = None  # fit_params.Projection: llama.cpp's own projection, made before boot
 
     def __post_init__(self) -> None:
         if self.spec.endpoint:

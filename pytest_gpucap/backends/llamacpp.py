@@ -22,6 +22,7 @@ from ..matrix import CapacityConfig
 from ..pinning import llama_args
 from ..prediction import slot_ctx
 from .base import Backend, CommandLookup, MemoryReport, MetricNames
+from .fit_params import project
 from .process import ServerError
 
 if TYPE_CHECKING:
@@ -299,6 +300,13 @@ class LlamaCpp(Backend):
 
     def env(self, handle: "ServerHandle", base: Mapping[str, str]) -> dict[str, str]:
         return {**base, **server_env(handle.config, cuda=handle.is_gpu)}
+
+    def prepare(self, handle: "ServerHandle") -> None:
+        """llama.cpp's own projection of this config (``llama-fit-params``), with the server's cards."""
+        spec = handle.spec
+        if spec.command and spec.model is not None:
+            handle.projection = project(Path(spec.command[0]), handle.config, spec.model,
+                                        llama_args(len(spec.gpus), cuda=handle.is_gpu), self.launch_env(handle))
 
     def verify(self, handle: "ServerHandle") -> None:
         handle.props, slots = fetch_state(handle.url)
