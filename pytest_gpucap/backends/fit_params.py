@@ -18,7 +18,7 @@ from ..matrix import CapacityConfig
 
 FIT_BINARY = "llama-fit-params"
 #: Our prediction and llama.cpp's projection disagree when they differ by more than this.
-DISAGREE_PCT = 50.0
+DISAGREE_PCT = 5.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def fit_argv(binary: Path, cfg: CapacityConfig, model: Path, pin: Sequence[str] 
                         ("--batch-size", cfg.batch_size)):
         if value is not None:
             argv += [flag, str(value)]
-    return argv
+    return argv + list(pin)
 
 
 def project(server: Path, cfg: CapacityConfig, model: Path, pin: Sequence[str], env: Mapping[str, str],
