@@ -6,7 +6,8 @@
 #    (-DGGML_CUDA=ON, the card's architecture, target llama-server only);
 # 2. generates a random-weight model of a few GB (pytest-gpucap's modelgen, via the matrix);
 # 3. runs a Phase-1 matrix sized to the card with --gpucap-strict --gpucap-report;
-# 4. prints predicted vs server-reported vs NVML memory per config, the boot time and the pin.
+# 4. prints predicted (ours, and llama-fit-params') vs server-reported vs NVML memory per config,
+#    the boot time and the pin.
 #
 # --host runs the same steps on host memory with the CPU llama-server (a machine without a GPU);
 # --dry-run prints what would be built and run, and the matrix, without building or booting.
@@ -202,7 +203,8 @@ from pytest_gpucap import records
 
 path = Path(sys.argv[1])
 recs = records.read_jsonl(path) if path.is_file() else []
-print(f"\n{'config':<26} {'boot s':>7} {'predicted':>10} {'server':>10} {'measured':>10} {'pred err':>9}  pin")
+print(f"\n{'config':<26} {'boot s':>7} {'predicted':>10} {'llama.cpp':>10} {'server':>10} {'measured':>10} "
+      f"{'pred err':>9}  pin")
 for r in recs:
     if r.get("kind") != "ceiling" or r.get("outcome") == "skipped" or "memory" not in r:
         print(f"{r.get('config_id', '?'):<26} not measured: {r.get('reason', r.get('outcome'))}")
@@ -213,11 +215,14 @@ for r in recs:
     if mem.get("probe") != "nvml":
         used = mem.get("server_rss_mib") or used
     pred = (mem.get("predicted") or {}).get("total_mib")
+    proj = mem.get("llama_projection") or {}
+    theirs = f"{proj['total_mib']:.0f}{'!' if proj.get('disagree') else ''}" if proj.get("total_mib") else "-"
     err = f"{100 * (pred - used) / used:+.1f}%" if pred and used else "-"
     pin = r["server"].get("visible_devices")
-    print(f"{r['config_id']:<26} {r.get('boot_s') or 0:>7.2f} {pred or 0:>10.0f} {reported:>10.0f} {used:>10.0f} "
+    print(f"{r['config_id']:<26} {r.get('boot_s') or 0:>7.2f} {pred or 0:>10.0f} {theirs:>10} {reported:>10.0f} {used:>10.0f} "
           f"{err:>9}  {'CUDA_VISIBLE_DEVICES=' + pin if pin else 'not pinned'}")
-print("MiB; measured = NVML used after load minus the baseline (host mode: the server's RSS)")
+print("MiB; llama.cpp = llama-fit-params' projection (! = over 5 % from ours); "
+      "measured = NVML used after load minus the baseline (host mode: the server's RSS)")
 PYEOF
 say "report: $OUT/report/capacity.md"
 exit "$rc"

@@ -69,10 +69,10 @@ def test_host_mode_runs_phase_1_and_prints_the_three_figures(tmp_path: Path, lla
     result = _script("--host", "--server", str(llama_server_bin), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     rows = [ln.split() for ln in result.stdout.splitlines() if ln.startswith("gpucheck-")]
-    table = [r for r in rows if len(r) == 8 and r[-2:] == ["not", "pinned"]]
+    table = [r for r in rows if len(r) == 9 and r[-2:] == ["not", "pinned"]]
     assert [r[0] for r in table] == ["gpucheck-n1-ctx1k-f16", "gpucheck-n2-ctx2k-f16", "gpucheck-n2-ctx2k-q8"]
-    for _cfg, boot, pred, server, measured, err, *_ in table:
+    for _cfg, boot, pred, theirs, server, measured, err, *_ in table:
         assert float(boot) > 0 and float(pred) > 0 and float(server) > 0 and float(measured) > 0
-        assert err.endswith("%")
+        assert float(theirs.rstrip("!")) > 0 and err.endswith("%")
     assert (tmp_path / "out" / "report" / "capacity.md").is_file()
     assert "gpucap strict" not in result.stdout
