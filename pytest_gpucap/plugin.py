@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from . import prediction, records, strict, terminal
+from . import predict_mode, prediction, records, strict
 from .matrix import (
     BACKENDS, DEFAULT_MATRIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
@@ -163,19 +163,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     """``--gpucap-predict``: the selected configs' predicted fit is printed and nothing runs."""
     if not session.config.getoption("gpucap_predict"):
         return None
-    config = session.config
-    state = config.stash[STATE]
-    selected = {item.callspec.params["gpucap_config"].id for item in session.items
-                if hasattr(item, "callspec") and "gpucap_config" in item.callspec.params}
-    preds, missing = prediction.predict_matrix(state.matrix, state.settings.model, state.settings.mmproj,
-                                               state.calibration)
-    rows = [p for p in preds if p.config_id in selected]
-    writer = config.get_terminal_writer()
-    writer.line(terminal.fit_table(rows) if rows else "gpucap: no capacity configuration selected")
-    for line in missing:
-        if line.split(":", 1)[0] in selected:
-            writer.line(line)
-    return True
+    return predict_mode.run(session, session.config.stash[STATE])
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

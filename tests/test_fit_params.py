@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import plugin_server
+from conftest import CapacityRun, matrix_toml, plugin_server
 
 from pytest_gpucap import prediction
 from pytest_gpucap.backends.fit_params import compare, find_fit_params, fit_argv, project
@@ -67,3 +67,18 @@ def test_disagreement_is_flagged_over_5_percent() -> None:
         "disagree": False, "vs_measured_pct": -9.09}
     assert compare({"total_mib": 100.0}, 94.0, None)["disagree"] is True
     assert "disagree" not in compare({"error": "x"}, 94.0, 100.0)
+
+
+def test_predict_mode_shows_llama_cpps_projection_beside_ours(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    configs = "[[profiles.cpu.configs]]\nn = 2\nctx = 1024\n[[profiles.cpu.configs]]\nn = 4\nctx = 4096\n"
+    result = capacity_run.run(matrix_toml(tiny_model, configs), "--gpucap-predict")
+    assert result.ret == 0
+    lines = result.stdout.lines
+    head = next(ln.split() for ln in lines if ln.startswith("config "))
+    col = head.index("llama.cpp") - 1  # "slot ctx" is two words in the header, one column in the rows
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.startswith("cpu-n")}
+    assert set(rows) == {"cpu-n2-ctx1k-f16", "cpu-n4-ctx4k-f16"}
+    for row in rows.values():
+        ours, theirs = float(row[col - 1]), row[col]
+        assert float(theirs.rstrip("!")) > 0
+        assert theirs.endswith("!") is (abs(100 * (ours - float(theirs.rstrip("!"))) / float(theirs.rstrip("!"))) > 5)

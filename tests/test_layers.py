@@ -25,7 +25,7 @@ LAYERS = {
     "verdicts": 5, "search": 5, "search_boot": 5, "ceiling": 5, "harness": 5,
     "report": 6, "compare": 6, "terminal": 6, "provenance": 6, "benchmarks": 6,
     "plugin": 7, "recorder": 7, "resolve": 7, "search_run": 7, "xdist_groups": 7,
-    "pinning": 0, "strict": 7,  # issue 10
+    "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
 }
 
 
