@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .backends import ServerHandle
+from .backends.fit_params import compare
+from .record_sections import LlamaProjection
 from .matrix import SLO
 from .records import (
     CeilingMemory, CeilingRecord, KvHeadroom, Predicted, PredictionCheck, ServerBuffers, SloBudgets, Verdict, header,
@@ -83,7 +85,20 @@ def build_ceiling(handle: ServerHandle, test_id: str, slo: SLO | None = None) ->
             memory, predicted=Predicted.from_dict(predicted),
             predicted_kv_per_slot_mib=predicted.get("kv_per_slot_mib"),
             prediction_error=PredictionCheck.from_dict(error)))
+    if handle.projection is not None:
+        record = replace(record, memory=replace(record.memory, llama_projection=_projection(handle, record)))
     return record, verdicts
+
+
+def _projection(handle: ServerHandle, record: CeilingRecord) -> LlamaProjection:
+    """llama.cpp's projection beside our prediction and the measured use (the prediction check's figure)."""
+    mem = record.memory
+    predicted = mem.predicted.total_mib if mem.predicted is not None else None
+    total = mem.prediction_error.total if mem.prediction_error is not None else None
+    measured = total.measured_mib if total is not None else None
+    if measured is None and mem.used_after_load_mib is not None:
+        measured = mem.used_after_load_mib - (mem.baseline_used_mib or 0.0) if handle.is_gpu else mem.used_after_load_mib
+    return LlamaProjection.from_dict(compare(handle.projection.as_dict(), predicted, measured))
 
 
 def ceiling_record(handle: ServerHandle, test_id: str, slo: SLO | None = None) -> tuple[dict[str, Any], list[Verdict]]:

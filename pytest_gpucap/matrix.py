@@ -156,6 +156,7 @@ class CapacityConfig:
     served_model_name: str | None = None
     enforce_eager: bool | None = None
     api_key_env: str | None = None  # name of the environment variable holding the API key
+    gpus: tuple[int, ...] = ()  # the cards the server is pinned to (empty: the profile's gpu_index on cuda)
 
     @property
     def total_ctx(self) -> int:
@@ -177,6 +178,8 @@ class CapacityConfig:
         if self.backend != "vllm":  # vLLM's KV dtype follows the model (or --kv-cache-dtype in extra_args)
             k, v = _short_cache(self.cache_type_k), _short_cache(self.cache_type_v)
             parts.append(k if k == v else f"{k}-{v}")
+        if self.gpus:
+            parts.append("gpu" + "+".join(map(str, self.gpus)))
         return "-".join(parts)
 
 
@@ -289,6 +292,8 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
     if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
         raise _fail(where, 'env must be a table of strings, e.g. env = { GGML_CUDA_NO_PINNED = "1" }')
     kw["env"] = tuple(sorted(env.items()))
+    if "gpus" in data:
+        kw["gpus"] = _gpus(data["gpus"], where)
     if kw["backend"] == "external" and data.get("mmproj"):
         raise _fail(where, "the external backend cannot load an mmproj; drop mmproj")
     vllm_keys = [k for k in _VLLM_KEYS if k in data]
@@ -307,6 +312,10 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
         for key in ("kv_cache_memory_bytes", "max_num_batched_tokens", "tensor_parallel_size"):
             if key in data:
                 kw[key] = _positive_int(data[key], key, where)
+        tp, gpus = kw.get("tensor_parallel_size"), kw.get("gpus", ())
+        if tp is not None and gpus and tp != len(gpus):
+            raise _fail(where, f"tensor_parallel_size = {tp} but gpus lists {len(gpus)} card(s): drop "
+                               "tensor_parallel_size (it follows gpus)")
         for key in ("enable_prefix_caching", "enforce_eager"):
             if key in data:
                 if not isinstance(data[key], bool):
@@ -318,6 +327,16 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
                     raise _fail(where, f"{key} must be a non-empty string")
                 kw[key] = data[key]
     return CapacityConfig(**kw)
+
+
+def _gpus(value: Any, where: str) -> tuple[int, ...]:
+    """``gpus = [0]`` or ``[0, 1]``: distinct card indices (as the caller's CUDA_VISIBLE_DEVICES numbers them)."""
+    if (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in value)
+            or len(set(value)) != len(value)):
+        raise _fail(where, f"gpus must be a non-empty list of distinct card indices, got {value!r} "
+                           "(write e.g. gpus = [0] or gpus = [0, 1])")
+    return tuple(value)
 
 
 #: llama.cpp-only keys: profile defaults do not pass them to vLLM entries (where they mean nothing).

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .matrix import GENERATED_PREFIX
+from .pinning import detect_gpus, parse_gpu_list
 
 
 DEFAULT_MATRIX_PATH = Path("capacity_tests") / "gpucap.toml"
@@ -41,6 +42,8 @@ class Settings:
     baseline_path: Path | None = None
     regression_threshold_pct: float = 5.0
     stop_services: bool = False  # stop the profiles' [[services]] for the session, restore them after
+    gpus: tuple[int, ...] | None = None  # --gpucap-gpus: one xdist worker per listed card (auto resolved)
+    strict: bool = False  # --gpucap-strict: a selected config that was not measured fails the session
     repeat: int = 1  # --gpucap-repeat: runs per workload (median recorded, spread judged by the gate)
 
 
@@ -76,10 +79,13 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
      "regresses against it by more than the regression threshold"),
     ("regression-threshold", "gpucap_regression_threshold", "GPUCAP_REGRESSION_THRESHOLD",
      "percent a tracked figure may worsen against --gpucap-baseline before the session fails (default 5)"),
+    ("gpus", "gpucap_gpus", "GPUCAP_GPUS",
+     "auto or 0,1,...: pin each xdist worker to one of these cards (-n auto = one worker per card)"),
     ("repeat", "gpucap_repeat", "GPUCAP_REPEAT",
      "run each workload K times (noisy hosts): the record keeps the median run and the spread, and the "
      "gate flags a regression only beyond the larger of the threshold and that spread (default 1)"),
 ]
+_TRUE = ("1", "true", "yes", "on")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -95,6 +101,11 @@ def add_options(parser: pytest.Parser) -> None:
                     help="print the predicted memory fit of the selected configs and exit (boots nothing)")
     group.addoption("--gpucap-no-predict-skip", action="store_true", dest="gpucap_no_predict_skip",
                     help="boot configs the memory model predicts will not fit (to confirm the prediction)")
+    group.addoption("--gpucap-strict", action="store_true", dest="gpucap_strict", default=None,
+                    help="fail the session (exit 1) when a selected config was not measured or -m selected "
+                         "no capacity config [env GPUCAP_STRICT]")
+    parser.addini("gpucap_strict", type="bool", default=False,
+                  help="fail the session when a selected config was not measured (as --gpucap-strict)")
     group.addoption("--gpucap-no-sweep", action="store_true", dest="gpucap_no_sweep",
                     help="do not remove servers left by an earlier crashed pytest-gpucap session")
     group.addoption("--gpucap-stop-services", action="store_true", dest="gpucap_stop_services", default=None,
@@ -125,6 +136,31 @@ def _float_setting(config: pytest.Config, ini: str, env: str | None, flag: str,
     if value < 0 or (value == 0 and not allow_zero):
         raise pytest.UsageError(f"--gpucap-{flag} must be {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
     return value
+
+
+def strict_setting(config: pytest.Config) -> bool:
+    """``--gpucap-strict``, else ``GPUCAP_STRICT`` (1/true/yes/on; 0/false/no/off), else the ini key."""
+    if config.getoption("gpucap_strict"):
+        return True
+    env = os.environ.get("GPUCAP_STRICT", "").strip().lower()
+    if env:
+        if env not in (*_TRUE, "0", "false", "no", "off"):
+            raise pytest.UsageError(f"GPUCAP_STRICT={env!r}: write 1 or 0")
+        return env in _TRUE
+    return bool(config.getini("gpucap_strict"))
+
+
+def gpus_setting(config: pytest.Config) -> tuple[int, ...] | None:
+    """``--gpucap-gpus``: the listed cards, ``auto`` resolved to every card the caller sees; None when not given.
+    Read before ``pytest_configure`` too (xdist's ``-n auto`` asks for the worker count first)."""
+    raw = _setting(config, "gpucap_gpus", "GPUCAP_GPUS")
+    if raw is None:
+        return None
+    try:
+        listed = parse_gpu_list(raw)
+        return detect_gpus() if listed is None else listed
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _int_or_none(value: float | None) -> int | None:
@@ -176,6 +212,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         baseline_path=baseline,
         regression_threshold_pct=5.0 if threshold is None else threshold,
         stop_services=_stop_services(config),
+        gpus=gpus_setting(config), strict=strict_setting(config),
         repeat=_repeat(config),
     )
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from . import prediction, records, terminal
+from . import predict_mode, prediction, records, strict
 from .matrix import (
     BACKENDS, DEFAULT_MATRIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
@@ -29,7 +29,8 @@ from .xdist_groups import GROUPS_DIR_KEY, ConfigGroupScheduling, write_groups
 from .search_run import SearchRun, SearchSession
 from .harness import Harness
 from .host_routine import register_host_routine, skip_if_service_up
-from .options import Settings, add_options, resolve_settings
+from .options import Settings, add_options, gpus_setting, resolve_settings
+from .pinning import probe_cards, worker_gpu
 from .workload.roles import roles_from_matrix
 
 
@@ -75,7 +76,10 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspec)
 
 
-
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` with ``--gpucap-gpus``: one worker per listed card (each worker then takes its own)."""
+    return len(gpus) if (gpus := gpus_setting(config)) else None
 
 # ---------------------------------------------------------------- configure
 
@@ -102,6 +106,8 @@ def pytest_configure(config: pytest.Config) -> None:
     register_host_routine(config, state)
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(Recorder(state, config), "gpucap-recorder")
+        if settings.strict:
+            config.pluginmanager.register(strict.StrictGate(), "gpucap-strict")
 
 
 def _dist_given(config: pytest.Config) -> bool:
@@ -159,19 +165,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     """``--gpucap-predict``: the selected configs' predicted fit is printed and nothing runs."""
     if not session.config.getoption("gpucap_predict"):
         return None
-    config = session.config
-    state = config.stash[STATE]
-    selected = {item.callspec.params["gpucap_config"].id for item in session.items
-                if hasattr(item, "callspec") and "gpucap_config" in item.callspec.params}
-    preds, missing = prediction.predict_matrix(state.matrix, state.settings.model, state.settings.mmproj,
-                                               state.calibration)
-    rows = [p for p in preds if p.config_id in selected]
-    writer = config.get_terminal_writer()
-    writer.line(terminal.fit_table(rows) if rows else "gpucap: no capacity configuration selected")
-    for line in missing:
-        if line.split(":", 1)[0] in selected:
-            writer.line(line)
-    return True
+    return predict_mode.run(session, session.config.stash[STATE])
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -218,21 +212,27 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 # ---------------------------------------------------------------- launching
 
-def _probe(state: State, profile: HostProfile) -> MemoryProbe:
-    """One probe per profile; a GPU profile on a host without a usable GPU skips."""
-    cached = state.probes.get(profile.name)
+def _probe(state: State, profile: HostProfile, cards: tuple[int | str, ...] = ()) -> MemoryProbe:
+    """One probe per profile and set of pinned cards; a GPU profile on a host without a usable GPU skips."""
+    key = f"{profile.name}@{','.join(map(str, cards))}"
+    cached = state.probes.get(key)
     if cached is None:
         if profile.device == "cuda":
             try:
-                cached = NvmlProbe(profile.gpu_index, profile.memory_gib * 1024)
+                cached = _nvml_probe(cards or (profile.gpu_index,), profile.memory_gib * 1024)
             except NvmlError as exc:
                 cached = f"profile {profile.name!r} needs an NVIDIA GPU: {exc}"
         else:
             cached = HostProbe(profile.memory_gib * 1024)
-        state.probes[profile.name] = cached
+        state.probes[key] = cached
     if isinstance(cached, str):
         pytest.skip(cached)
     return cached
+
+
+def _nvml_probe(cards: tuple[int | str, ...], budget_mib: float) -> MemoryProbe:
+    """The one place that picks the cards NVML reads for a pinned server: all of them, by index or UUID."""
+    return NvmlProbe(devices=list(cards), budget_mib=budget_mib)
 
 
 def _resolver(request: pytest.FixtureRequest) -> Resolver:
@@ -243,9 +243,11 @@ def _resolver(request: pytest.FixtureRequest) -> Resolver:
         cache_dir = Path(cache.mkdir("gpucap-models")) if cache else Path.home() / ".cache" / "pytest-gpucap"
         basetemp = request.getfixturevalue("tmp_path_factory").getbasetemp()
         # xdist workers' basetemps share a parent: the device locks live there (pytest-xdist's own advice)
-        lock_dir = (basetemp.parent if hasattr(request.config, "workerinput") else basetemp) / "gpucap-devices"
+        worker = getattr(request.config, "workerinput", None)
+        lock_dir = (basetemp.parent if worker is not None else basetemp) / "gpucap-devices"
         state.resolver = Resolver(state.settings, state.matrix, cache_dir, basetemp / "gpucap-logs",
-                                  state.owner_token, _progress_sink(request.config), lock_dir=lock_dir)
+                                  state.owner_token, _progress_sink(request.config), lock_dir=lock_dir,
+                                  worker_gpu=worker_gpu(state.settings.gpus or (), (worker or {}).get("workerid")))
     return state.resolver
 
 
@@ -315,7 +317,8 @@ def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig)
     _ensure_swept(state)
     skip_if_service_up(request.config, gpucap_config.profile)
     spec = launch_spec(request, gpucap_config)
-    handle = ServerHandle(spec, _probe(state, spec.profile))
+    cards = probe_cards(spec.visible_devices.split(",")) if spec.visible_devices else ()
+    handle = ServerHandle(spec, _probe(state, spec.profile, cards))
     handle.prediction = _predict(state, handle)
     if handle.prediction is not None and state.settings.predict_skip:
         reason = handle.prediction.skip_reason()
@@ -480,6 +483,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         _record_outcome(item, call, report)
     if report.when == "teardown":
         _junit_headline_only(report)
+    strict.tag(item, report)
     return report
 
 

@@ -187,6 +187,8 @@ class ServerInfo(Section):
     exclusive: bool | None = opt()  # False: the profile let other servers share the device
     device_wait_s: float | None = opt()  # waited for another worker's server to leave the device
     up_at: float | None = opt()  # wall-clock time the server took the device (epoch seconds)
+    gpus: list[int] | None = opt()  # the cards it was pinned to, as the caller numbers them
+    visible_devices: str | None = opt()  # the CUDA_VISIBLE_DEVICES it was given
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +272,23 @@ class KvHeadroom(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LlamaProjection(Section):
+    """``memory.llama_projection``: llama.cpp's own projection (``llama-fit-params``) beside ours and the
+    measured use (MiB); ``disagree`` when the two predictions differ by more than 5 %."""
+
+    total_mib: float | None = opt()
+    model_mib: float | None = opt()
+    context_mib: float | None = opt()
+    compute_mib: float | None = opt()
+    predicted_mib: float | None = opt()
+    measured_mib: float | None = opt()
+    vs_prediction_pct: float | None = opt()  # (ours - llama.cpp's) / llama.cpp's
+    vs_measured_pct: float | None = opt()  # (llama.cpp's - measured) / measured
+    disagree: bool | None = opt()
+    error: str | None = opt()
+
+
+@dataclass(frozen=True, kw_only=True)
 class CeilingMemory(Section):
     """What the probe saw from load through the hold window, and the server's own account (MiB)."""
 
@@ -293,6 +312,7 @@ class CeilingMemory(Section):
     others_used_mib: float | None = opt()  # after load, used - server: co-tenants, desktop, driver
     device_samples: int | None = opt()  # fast device readings (every <= 100 ms) behind free_mib / peak
     timeline: list[dict[str, float]] | None = opt()  # those readings, downsampled (t from the first)
+    llama_projection: LlamaProjection | None = sub(LlamaProjection, optional=True)
 
 
 # ---------------------------------------------------------------- workload

@@ -8,6 +8,7 @@ here asks which backend it is.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Any, Callable, Mapping
 from .backends import Backend, CommandLookup, LaunchSpec, backend_for
 from .matrix import BUILTIN_MODELS, GENERATED_PREFIX, CapacityConfig, HostProfile, Matrix
 from .options import Settings
+from .pinning import VISIBLE_ENV, PinError, config_gpus, device_keys, map_gpus
 
 
 class Missing(Exception):
@@ -32,6 +34,7 @@ class Resolver:
     owner_token: str = ""
     progress: Callable[[str], None] | None = None
     lock_dir: Path | None = None  # where device locks live (shared by xdist workers); None: no locks
+    worker_gpu: int | None = None  # this xdist worker's card under --gpucap-gpus (pinning.worker_gpu)
     commands: dict[str, CommandLookup] = field(default_factory=dict)
 
     def command(self, backend: Backend) -> CommandLookup:
@@ -51,14 +54,21 @@ class Resolver:
         """Resolve command, model, projector and limits for one config; raises ``Missing``."""
         profile = self.matrix.profile(cfg.profile)
         settings = self.settings
+        gpus = config_gpus(cfg, profile, self.worker_gpu)
+        try:
+            mapped = map_gpus(gpus, os.environ.get(VISIBLE_ENV))
+        except PinError as exc:
+            raise Missing(f"{cfg.id}: {exc}") from None
+        keys = device_keys(mapped, profile)
         spec = LaunchSpec(
             config=cfg, profile=profile, log_dir=settings.log_dir or self.log_dir,
             boot_timeout_s=settings.boot_timeout_s or profile.boot_timeout_s,
             hold_s=settings.hold_s if settings.hold_s is not None else profile.hold_s,
             owner_token=self.owner_token, preflight=settings.preflight,
             endpoint=settings.endpoint or cfg.endpoint, progress=self.progress,
-            device_lock=(self.lock_dir / f"device-{profile.device_key}.lock"
-                         if self.lock_dir is not None and profile.exclusive else None),
+            device_locks=(tuple(self.lock_dir / f"device-{key}.lock" for key in keys)
+                          if self.lock_dir is not None and profile.exclusive else ()),
+            device_keys=keys, gpus=gpus, visible_devices=",".join(mapped) if gpus else None,
         )
         backend = backend_for(cfg.backend)
         if spec.endpoint or backend.model_format is None:

@@ -31,6 +31,7 @@ LAYERS = {
     "cotenants": 2,  # issue 11: co-tenants on the process core, their memory
     "host_section": 6,  # issue 11: the write-up's host-routine section
     "host_routine": 7,  # issue 11: the session's host routine (plugin object)
+    "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
 }
 

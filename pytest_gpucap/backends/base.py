@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from ..matrix import CapacityConfig
+from ..pinning import VISIBLE_ENV
 from .process import ManagedProcess, Readiness, ServerError, free_port, wait_healthy
 
 if TYPE_CHECKING:
@@ -125,6 +126,14 @@ class Backend(ABC):
         """The server's complete environment, from ``base`` (the caller's)."""
         return {**base, **dict(handle.config.env)}
 
+    def launch_env(self, handle: "ServerHandle") -> dict[str, str]:
+        """``env`` from this process's environment with the pin applied: the server (and any helper run
+        for it) sees exactly its cards, whatever the config's env says."""
+        env = self.env(handle, dict(os.environ))
+        if handle.spec.visible_devices is not None:
+            env[VISIBLE_ENV] = handle.spec.visible_devices
+        return env
+
     def prepare(self, handle: "ServerHandle") -> None:
         """Set up what the server needs before it starts (e.g. a private temp dir)."""
 
@@ -135,7 +144,7 @@ class Backend(ABC):
         handle.url = f"http://127.0.0.1:{port}"
         self.prepare(handle)
         handle.argv = self.argv(handle, port)
-        env = self.env(handle, dict(os.environ))
+        env = self.launch_env(handle)
         handle.process = ManagedProcess(handle.argv, fresh_log_path(spec.log_dir, handle.config.id), env=env,
                                         owner_token=spec.owner_token)
         handle.process.start()

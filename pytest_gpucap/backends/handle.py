@@ -45,12 +45,20 @@ class LaunchSpec:
     owner_token: str = ""
     preflight: bool = True
     progress: Callable[[str], None] | None = None  # hears why a slow boot is still waited for
-    device_lock: Path | None = None  # lock file of the device (shared by xdist workers); None: not exclusive
+    device_locks: tuple[Path, ...] = ()  # lock files of the devices (shared by xdist workers); none: not exclusive
+    device_keys: tuple[str, ...] = ()  # the devices it occupies: host, gpu0, ... (empty: the profile's)
+    gpus: tuple[int, ...] = ()  # cards pinned to, as the caller numbers them (pinning.config_gpus)
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES for the server; None: left as the caller's
 
     @property
     def binary(self) -> Path | None:
         """The server executable (the first word of ``command``)."""
         return Path(self.command[0]) if self.command else None
+
+    @property
+    def device_key(self) -> str:
+        """The device(s) it occupies, one word: ``host``, ``gpu0``, ``gpu0+gpu1``."""
+        return "+".join(self.device_keys) or self.profile.device_key
 
 
 @dataclass
@@ -86,9 +94,10 @@ class ServerHandle:
     external_pid: int | None = None
     tmp_dir: Path | None = None  # a private TMPDIR (vLLM), removed at teardown
     prediction: Any = None  # prediction.Prediction made before boot, when the model could be read
-    lock: DeviceLock | None = None
+    locks: list[DeviceLock] = field(default_factory=list)
     device_wait_s: float | None = None  # how long boot waited for the device (not in any figure)
     up_at: float | None = None  # wall-clock time this server took the device
+    projection: Any = None  # fit_params.Projection: llama.cpp's own projection, made before boot
 
     def __post_init__(self) -> None:
         if self.spec.endpoint:
@@ -156,16 +165,20 @@ class ServerHandle:
     def _take_device(self) -> None:
         """Wait until no other server (another xdist worker's) holds this profile's device; the wait
         comes before the baseline and the boot clock, so it is in no figure."""
-        if self.spec.device_lock is not None and self.lock is None:
-            self.lock = DeviceLock(self.spec.device_lock)
+        if self.spec.device_locks and not self.locks:
             progress = self.spec.progress
-            key = self.profile.device_key
+            key = self.spec.device_key
 
             def note(waited: float) -> None:
                 if progress is not None:
                     progress(f"{self.config.id}: waiting {waited:.0f} s for device {key} (another worker's "
                              "server is on it; set exclusive = false on the profile to share it)")
-            self.device_wait_s = self.lock.acquire(note)
+            waited = 0.0
+            for path in sorted(self.spec.device_locks):  # one order everywhere: two multi-card configs cannot deadlock
+                lock = DeviceLock(path)
+                self.locks.append(lock)
+                waited += lock.acquire(note)
+            self.device_wait_s = waited
         self.up_at = time.time()
 
     # ------------------------------------------------------------------ while up
@@ -224,8 +237,8 @@ class ServerHandle:
                 if self.baseline is not None:
                     info.reclaim_s, info.reclaimed = self._wait_reclaim(self.baseline)
         finally:
-            if self.lock is not None:
-                self.lock.release()  # after reclaim: the next server's baseline is clean
+            for lock in reversed(self.locks):
+                lock.release()  # after reclaim: the next server's baseline is clean
         self.teardown = info
         return info
 

@@ -14,13 +14,15 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import httpx
 
 from ..matrix import CapacityConfig
+from ..pinning import llama_args
 from ..prediction import slot_ctx
 from .base import Backend, CommandLookup, MemoryReport, MetricNames
+from .fit_params import project
 from .process import ServerError
 
 if TYPE_CHECKING:
@@ -97,8 +99,10 @@ def _package_version(binary: Path) -> str | None:
         return None  # not installed, or metadata missing: the binary's own line stands alone
 
 
-def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj: Path | None) -> list[str]:
-    """argv for one config. ``-fit off`` stops llama.cpp from silently shrinking the context."""
+def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj: Path | None,
+               pin: Sequence[str] = ()) -> list[str]:
+    """argv for one config. ``-fit off`` stops llama.cpp from silently shrinking the context; ``pin``
+    is the card split matching the server's CUDA_VISIBLE_DEVICES (``pinning.llama_args``)."""
     argv = [
         str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
         "--parallel", str(cfg.n), "--ctx-size", str(cfg.total_ctx), "--no-kv-unified",
@@ -118,7 +122,7 @@ def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj
         argv += ["--cache-ram", str(cfg.cache_ram_mib)]
     if cfg.batch_size is not None:
         argv += ["--batch-size", str(cfg.batch_size)]
-    return argv + list(cfg.extra_args)
+    return argv + list(pin) + list(cfg.extra_args)
 
 
 def server_env(cfg: CapacityConfig, cuda: bool) -> dict[str, str]:
@@ -354,10 +358,18 @@ class LlamaCpp(Backend):
     def argv(self, handle: "ServerHandle", port: int) -> list[str]:
         spec = handle.spec
         assert spec.command and spec.model is not None
-        return build_argv(Path(spec.command[0]), handle.config, spec.model, port, spec.mmproj)
+        return build_argv(Path(spec.command[0]), handle.config, spec.model, port, spec.mmproj,
+                          llama_args(len(spec.gpus), cuda=handle.is_gpu))
 
     def env(self, handle: "ServerHandle", base: Mapping[str, str]) -> dict[str, str]:
         return {**base, **server_env(handle.config, cuda=handle.is_gpu)}
+
+    def prepare(self, handle: "ServerHandle") -> None:
+        """llama.cpp's own projection of this config (``llama-fit-params``), with the server's cards."""
+        spec = handle.spec
+        if spec.command and spec.model is not None:
+            handle.projection = project(Path(spec.command[0]), handle.config, spec.model,
+                                        llama_args(len(spec.gpus), cuda=handle.is_gpu), self.launch_env(handle))
 
     def verify(self, handle: "ServerHandle") -> None:
         handle.props, slots = fetch_state(handle.url)

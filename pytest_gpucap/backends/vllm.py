@@ -193,8 +193,9 @@ def default_kv_cache_bytes(cfg: Any, model_dir: Path, block_size: int = CPU_BLOC
 
 
 def build_argv(prefix: Sequence[str], cfg: Any, model_dir: Path, port: int,
-               served_name: str = DEFAULT_SERVED_NAME, *, cpu: bool = True) -> list[str]:
-    """argv for one config. N → ``--max-num-seqs``, ctx per slot → ``--max-model-len``.
+               served_name: str = DEFAULT_SERVED_NAME, *, cpu: bool = True, n_cards: int = 0) -> list[str]:
+    """argv for one config. N → ``--max-num-seqs``, ctx per slot → ``--max-model-len``; on a GPU
+    pinned to ``n_cards`` cards, ``--tensor-parallel-size`` is that count unless the config sets it.
 
     The API key never appears here: ``server_env`` passes it as ``VLLM_API_KEY``.
     """
@@ -224,6 +225,8 @@ def build_argv(prefix: Sequence[str], cfg: Any, model_dir: Path, port: int,
     elif prefix_caching is False:
         argv += ["--no-enable-prefix-caching"]
     tp = _opt(cfg, "tensor_parallel_size")
+    if tp is None and n_cards and not cpu:
+        tp = n_cards
     if tp is not None:
         argv += ["--tensor-parallel-size", str(int(tp))]
     for name, flag in (("dtype", "--dtype"), ("quantization", "--quantization")):
@@ -434,7 +437,8 @@ class Vllm(Backend):
     def argv(self, handle: "ServerHandle", port: int) -> list[str]:
         spec = handle.spec
         assert spec.command is not None and spec.model is not None
-        return build_argv(spec.command, handle.config, spec.model, port, cpu=not handle.is_gpu)
+        return build_argv(spec.command, handle.config, spec.model, port, cpu=not handle.is_gpu,
+                          n_cards=len(spec.gpus))
 
     def env(self, handle: "ServerHandle", base: Mapping[str, str]) -> dict[str, str]:
         assert handle.tmp_dir is not None
