@@ -19,10 +19,11 @@ CONFIG_KEY = "gpucap:config"  # (config id, whether this test ran on its booted 
 
 
 def tag(item: pytest.Item, report: pytest.TestReport) -> None:
-    """Worker side: mark a config test's report with its config and whether it measured it (its
-    call phase ran with the config's server booted)."""
+    """Worker side: mark a config test's setup and call reports with its config and whether it measured it
+    (its call phase ran with the config's server booted). Not the teardown report: JUnit writes that one's
+    properties, which hold the headline figures only."""
     cfg = getattr(item, "callspec", None) and item.callspec.params.get("gpucap_config")
-    if isinstance(cfg, CapacityConfig):
+    if isinstance(cfg, CapacityConfig) and report.when != "teardown":
         booted = report.when == "call" and "gpucap_server" in getattr(item, "funcargs", {})
         report.user_properties.append((CONFIG_KEY, [cfg.id, booted]))
 
