@@ -57,8 +57,8 @@ def side_by_side(records: list[Record]) -> Table:
                 continue
             key = (cid, workload, label)
             row = rows.setdefault(key, [Cell(cid), Cell(f"{workload}: {label}" if workload else label)]
-                                  + [Cell(fmt.DASH) for _ in names])
-            row[2 + names.index(host)] = Cell(fmt.num(value, DIGITS.get(name, 1)))
+                                  + [Cell(fmt.DASH, "num") for _ in names])
+            row[2 + names.index(host)] = Cell(fmt.num(value, DIGITS.get(name, 1)), "num")
     order = {label: i for i, (_, _, label) in enumerate(HEADLINES)}
     table = Table(["config", "figure", *names], numeric=[False, False, *([True] * len(names))])
     table.rows = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], order[k[2]]))]
