@@ -125,8 +125,12 @@ def test_host_filter_when_records_come_from_two_hosts(tmp_path: Path, page: Any)
     page.goto((tmp_path / "capacity.html").as_uri())
     page.click("#ceiling > summary")
     assert len(_column(page, "#ceiling-table", "Config")) == 2
+    maps = "#answer h2[id^=capacity-map]"
+    assert page.locator(maps).count() == 2  # one map per host
     page.select_option("#host-filter", label="lab-2 · NVIDIA RTX A5000")
     assert _column(page, "#ceiling-table", "Config") == ["4090-n5-ctx32k-mmproj-q8"]
+    assert page.locator(maps + ":visible").all_inner_texts() == [
+        "Capacity map — profile 4090, KV q8_0, with mmproj (vision) — lab-2 · NVIDIA RTX A5000"]
     page.select_option("#host-filter", label="all hosts")
-    assert len(_column(page, "#ceiling-table", "Config")) == 2
+    assert len(_column(page, "#ceiling-table", "Config")) == 2 and page.locator(maps + ":visible").count() == 2
     assert page.errors == []
