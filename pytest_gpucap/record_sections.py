@@ -434,7 +434,8 @@ class WorkloadMemory(Section):
     free_at_boot_mib: float | None = None
     min_free_mib: float | None = None
     peak_server_rss_mib: float | None = None
-    # the device readings during the run, downsampled; t on the ceiling timeline's axis (the server's first reading)
+    # the device readings during the run (≤ 120 per run; ``run`` 1..K with --gpucap-repeat), t on the ceiling
+    # timeline's axis (seconds from the server's first reading)
     timeline: list[dict[str, float]] | None = opt()
 
 

@@ -48,7 +48,8 @@ def combine(runs: list[WorkloadRecord]) -> WorkloadRecord:
     mid = runs[median_index(runs)]
     mins = [r.memory.min_free_mib for r in runs if r.memory.min_free_mib is not None]
     peaks = [r.memory.peak_server_rss_mib for r in runs if r.memory.peak_server_rss_mib is not None]
-    timeline = sorted((p for r in runs for p in r.memory.timeline or ()), key=lambda p: p.get("t", 0.0))
+    timeline = sorted(({**p, "run": i + 1} for i, r in enumerate(runs) for p in r.memory.timeline or ()),
+                      key=lambda p: p.get("t", 0.0))
     memory = WorkloadMemory(free_at_boot_mib=mid.memory.free_at_boot_mib, min_free_mib=min(mins, default=None),
                             peak_server_rss_mib=max(peaks, default=None), timeline=timeline or None)
     return replace(mid, memory=memory, repeat=spread(runs), _keys=None)

@@ -107,8 +107,9 @@ def test_repeat_2_on_a_real_server_records_median_and_spread(capacity_run: Capac
     assert timeline and [p["t"] for p in timeline] == sorted(p["t"] for p in timeline) and timeline[0]["t"] > 0
     # the write-up: the spread table, and one memory-over-time chart with boot, hold and the workload
     (chart,) = memory_timelines(records.read_records(rep_dir / "results.jsonl"))
-    assert [s.label.split(" ")[0] for s in chart.spans] == ["boot", "load", "workload"]
-    assert chart.spans[-1].label == "workload fixed-c2" and chart.spans[-1].x0 >= chart.spans[1].x1
+    assert [s.label.split(" ")[0] for s in chart.spans] == ["boot", "load", "workload", "workload"]
+    assert [s.label for s in chart.spans[2:]] == ["workload fixed-c2 run 1", "workload fixed-c2 run 2"]
+    assert chart.spans[1].x1 <= chart.spans[2].x0 <= chart.spans[2].x1 <= chart.spans[3].x0
     md = (rep_dir / "capacity.md").read_text()
     assert "### Repeated runs" in md and "## Memory over time" in md and (rep_dir / "charts" / chart.filename).is_file()
     bad = capacity_run.run(matrix, "--gpucap-repeat", "0", test_src=REPEATED)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pytest_gpucap.record_sections import WorkloadMemory
 from pytest_gpucap.records import Record
+from pytest_gpucap.repeat import combine
 from pytest_gpucap.report.figures import to_svg
 from pytest_gpucap.report.hosts import side_by_side
 from pytest_gpucap.report.render import build_context, render_report
@@ -54,6 +55,16 @@ def test_memory_timeline_chart_has_the_records_series_phases_and_minimum(tmp_pat
     html = (tmp_path / "capacity.html").read_text()
     assert f'id="chart-{chart.slug}"' in html and 'id="memory-timeline"' in html
     assert memory_timelines([replace(r, memory=replace(r.memory, timeline=None)) for r in recs]) == []
+
+
+def test_a_repeated_workload_shades_each_run() -> None:
+    c, w = _server_records()
+    later = [{**p, "t": p["t"] + 20.0} for p in RUN_TL]
+    both = combine([w, replace(w, memory=replace(w.memory, timeline=later))])
+    (chart,) = memory_timelines([c, both])
+    assert [(s.x0, s.x1, s.label) for s in chart.spans[2:]] == [(30.0, 40.0, "workload A run 1"),
+                                                              (50.0, 60.0, "workload A run 2")]
+    assert len(next(s for s in chart.series if s.name == "free").points) == len(BOOT_TL) + 2 * len(RUN_TL)
 
 
 HOST_A = {**HOST_4090, "hostname": "rig-a", "gpu_uuid": "GPU-aaaa"}

@@ -30,6 +30,17 @@ def _points(timeline: Any, key: str) -> list[tuple[float, float]]:
     return out
 
 
+def _run_spans(r: Any) -> list[Span]:
+    """A workload's stretch of the time axis; one per run when it was repeated (``run`` on each reading)."""
+    runs: dict[Any, list[float]] = {}
+    for p in r.memory.timeline or ():
+        if isinstance(p, dict) and (t := fmt.as_float(p.get("t"))) is not None:
+            runs.setdefault(p.get("run"), []).append(t)
+    label = f"workload {r.workload.name}"
+    return [Span(min(ts), max(max(ts), min(ts) + 1e-3), label if run is None else f"{label} run {run}")
+            for run, ts in runs.items()]
+
+
 def _server_key(r: Record) -> tuple[str, str, Any]:
     """One server instance: config, host and the time it took the device (a re-boot is another server)."""
     server = getattr(r, "server", None)
@@ -71,8 +82,7 @@ def memory_timelines(records: list[Record]) -> list[Chart]:
                 if end > start:
                     chart.spans.append(Span(start, end, "load + hold"))
             else:
-                name = r.workload.name  # type: ignore[attr-defined]
-                chart.spans.append(Span(start, max(end, start + 1e-3), f"workload {name}"))
+                chart.spans += _run_spans(r)
         chart.series = [Series("free", sorted(free)), Series("used", sorted(used), dashed=True)]
         if free:
             t, v = min(free, key=lambda p: (p[1], p[0]))
