@@ -40,6 +40,7 @@ class Settings:
     calibration_path: Path | None
     baseline_path: Path | None = None
     regression_threshold_pct: float = 5.0
+    client_procs: int | str | None = None  # workload client processes: a number or "auto"
 
 
 
@@ -74,6 +75,9 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
      "regresses against it by more than the regression threshold"),
     ("regression-threshold", "gpucap_regression_threshold", "GPUCAP_REGRESSION_THRESHOLD",
      "percent a tracked figure may worsen against --gpucap-baseline before the session fails (default 5)"),
+    ("client-procs", "gpucap_client_procs", "GPUCAP_CLIENT_PROCS",
+     "workload client processes, N or auto (from the decode roofline and the cores; default 1): "
+     "raise it when the write-up says the client fell behind the server"),
 ]
 
 
@@ -121,6 +125,21 @@ def _int_or_none(value: float | None) -> int | None:
     return None if value is None else max(1, int(value))
 
 
+def _procs_setting(config: pytest.Config) -> int | str | None:
+    raw = _setting(config, "gpucap_client_procs", "GPUCAP_CLIENT_PROCS")
+    if raw is None:
+        return None
+    if raw.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise pytest.UsageError(f"--gpucap-client-procs must be a whole number >= 1 or auto, got {raw!r}")
+    return value
+
+
 def resolve_settings(config: pytest.Config) -> Settings:
     envs = {ini: env for _, ini, env, _ in _OPTIONS}
     root = Path(str(config.rootpath))
@@ -165,6 +184,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         calibration_path=path("gpucap_calibration"),
         baseline_path=baseline,
         regression_threshold_pct=5.0 if threshold is None else threshold,
+        client_procs=_procs_setting(config),
     )
 
 

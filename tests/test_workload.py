@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -231,6 +231,83 @@ def test_server_dying_during_a_workflow_fails_clearly_and_keeps_the_results(capa
     assert rec["metrics"]["turns_ok"] > 0
     assert "exited" in rec["aborted"]
     assert rec["metrics"]["roles"]["Research"]["turns_ok"] == rec["metrics"]["turns_ok"]
+
+
+# ---------------------------------------------------------------- a hung server (SIGSTOP)
+
+STALL_S = 5
+STOPPED_DURING_WORKFLOW = '''
+import os
+import signal
+import threading
+import time
+
+
+def test_workflow_b(gpucap_server, gpucap_workload):
+    pid = gpucap_server.process.pid
+    events = []
+
+    def stop():
+        os.kill(pid, signal.SIGSTOP)
+        events.append(time.monotonic())
+
+    def cont():
+        os.kill(pid, signal.SIGCONT)
+
+    timers = [threading.Timer(STOP_AT, stop)] + ([threading.Timer(CONT_AT, cont)] if CONT_AT else [])
+    for t in timers:
+        t.start()
+    try:
+        gpucap_workload.workflow("B")
+    finally:
+        for t in timers:
+            t.cancel()
+        if events:
+            print(f"ended {time.monotonic() - events[0]:.1f} s after SIGSTOP")
+'''
+
+STALL_TURNS = f"""
+    [profiles.cpu.workload]
+    duration_s = 8
+    token_scale = 0.02
+    stall_s = {STALL_S}
+"""
+
+
+def _stopped_run(capacity_run: CapacityRun, tiny_model: Path, stop_at: float,
+                 cont_at: float | None) -> tuple[pytest.RunResult, dict[str, Any]]:
+    src = f"STOP_AT = {stop_at}\nCONT_AT = {cont_at}\n" + STOPPED_DURING_WORKFLOW
+    result = capacity_run.run(matrix_toml(tiny_model, WORKLOAD_CONFIG, extra=STALL_TURNS),
+                              "--gpucap-report", "rep", "-v", "-s", test_src=src)
+    lines = (capacity_run.pytester.path / "rep" / "results.jsonl").read_text().splitlines()
+    (rec,) = [r for r in map(json.loads, lines) if r["kind"] == "workload"]
+    return result, rec
+
+
+def test_a_hung_server_fails_the_workload_as_stalled(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """SIGSTOP 4 s into an 8 s window: in-flight turns stall, /health does not answer, and the test
+    fails within stall_s + 10 s with that reason; teardown still removes the stopped server
+    (``capacity_run`` checks that no process is left)."""
+    result, rec = _stopped_run(capacity_run, tiny_model, 4.0, None)
+    out = result.stdout.str()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*workload B on cpu-n3-ctx2k-f16 stopped after * turns ok, * failed (all recorded): "
+                                 "stalled: * turns, server not answering /health*"])
+    after = float(out.split("ended ")[1].split(" s after SIGSTOP")[0])
+    assert after <= STALL_S + 10, out
+    assert rec["metrics"]["errors"].get("stalled", 0) >= 1, rec["metrics"]["errors"]
+    assert rec["workload"]["stall_s"] == STALL_S
+    assert "not answering /health" in rec["workload"]["stalls"]
+    assert "Traceback" not in out
+
+
+def test_a_server_continued_before_stall_s_passes(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """SIGSTOP 3 s in, SIGCONT 2 s later (< stall_s): no turn stalls and the run passes."""
+    result, rec = _stopped_run(capacity_run, tiny_model, 3.0, 5.0)
+    result.assert_outcomes(passed=1)
+    assert rec["metrics"]["turns_failed"] == 0 and "stalled" not in rec["metrics"]["errors"]
+    assert "stalls" not in rec["workload"] and rec["aborted"] is None and rec["workload"]["stall_s"] == STALL_S
+    assert rec["metrics"]["turns_ok"] > 0
 
 
 # ---------------------------------------------------------------- HTTP 503 from a loading server
