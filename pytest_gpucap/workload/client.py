@@ -177,8 +177,7 @@ class StreamingClient:
             rec.error, rec.detail = ErrorClass.CONNECT, repr(exc)
         except asyncio.TimeoutError as exc:  # the turn's total budget (request_timeout_s)
             rec.error, rec.detail = ErrorClass.TIMEOUT, repr(exc)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                aiohttp.ClientResponseError, ConnectionError) as exc:
+        except (aiohttp.ClientError, ConnectionError) as exc:  # reset, disconnected, payload cut, ...
             rec.error = ErrorClass.CONNECT if rec.status is None else ErrorClass.STREAM_CUT
             rec.detail = repr(exc)
         except asyncio.CancelledError:

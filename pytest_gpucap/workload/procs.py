@@ -178,7 +178,7 @@ def merge(results: list[WorkerResult], started: float, warmup_s: float, aborted:
     merged = runner.RunResult(
         records, started, started + warmup_s, max((r.ended for r in runs), default=time.monotonic()),
         next((x for x in reasons if x), None), sum(r.compactions for r in runs), sum(r.clipped_turns for r in runs),
-        stalls="; ".join(stalls) if stalls else None)
+        stalls="; ".join(stalls) if stalls else None, client_cpu_s=sum(r.cpu_s for r in results))
     return merged
 
 

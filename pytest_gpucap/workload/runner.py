@@ -50,6 +50,7 @@ class RunResult:
     server_metrics_before: dict[str, float] = field(default_factory=dict)
     server_metrics_after: dict[str, float] = field(default_factory=dict)
     stalls: str | None = None  # "stalled: N turns, server ... /health" when any turn stalled
+    client_cpu_s: float | None = None  # split runs: the client processes' CPU inside the run (start-up excluded)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.records, self.measure_from)
