@@ -181,29 +181,21 @@ def test_harness_with_client_processes(benchmark: Any, wide_server: ServerHandle
 
 
 def test_agent_ramp_toward_8192_with_client_processes(benchmark: Any, wide_server: ServerHandle) -> None:
-    """The ramp from 512 agents doubling to 8,192 over 2 client processes: how far it got, and the
-    limit its record names."""
+    """The harness's agent-connection ramp, doubling to 8,192 agents over 2 client processes: how far
+    it got, and the limit its record names."""
     harness, records = _harness(wide_server, 2, ramp_ceiling=RAMP_CEILING, ramp_max_tokens=4)
     t0 = time.monotonic()
-    result = benchmark.pedantic(lambda: runner.run(runner.run_ramp(
-        wide_server.url, harness.settings, harness.chars_per_token, lambda: (None, None), start=512,
-        step_runner=_split_steps(harness), progress=print)), rounds=1, iterations=1)
-    steps = result["steps"]
-    figures = {"reached_n": max(s["n"] for s in steps), "max_clean_n": result["max_clean_n"],
-               "limit": result["limit"], "limit_detail": result["limit_detail"], "wall_s": round(time.monotonic() - t0, 1),
-               "steps": [(s["n"], s["ok"], s["errors"], s["turn_p95_s"] and round(s["turn_p95_s"], 2)) for s in steps]}
+    record = benchmark.pedantic(harness.ramp, rounds=1, iterations=1)
+    assert records == [record]
+    steps = record["steps"]
+    figures = {"reached_n": max(s["n"] for s in steps), "max_clean_n": record["max_clean_n"],
+               "limit": record["limit"], "limit_detail": record["limit_detail"],
+               "client_procs": record["client_procs"], "wall_s": round(time.monotonic() - t0, 1),
+               "steps": [(s["n"], s["ok"], s["errors"], s["turn_p95_s"] and round(s["turn_p95_s"], 2),
+                          s["server_rss_mib"] and round(s["server_rss_mib"])) for s in steps]}
     benchmark.extra_info.update(figures)
     print("\nramp: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
-    assert result["limit"] in RAMP_LIMITS, result
-    assert result["limit"] != "ceiling" or result["max_clean_n"] == RAMP_CEILING, result
-    assert steps[0]["n"] == 512 and all(s["ok"] + s["errors"] == s["n"] for s in steps), steps
-    del records
-
-
-def _split_steps(harness: Harness) -> runner.StepRunner:
-    from pytest_gpucap.workload import procs
-
-    async def step(n: int) -> tuple[list[Any], float]:
-        return await asyncio.to_thread(procs.ramp_step, 2, harness.handle.url, n, harness.settings,
-                                       harness.chars_per_token)
-    return step
+    assert record["client_procs"] == 2 and record["limit"] in RAMP_LIMITS, record
+    assert (record["limit"] == "ceiling") == (record["max_clean_n"] == RAMP_CEILING), record
+    assert [s["n"] for s in steps] == [2 ** i for i in range(len(steps))], steps
+    assert all(s["ok"] + s["errors"] == s["n"] for s in steps), steps

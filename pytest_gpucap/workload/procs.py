@@ -136,9 +136,13 @@ def run_split(parts: list[Share], abort: runner.AbortCheck = lambda: None,
                 stop.set()
             if any(r.result is not None and r.result.aborted for r in results):
                 stop.set()  # one worker's stall check found the server hung: the others stop too
-            if not stop.is_set() and any(p.exitcode not in (None, 0) for p in procs):
-                raise ClientProcessError("a client process died: "
-                                         + ", ".join(f"pid {p.pid} exit {p.exitcode}" for p in procs))
+            if sum(p.exitcode is not None for p in procs) > len(results):
+                try:  # an exited worker's records may still be in the pipe
+                    results.append(out.get(timeout=1.0))
+                    continue
+                except queue.Empty:
+                    raise ClientProcessError("a client process died without its records: " + ", ".join(
+                        f"pid {p.pid} exit {p.exitcode}" for p in procs)) from None
             if progress and time.monotonic() - last >= interval_s:
                 progress(time.monotonic() - t0)
                 last = time.monotonic()

@@ -8,6 +8,7 @@ import asyncio
 import random
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -445,8 +446,9 @@ def ramp_limit(step: RampStep, failed: list[RequestRecord], client_busy: float, 
     if client_busy >= CLIENT_BUSY:
         return {"limit": "client", "limit_detail": f"a client process used {client_busy:.0%} of a core at "
                                                    f"N={step.n}: raise --gpucap-client-procs"}
-    return {"limit": "server", "limit_detail": f"{step.breach} at N={step.n} with the client "
-                                               f"{client_busy:.0%} busy"}
+    common = Counter(r.detail.split("(")[0][:80] for r in failed if r.detail).most_common(1)
+    return {"limit": "server", "limit_detail": f"{step.breach} at N={step.n} with the client {client_busy:.0%} busy"
+                                               + (f", mostly {common[0][0]}" if common else "")}
 
 
 def _count(records: list[RequestRecord]) -> dict[str, int]:
