@@ -294,6 +294,7 @@ def test_a_hung_server_fails_the_workload_as_stalled(capacity_run: CapacityRun, 
     result.stdout.fnmatch_lines(["*workload B on cpu-n3-ctx2k-f16 stopped after * turns ok, * failed (all recorded): "
                                  "stalled: * turns, server not answering /health*"])
     after = float(out.split("ended ")[1].split(" s after SIGSTOP")[0])
+    print(f"hung server: the test failed {after:.1f} s after SIGSTOP (stall_s {STALL_S} s)")
     assert after <= STALL_S + 10, out
     assert rec["metrics"]["errors"].get("stalled", 0) >= 1, rec["metrics"]["errors"]
     assert rec["workload"]["stall_s"] == STALL_S

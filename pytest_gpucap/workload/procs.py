@@ -229,7 +229,8 @@ def _bracketed(url: str, parts: list[Share], warmup_s: float, abort: runner.Abor
 
     results = run_split(parts, watched, tick)
     merged = merge(results, started, warmup_s, reason[0] if reason else None)
-    merged.server_metrics_before, merged.server_metrics_after = before, runner.run(runner.scrape(url))
+    hung = bool(merged.aborted and "not answering /health" in merged.aborted)  # a scrape would only wait
+    merged.server_metrics_before, merged.server_metrics_after = before, {} if hung else runner.run(runner.scrape(url))
     return merged
 
 

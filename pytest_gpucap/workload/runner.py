@@ -118,6 +118,7 @@ class StallWatch:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.seen = 0
         self.note: str | None = None
+        self.hung = False  # /health did not answer: later calls to this server would only wait too
 
     async def _health(self) -> str | None:
         """None when /health answered 200, else what it did instead."""
@@ -139,6 +140,7 @@ class StallWatch:
             self.note = f"stalled: {n} turns, server answered /health"
             return None
         self.note = f"stalled: {n} turns, server not answering /health ({failed})"
+        self.hung = True
         return self.note
 
 
@@ -233,7 +235,7 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
     report()
     result = RunResult(records, t0, t0 + settings.warmup_s, time.monotonic(), reason,
                        sum(c.compactions for c in convs), clipped, stalls=watch.note)
-    result.server_metrics_before, result.server_metrics_after = before, await scrape(url)
+    result.server_metrics_before, result.server_metrics_after = before, {} if watch.hung else await scrape(url)
     return result
 
 
@@ -279,7 +281,7 @@ async def run_fixed(url: str, concurrency: int, n_requests: int, prompt_tokens: 
         tasks = [asyncio.create_task(worker(client)) for _ in range(concurrency)]
         reason = await _supervise(tasks, t0 + settings.duration_s, 0.0, abort, lambda: None, 1e9, (watch, records))
     result = RunResult(records, t0, t0, time.monotonic(), reason, stalls=watch.note)
-    result.server_metrics_before, result.server_metrics_after = before, await scrape(url)
+    result.server_metrics_before, result.server_metrics_after = before, {} if watch.hung else await scrape(url)
     return result
 
 
