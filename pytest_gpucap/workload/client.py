@@ -100,6 +100,13 @@ def _ssl_context() -> ssl.SSLContext:
     return _SSL_CONTEXT
 
 
+async def sleep_until(when: float) -> None:
+    """Sleep to a monotonic time, never waking early: uvloop rounds timers to the millisecond, and a
+    turn must not be sent before its scheduled time (nor before its injected RTT has passed)."""
+    while (left := when - time.monotonic()) > 0:
+        await asyncio.sleep(left + 0.0005)
+
+
 def _dumps(body: Any) -> str:
     return json.dumps(body, separators=(",", ":"))
 
@@ -160,7 +167,7 @@ class StreamingClient:
         session = self._open()
         try:
             if self.rtt_s:  # inside the try: a turn cut at the deadline during its RTT is cancelled, not failed
-                await asyncio.sleep(self.rtt_s)
+                await sleep_until(time.monotonic() + self.rtt_s)
             rec.sent = time.monotonic()
             async with session.post(self.base_url + "/v1/chat/completions", json=body) as resp:
                 rec.status = resp.status

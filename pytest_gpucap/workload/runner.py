@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 
 import httpx
 
-from .client import ErrorClass, RequestRecord, StreamingClient
+from .client import ErrorClass, RequestRecord, StreamingClient, sleep_until
 from ..promtext import sums
 from .metrics import pcts, summarize
 from .prompts import filler, reply_stub, tool_blob
@@ -95,13 +95,6 @@ async def scrape(url: str) -> dict[str, float]:
             return sums(resp.text) if resp.status_code == 200 else {}
     except httpx.HTTPError:
         return {}
-
-
-async def sleep_until(when: float) -> None:
-    """Sleep to a monotonic time, never waking early: uvloop rounds timers to the millisecond, and a
-    turn must not be sent before its scheduled time."""
-    while (left := when - time.monotonic()) > 0:
-        await asyncio.sleep(left + 0.0005)
 
 
 def stall_s(settings: WorkloadSettings) -> float:
