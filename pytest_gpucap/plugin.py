@@ -419,7 +419,8 @@ def gpucap_workload(request: pytest.FixtureRequest, gpucap_server: ServerHandle,
         _attach(node, rec)
 
     return Harness(gpucap_server, gpucap_slo, replace(workload, **changes), roles_from_matrix(state.matrix.roles),
-                   dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config))
+                   dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config),
+                   client_procs=settings.client_procs)
 
 
 def _search_session(request: pytest.FixtureRequest, base: CapacityConfig) -> SearchSession:
