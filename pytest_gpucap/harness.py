@@ -6,6 +6,7 @@ shared-prefix run or the ramp, and assert on the returned result objects.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -19,10 +20,24 @@ from .backends import ServerError, ServerHandle
 from .repeat import repeated
 from .verdicts import assert_slos, goodput, workload_verdicts
 from .workload import runner
+from .workload import procs
 from .workload.metrics import server_crosscheck
 from .workload.poller import MetricsPoller
 from .workload.prompts import calibrate
 from .workload.roles import BUILTIN_WORKFLOWS, Role, resolve_workflow, scale
+
+
+#: The default ``stall_s`` lies between these: long enough for a slow prefill, short enough that a hung
+#: server fails its test within minutes.
+STALL_BOUNDS_S = (30.0, 180.0)
+
+
+def default_stall_s(slo: SLO) -> float:
+    """The largest latency budget of the SLO, within ``STALL_BOUNDS_S``: a stream silent longer than
+    the whole turn budget has already failed it (no budget: the upper bound)."""
+    budgets = [v for _, v in slo.p95_s] + [b for b in (slo.ttft_p95_s,) if b]
+    low, high = STALL_BOUNDS_S
+    return min(high, max(low, max(budgets))) if budgets else high
 
 
 @dataclass
@@ -52,16 +67,17 @@ class Harness:
     def __init__(self, handle: ServerHandle, slo: SLO, workload: Workload, roles: dict[str, Role],
                  workflows: dict[str, tuple[str, ...]], test_id: str,
                  record: Callable[[dict[str, Any]], None], progress: runner.ProgressSink | None = None,
-                 repeat: int = 1) -> None:
+                 client_procs: int | str | None = None, repeat: int = 1) -> None:
         self.handle = handle
         self.repeat = repeat  # --gpucap-repeat: each workflow/fixed/poisson run K times, recorded once
         self.slo = slo
-        self.settings = workload
+        self.settings = workload if workload.stall_s else replace(workload, stall_s=default_stall_s(slo))
         self.roles = roles
         self.workflows = {**BUILTIN_WORKFLOWS, **workflows}
         self.test_id = test_id
         self._record = record
         self.progress = progress
+        self.client_procs = client_procs
         self._cpt: tuple[float, str] | None = None
 
     @property
@@ -85,6 +101,20 @@ class Harness:
             return contextlib.nullcontext(None)
         return MetricsPoller(self.handle.url, names, api_key=self.handle.api_key)
 
+    def procs(self) -> int:
+        """Client processes for a run: ``--gpucap-client-procs`` as given, ``auto`` from the decode
+        roofline (every slot full) and the cores; 1 without the option."""
+        if self.client_procs != "auto":
+            return procs.resolve_procs(self.client_procs, None)
+        from . import prediction
+
+        pred = self.handle.prediction
+        bandwidth = self.handle.profile.bandwidth_gbps or prediction.bandwidth_for(
+            self.handle.probe.describe().get("gpu", ""))
+        roof = (prediction.decode_roofline_tps(pred, self.handle.config, bandwidth, None)
+                if pred is not None and hasattr(pred, "kv_caches") and bandwidth else None)
+        return procs.resolve_procs("auto", roof)
+
     def _abort(self) -> str | None:
         try:
             self.handle.check_alive()
@@ -106,6 +136,16 @@ class Harness:
         summary.update(self._roofline(res, summary["agg_tps"]))
         summary["goodput"] = goodput(res.records, self.slo, res.measure_from)
         poller = extra.pop("poller", None)
+        extra["stall_s"] = self.settings.stall_s
+        extra["client_procs"] = extra.get("client_procs", 1)
+        if summary["crosscheck"].get("client_behind"):
+            extra["client_behind"] = (
+                f"client fell behind the server (decode-rate ratio {summary['crosscheck']['decode_rate_ratio']:.2f}) "
+                f"with {extra['client_procs']} client process(es): raise --gpucap-client-procs")
+            if self.progress:
+                self.progress(f"{self.handle.config.id} {name}: {extra['client_behind']}")
+        if res.stalls:
+            extra["stalls"] = res.stalls
         if poller is not None:
             summary["server"] = poller.summary(res.started, res.ended, max_num_seqs=self.handle.config.n)
         metrics = WorkloadMetrics.from_dict(summary)
@@ -166,26 +206,37 @@ class Harness:
         """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration."""
         roles = [scale(r, self.settings) for r in resolve_workflow(name, self.roles, self.workflows)]
         cpt = self.chars_per_token
+        n_procs = min(self.procs(), len(roles))
+        label = f"{self.handle.config.id} workflow {name}"
         with self._poller() as poller:
-            res = runner.run(runner.run_agents(
-                self.handle.url, roles, self.settings, self.handle.config.ctx, cpt,
-                abort=self._abort, progress=self.progress, free_mib=self._free_mib,
-                label=f"{self.handle.config.id} workflow {name}", **self.client_kw))
-        return self._finish(name, [r.name for r in roles], res, poller=poller)
+            if n_procs > 1:
+                res = procs.agents(n_procs, self.handle.url, roles, self.settings, self.handle.config.ctx, cpt,
+                                   self._abort, self.progress, label, **self.client_kw)
+            else:
+                res = runner.run(runner.run_agents(
+                    self.handle.url, roles, self.settings, self.handle.config.ctx, cpt,
+                    abort=self._abort, progress=self.progress, free_mib=self._free_mib, label=label,
+                    **self.client_kw))
+        return self._finish(name, [r.name for r in roles], res, poller=poller, client_procs=n_procs)
 
     @repeated
     def fixed(self, concurrency: int, n_requests: int, prompt_tokens: int = 64, max_tokens: int = 32,
               shared_prefix_tokens: int = 0, name: str | None = None) -> WorkloadResult:
         """Fixed concurrency (optionally with a shared system prompt to exercise the prefix cache)."""
         cpt = self.chars_per_token
+        n_procs = min(self.procs(), concurrency, n_requests)
         with self._poller() as poller:
-            res = runner.run(runner.run_fixed(
-                self.handle.url, concurrency, n_requests, prompt_tokens, max_tokens, cpt,
-                self.settings, shared_prefix_tokens, abort=self._abort, **self.client_kw))
+            if n_procs > 1:
+                res = procs.fixed(n_procs, self.handle.url, concurrency, n_requests, prompt_tokens, max_tokens, cpt,
+                                  self.settings, shared_prefix_tokens, self._abort, **self.client_kw)
+            else:
+                res = runner.run(runner.run_fixed(
+                    self.handle.url, concurrency, n_requests, prompt_tokens, max_tokens, cpt,
+                    self.settings, shared_prefix_tokens, abort=self._abort, **self.client_kw))
         label = name or (f"fixed-c{concurrency}" + (f"-prefix{shared_prefix_tokens}" if shared_prefix_tokens else "")
                          + (f"-rtt{self.settings.rtt_s * 1000:g}ms" if self.settings.rtt_s else ""))
         return self._finish(label, [f"fixed x{concurrency}"], res, concurrency=concurrency,
-                            shared_prefix_tokens=shared_prefix_tokens, poller=poller)
+                            shared_prefix_tokens=shared_prefix_tokens, poller=poller, client_procs=n_procs)
 
     def warm_up(self, concurrency: int = 1, n_requests: int = 2, max_tokens: int = 4) -> None:
         """Unrecorded requests that page in the weights and build the compute graphs, so the first
@@ -209,10 +260,16 @@ class Harness:
             snap = self.handle.sampler.sample() if self.handle.sampler else None
             return (snap.server_rss_mib, snap.device.used_mib) if snap else (None, None)
 
-        result = runner.run(runner.run_ramp(self.handle.url, self.settings, self.chars_per_token, memory,
+        n_procs, cpt, kw = self.procs(), self.chars_per_token, self.client_kw
+
+        async def split_step(n: int) -> tuple[list[Any], float]:
+            return await asyncio.to_thread(procs.ramp_step, min(n_procs, n), self.handle.url, n, self.settings,
+                                           cpt, **kw)
+
+        result = runner.run(runner.run_ramp(self.handle.url, self.settings, cpt, memory,
                                             self.slo.ramp_p95_s, abort=self._abort, progress=self.progress,
-                                            **self.client_kw))
-        result = dict(result)
+                                            step_runner=split_step if n_procs > 1 else None, **kw))
+        result = dict(result, client_procs=n_procs)
         typed = RampRecord(
             **header(self.handle, self.test_id),
             steps=tuple(RampStep.from_dict(s) for s in result.pop("steps")), aborted=result.pop("aborted", None),
@@ -228,6 +285,6 @@ class Harness:
     def with_settings(self, **changes: Any) -> "Harness":
         """A harness with some workload settings changed (e.g. a different RTT or duration)."""
         other = Harness(self.handle, self.slo, replace(self.settings, **changes), self.roles, {},
-                        self.test_id, self._record, self.progress, self.repeat)
+                        self.test_id, self._record, self.progress, self.client_procs, self.repeat)
         other.workflows, other._cpt = self.workflows, self._cpt
         return other

@@ -70,6 +70,7 @@ class Workload:
     ramp_max_tokens: int = 16
     ramp_context_tokens: int = 0
     rtt_s: float = 0.0  # injected client round-trip per request (remote-agent penalty curve)
+    stall_s: float | None = None  # a stream silent this long is a failed "stalled" turn (default: from the SLO)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class Settings:
     stop_services: bool = False  # stop the profiles' [[services]] for the session, restore them after
     gpus: tuple[int, ...] | None = None  # --gpucap-gpus: one xdist worker per listed card (auto resolved)
     strict: bool = False  # --gpucap-strict: a selected config that was not measured fails the session
+    client_procs: int | str | None = None  # workload client processes: a number or "auto"
     repeat: int = 1  # --gpucap-repeat: runs per workload (median recorded, spread judged by the gate)
 
 
@@ -81,6 +82,9 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
      "percent a tracked figure may worsen against --gpucap-baseline before the session fails (default 5)"),
     ("gpus", "gpucap_gpus", "GPUCAP_GPUS",
      "auto or 0,1,...: pin each xdist worker to one of these cards (-n auto = one worker per card)"),
+    ("client-procs", "gpucap_client_procs", "GPUCAP_CLIENT_PROCS",
+     "workload client processes, N or auto (from the decode roofline and the cores; default 1): "
+     "raise it when the write-up says the client fell behind the server"),
     ("repeat", "gpucap_repeat", "GPUCAP_REPEAT",
      "run each workload K times (noisy hosts): the record keeps the median run and the spread, and the "
      "gate flags a regression only beyond the larger of the threshold and that spread (default 1)"),
@@ -167,6 +171,21 @@ def _int_or_none(value: float | None) -> int | None:
     return None if value is None else max(1, int(value))
 
 
+def _procs_setting(config: pytest.Config) -> int | str | None:
+    raw = _setting(config, "gpucap_client_procs", "GPUCAP_CLIENT_PROCS")
+    if raw is None:
+        return None
+    if raw.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise pytest.UsageError(f"--gpucap-client-procs must be a whole number >= 1 or auto, got {raw!r}")
+    return value
+
+
 def resolve_settings(config: pytest.Config) -> Settings:
     envs = {ini: env for _, ini, env, _ in _OPTIONS}
     root = Path(str(config.rootpath))
@@ -213,6 +232,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         regression_threshold_pct=5.0 if threshold is None else threshold,
         stop_services=_stop_services(config),
         gpus=gpus_setting(config), strict=strict_setting(config),
+        client_procs=_procs_setting(config),
         repeat=_repeat(config),
     )
 

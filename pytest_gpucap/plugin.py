@@ -420,7 +420,7 @@ def gpucap_workload(request: pytest.FixtureRequest, gpucap_server: ServerHandle,
 
     return Harness(gpucap_server, gpucap_slo, replace(workload, **changes), roles_from_matrix(state.matrix.roles),
                    dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config),
-                   repeat=settings.repeat)
+                   client_procs=settings.client_procs, repeat=settings.repeat)
 
 
 def _search_session(request: pytest.FixtureRequest, base: CapacityConfig) -> SearchSession:

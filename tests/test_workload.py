@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -231,6 +231,141 @@ def test_server_dying_during_a_workflow_fails_clearly_and_keeps_the_results(capa
     assert rec["metrics"]["turns_ok"] > 0
     assert "exited" in rec["aborted"]
     assert rec["metrics"]["roles"]["Research"]["turns_ok"] == rec["metrics"]["turns_ok"]
+
+
+# ---------------------------------------------------------------- a hung server (SIGSTOP)
+
+STALL_S = 5
+STOPPED_DURING_WORKFLOW = '''
+import os
+import signal
+import threading
+import time
+
+
+def test_workflow_b(gpucap_server, gpucap_workload):
+    pid = gpucap_server.process.pid
+    events = []
+
+    def stop():
+        os.kill(pid, signal.SIGSTOP)
+        events.append(time.monotonic())
+
+    def cont():
+        os.kill(pid, signal.SIGCONT)
+
+    timers = [threading.Timer(STOP_AT, stop)] + ([threading.Timer(CONT_AT, cont)] if CONT_AT else [])
+    for t in timers:
+        t.start()
+    try:
+        gpucap_workload.workflow("B")
+    finally:
+        for t in timers:
+            t.cancel()
+        if events:
+            print(f"ended {time.monotonic() - events[0]:.1f} s after SIGSTOP")
+'''
+
+STALL_TURNS = f"""
+    [profiles.cpu.workload]
+    duration_s = 8
+    token_scale = 0.02
+    stall_s = {STALL_S}
+"""
+
+
+def _stopped_run(capacity_run: CapacityRun, tiny_model: Path, stop_at: float,
+                 cont_at: float | None) -> tuple[pytest.RunResult, dict[str, Any]]:
+    src = f"STOP_AT = {stop_at}\nCONT_AT = {cont_at}\n" + STOPPED_DURING_WORKFLOW
+    result = capacity_run.run(matrix_toml(tiny_model, WORKLOAD_CONFIG, extra=STALL_TURNS),
+                              "--gpucap-report", "rep", "-v", "-s", test_src=src)
+    lines = (capacity_run.pytester.path / "rep" / "results.jsonl").read_text().splitlines()
+    (rec,) = [r for r in map(json.loads, lines) if r["kind"] == "workload"]
+    return result, rec
+
+
+def test_a_hung_server_fails_the_workload_as_stalled(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """SIGSTOP 4 s into an 8 s window: in-flight turns stall, /health does not answer, and the test
+    fails within stall_s + 10 s with that reason; teardown still removes the stopped server
+    (``capacity_run`` checks that no process is left)."""
+    result, rec = _stopped_run(capacity_run, tiny_model, 4.0, None)
+    out = result.stdout.str()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*workload B on cpu-n3-ctx2k-f16 stopped after * turns ok, * failed (all recorded): "
+                                 "stalled: * turns, server not answering /health*"])
+    after = float(out.split("ended ")[1].split(" s after SIGSTOP")[0])
+    print(f"hung server: the test failed {after:.1f} s after SIGSTOP (stall_s {STALL_S} s)")
+    assert after <= STALL_S + 10, out
+    assert rec["metrics"]["errors"].get("stalled", 0) >= 1, rec["metrics"]["errors"]
+    assert rec["workload"]["stall_s"] == STALL_S
+    assert "not answering /health" in rec["workload"]["stalls"]
+    assert "Traceback" not in out
+
+
+def test_a_server_continued_before_stall_s_passes(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """SIGSTOP 3 s in, SIGCONT 2 s later (< stall_s): no turn stalls and the run passes."""
+    result, rec = _stopped_run(capacity_run, tiny_model, 3.0, 5.0)
+    result.assert_outcomes(passed=1)
+    assert rec["metrics"]["turns_failed"] == 0 and "stalled" not in rec["metrics"]["errors"]
+    assert "stalls" not in rec["workload"] and rec["aborted"] is None and rec["workload"]["stall_s"] == STALL_S
+    assert rec["metrics"]["turns_ok"] > 0
+
+
+# ---------------------------------------------------------------- client processes
+
+SPLIT_RUNS = '''
+def test_split(gpucap_workload):
+    assert gpucap_workload.procs() == 2
+    gpucap_workload.fixed(4, 12, max_tokens=8, name="split")
+    gpucap_workload.workflow("B")
+    one = gpucap_workload.with_settings()
+    one.client_procs = 1
+    one.fixed(4, 12, max_tokens=8, name="single")
+    one.workflow("B")
+'''
+
+
+def _shape(value: Any) -> Any:
+    """The keys of a record, recursively (values and their types left out)."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    return None
+
+
+def test_two_client_processes_give_the_record_shape_and_token_counts_of_one(capacity_run: CapacityRun,
+                                                                           tiny_model: Path) -> None:
+    """``--gpucap-client-procs 2``: a fixed run and a workflow split over two spawned processes make
+    records of the same shape as one process, and the fixed run counts exactly the tokens it asked for,
+    as the server's own counter does."""
+    extra = SMALL_TURNS.replace("duration_s = 60", "duration_s = 4")
+    result = capacity_run.run(matrix_toml(tiny_model, WORKLOAD_CONFIG, extra=extra),
+                              "--gpucap-report", "rep", "--gpucap-client-procs", "2", test_src=SPLIT_RUNS)
+    result.assert_outcomes(passed=1)
+    lines = (capacity_run.pytester.path / "rep" / "results.jsonl").read_text().splitlines()
+    recs = {r["workload"]["name"] + str(r["workload"]["client_procs"]): r
+            for r in map(json.loads, lines) if r["kind"] == "workload"}
+    assert set(recs) == {"split2", "B2", "single1", "B1"}
+    for two, one in (("split2", "single1"), ("B2", "B1")):
+        a, b = dict(recs[two]), dict(recs[one])
+        for r in (a, b):
+            r["workload"] = {k: v for k, v in r["workload"].items() if k != "name"}
+        assert _shape(a) == _shape(b), (two, one)
+    for name in ("split2", "single1"):
+        m = recs[name]["metrics"]
+        assert m["turns_ok"] == 12 and m["turns_failed"] == 0, m["errors"]
+        assert m["completion_tokens"] == 12 * 8 == m["crosscheck"]["server_metrics_tokens"], m["crosscheck"]
+    assert recs["B2"]["metrics"]["turns_ok"] > 0 and recs["B2"]["metrics"]["turns_failed"] == 0
+    assert recs["B2"]["workload"]["agents"] == ["Research"] * 3
+
+
+def test_client_procs_auto_and_shares() -> None:
+    from pytest_gpucap.workload import procs
+
+    assert procs.shares(7, 3) == [(0, 3), (3, 2), (5, 2)] and procs.shares(2, 4) == [(0, 1), (1, 1)]
+    assert procs.resolve_procs(None, 1e6, cores=16) == 1 and procs.resolve_procs(3, None, cores=2) == 3
+    assert procs.resolve_procs("auto", 30_000, cores=16) == 5  # 30k tok/s at 7k a process
+    assert procs.resolve_procs("auto", 30_000, cores=2) == 1  # one core left to the server
+    assert procs.resolve_procs("auto", None, cores=16) == 1
 
 
 # ---------------------------------------------------------------- HTTP 503 from a loading server
@@ -545,3 +680,16 @@ def test_poisson_arrivals_are_seeded_and_counted_from_arrival(server: ServerHand
     assert all(r.sent >= r.scheduled and r.ttft_s is not None and r.ttft_s > 0 for r in first.records)
     again = runner.run(runner.run_poisson(server.url, 4.0, 8, 16, 4, cpt, settings))
     assert arrivals(again) == pytest.approx(times, abs=1e-3)
+
+
+def test_client_procs_option(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_gpucap.options import resolve_settings
+
+    monkeypatch.delenv("GPUCAP_CLIENT_PROCS", raising=False)
+    assert resolve_settings(pytester.parseconfig()).client_procs is None
+    assert resolve_settings(pytester.parseconfig("--gpucap-client-procs", "3")).client_procs == 3
+    monkeypatch.setenv("GPUCAP_CLIENT_PROCS", "AUTO")
+    assert resolve_settings(pytester.parseconfig()).client_procs == "auto"
+    for bad in ("0", "two", "1.5"):
+        with pytest.raises(pytest.UsageError, match="--gpucap-client-procs must be a whole number >= 1 or auto"):
+            resolve_settings(pytester.parseconfig("--gpucap-client-procs", bad))

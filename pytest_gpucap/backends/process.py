@@ -160,6 +160,7 @@ class ManagedProcess:
         t0 = time.monotonic()
         killed = False
         self._signal_group(signal.SIGTERM)
+        self._signal_group(signal.SIGCONT)  # a stopped (SIGSTOPped, hung) server acts on SIGTERM only once continued
         deadline = t0 + grace_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None and not self.group_alive():

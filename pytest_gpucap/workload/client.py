@@ -1,4 +1,4 @@
-"""The async streaming client: one ``httpx.AsyncClient`` sized to the concurrency.
+"""The async streaming client: one ``aiohttp.ClientSession`` sized to the concurrency.
 
 Every request is timed from its *scheduled* send time, so client-side queueing is never hidden.
 Chunks are not tokens (llama-server merges incomplete UTF-8 into later chunks): token counts come
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import httpx
+import aiohttp
 
 
 class ErrorClass(str, Enum):
@@ -28,6 +28,7 @@ class ErrorClass(str, Enum):
     MALFORMED = "malformed_chunk"
     SERVER_ERROR = "server_error"
     CANCELLED = "cancelled_at_deadline"
+    STALLED = "stalled"
 
 
 @dataclass
@@ -57,6 +58,11 @@ class RequestRecord:
         return self.error is None and self.end is not None
 
     @property
+    def progress_at(self) -> float:
+        """When this turn last received anything (or was sent): what a stall is measured from."""
+        return max(self.chunk_times[-1] if self.chunk_times else 0.0, self.headers or 0.0, self.sent)
+
+    @property
     def e2e_s(self) -> float | None:
         return None if self.end is None else self.end - self.scheduled
 
@@ -81,8 +87,8 @@ _SSL_CONTEXT: ssl.SSLContext | None = None
 
 
 def _ssl_context() -> ssl.SSLContext:
-    """One verifying context shared by every client: httpx builds one per client otherwise (~30 ms
-    of CPU each), which the agent-connection ramp (one client per agent, up to 2048 a step) pays per agent."""
+    """One verifying context shared by every client: building one costs ~30 ms of CPU, which the
+    agent-connection ramp would otherwise pay per client."""
     global _SSL_CONTEXT
     if _SSL_CONTEXT is None:
         try:
@@ -94,25 +100,53 @@ def _ssl_context() -> ssl.SSLContext:
     return _SSL_CONTEXT
 
 
+async def sleep_until(when: float) -> None:
+    """Sleep to a monotonic time, never waking early: uvloop rounds timers to the millisecond, and a
+    turn must not be sent before its scheduled time (nor before its injected RTT has passed)."""
+    while (left := when - time.monotonic()) > 0:
+        await asyncio.sleep(left + 0.0005)
+
+
+def _dumps(body: Any) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
 class StreamingClient:
     """OpenAI-compatible ``/v1/chat/completions`` with ``stream: true`` and usage in the last chunk.
 
+    The load path runs on aiohttp (its C HTTP parser) because the client's CPU per token caps what it
+    can measure: measured at about a third of httpx's cost per streamed token (tests/test_client_benchmark.py).
     Connections are not reused: llama-server closes a kept-alive socket after a streamed response,
     and a reused socket then fails the next request (see FINDINGS); a fresh connection per request
-    loses none.
+    loses none and cost no more CPU per token than reuse when measured. A stream that receives nothing
+    for ``stall_s`` ends as ``stalled``.
     """
 
     def __init__(self, base_url: str, concurrency: int, timeout_s: float = 900.0, rtt_s: float = 0.0,
-                 api_key: str | None = None, model: str = "gpucap") -> None:
-        limits = httpx.Limits(max_connections=max(1, concurrency), max_keepalive_connections=0)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(base_url=base_url, limits=limits, headers=headers, verify=_ssl_context(),
-                                         timeout=httpx.Timeout(timeout_s, connect=30.0))
+                 api_key: str | None = None, model: str = "gpucap", stall_s: float | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.concurrency = max(1, concurrency)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s = timeout_s
+        self.stall_s = stall_s
         self.rtt_s = rtt_s
         self.model = model
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        """The session is made on first use: aiohttp binds it to the running event loop."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.concurrency, force_close=True, ssl=_ssl_context(),
+                                             ttl_dns_cache=None)
+            timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=30.0, sock_read=self.stall_s)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=self.headers,
+                                                  skip_auto_headers=("User-Agent",), json_serialize=_dumps)
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> "StreamingClient":
         return self
@@ -130,55 +164,68 @@ class StreamingClient:
         }
         if extra:
             body.update(extra)
+        session = self._open()
         try:
             if self.rtt_s:  # inside the try: a turn cut at the deadline during its RTT is cancelled, not failed
-                await asyncio.sleep(self.rtt_s)
+                await sleep_until(time.monotonic() + self.rtt_s)
             rec.sent = time.monotonic()
-            async with self._client.stream("POST", "/v1/chat/completions", json=body) as resp:
-                rec.status = resp.status_code
+            async with session.post(self.base_url + "/v1/chat/completions", json=body) as resp:
+                rec.status = resp.status
                 rec.headers = time.monotonic()
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    rec.error = ErrorClass.HTTP_5XX if resp.status_code >= 500 else ErrorClass.HTTP_4XX
-                    rec.detail = resp.text[:300]
+                if resp.status >= 400:
+                    text = await resp.text(errors="replace")
+                    rec.error = ErrorClass.HTTP_5XX if resp.status >= 500 else ErrorClass.HTTP_4XX
+                    rec.detail = text[:300]
                     return rec
-                await self._read_stream(resp, rec)
-        except httpx.TimeoutException as exc:
-            rec.error, rec.detail = ErrorClass.TIMEOUT, repr(exc)
-        except httpx.ConnectError as exc:
+                await self._read_stream(resp.content, rec)
+        except aiohttp.SocketTimeoutError as exc:  # sock_read: nothing received for stall_s
+            rec.error, rec.detail = ErrorClass.STALLED, f"nothing received for {self.stall_s:g} s ({exc!r})"
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             rec.error, rec.detail = ErrorClass.CONNECT, repr(exc)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        except asyncio.TimeoutError as exc:  # the turn's total budget (request_timeout_s)
+            rec.error, rec.detail = ErrorClass.TIMEOUT, repr(exc)
+        except (aiohttp.ClientError, ConnectionError) as exc:  # reset, disconnected, payload cut, ...
             rec.error = ErrorClass.CONNECT if rec.status is None else ErrorClass.STREAM_CUT
             rec.detail = repr(exc)
         except asyncio.CancelledError:
-            rec.error, rec.detail = ErrorClass.CANCELLED, "run deadline"
+            if rec.sent and self.stall_s is not None and time.monotonic() - rec.progress_at >= self.stall_s:
+                rec.error, rec.detail = ErrorClass.STALLED, f"no progress for {self.stall_s:g} s at the run deadline"
+            else:
+                rec.error, rec.detail = ErrorClass.CANCELLED, "run deadline"
             raise
         return rec
 
-    async def _read_stream(self, resp: httpx.Response, rec: RequestRecord) -> None:
+    async def _read_stream(self, content: aiohttp.StreamReader, rec: RequestRecord) -> None:
+        """Raw chunks, split into SSE events; JSON is parsed only for the tail (usage, finish, error)."""
         buf = b""
         done = False
-        async for data in resp.aiter_bytes():
-            now = time.monotonic()
-            buf += data
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                event = event.strip()
-                if not event:
-                    continue
-                if not event.startswith(b"data: "):
-                    if event.startswith(b":"):
-                        continue  # SSE comment
-                    rec.error, rec.detail = ErrorClass.MALFORMED, event[:200].decode("utf-8", "replace")
-                    return
-                payload = event[6:]
-                if payload == b"[DONE]":
-                    done = True
-                    continue
+        chunk_times = rec.chunk_times
+        monotonic = time.monotonic
+        while True:
+            data = await content.readany()
+            if not data:
+                break
+            now = monotonic()
+            if buf:
+                data = buf + data
+            events = data.split(b"\n\n")
+            buf = events.pop()
+            for event in events:
+                if not event.startswith(b"data: {"):
+                    event = event.strip()
+                    if not event or event.startswith(b":"):
+                        continue  # keep-alive blank line or SSE comment
+                    if event == b"data: [DONE]":
+                        done = True
+                        continue
+                    if not event.startswith(b"data: "):
+                        rec.error, rec.detail = ErrorClass.MALFORMED, event[:200].decode("utf-8", "replace")
+                        return
+                payload = event[6:].rstrip()
                 if not (payload.startswith(b"{") and payload.endswith(b"}")):
                     rec.error, rec.detail = ErrorClass.MALFORMED, payload[:200].decode("utf-8", "replace")
                     return
-                rec.chunk_times.append(now)
+                chunk_times.append(now)
                 if rec.first_content is None:
                     # llama-server sends the role-only first chunk together with the first token
                     # (measured <= 0.04 ms apart), while random-weight output may hold back content
@@ -187,7 +234,7 @@ class StreamingClient:
                 if b'"usage"' in payload or b'"error"' in payload or b'"finish_reason":"' in payload:
                     if not self._parse_tail(payload, rec):
                         return
-        rec.end = time.monotonic()
+        rec.end = monotonic()
         if not done:
             rec.error = ErrorClass.STREAM_CUT
             rec.detail = "stream ended without [DONE]"

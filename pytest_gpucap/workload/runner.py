@@ -8,12 +8,13 @@ import asyncio
 import random
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import httpx
 
-from .client import ErrorClass, RequestRecord, StreamingClient
+from .client import ErrorClass, RequestRecord, StreamingClient, sleep_until
 from ..promtext import sums
 from .metrics import pcts, summarize
 from .prompts import filler, reply_stub, tool_blob
@@ -30,6 +31,10 @@ FreeMemory = Callable[[], "float | None"]
 SYSTEM_PROMPT = "You are a coding agent. Read the tool results and continue the task."
 MESSAGE_OVERHEAD_TOKENS = 8
 CONTEXT_FILL = 0.9
+#: A stream that receives nothing this long is stalled, when the workload settings name no ``stall_s``.
+DEFAULT_STALL_S = 180.0
+#: How long the /health check after a stall waits for an answer.
+HEALTH_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -45,6 +50,8 @@ class RunResult:
     clipped_turns: int = 0
     server_metrics_before: dict[str, float] = field(default_factory=dict)
     server_metrics_after: dict[str, float] = field(default_factory=dict)
+    stalls: str | None = None  # "stalled: N turns, server ... /health" when any turn stalled
+    client_cpu_s: float | None = None  # split runs: the client processes' CPU inside the run (start-up excluded)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.records, self.measure_from)
@@ -81,7 +88,7 @@ class Conversation:
         self.messages += [user, {"role": "assistant", "content": reply}]
 
 
-async def _scrape(url: str) -> dict[str, float]:
+async def scrape(url: str) -> dict[str, float]:
     try:
         async with httpx.AsyncClient(timeout=5.0) as client:
             resp = await client.get(f"{url}/metrics")
@@ -90,15 +97,60 @@ async def _scrape(url: str) -> dict[str, float]:
         return {}
 
 
+def stall_s(settings: WorkloadSettings) -> float:
+    return settings.stall_s if settings.stall_s else DEFAULT_STALL_S
+
+
+class StallWatch:
+    """Asks ``/health`` when a turn stalls: a server that does not answer ends the run with the
+    stall as its reason (a hung server fails within ``stall_s`` plus the check); one that answers
+    leaves the stalled turns as failed turns and the run goes on."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.seen = 0
+        self.note: str | None = None
+        self.hung = False  # /health did not answer: later calls to this server would only wait too
+
+    async def _health(self) -> str | None:
+        """None when /health answered 200, else what it did instead."""
+        try:
+            async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S, headers=self.headers) as client:
+                resp = await client.get(f"{self.url}/health")
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return None if resp.status_code == 200 else f"HTTP {resp.status_code}"
+
+    async def check(self, records: list[RequestRecord]) -> str | None:
+        """The abort reason when new stalls appeared and the server does not answer, else None."""
+        n = sum(1 for r in records if r.error is ErrorClass.STALLED)
+        if n <= self.seen:
+            return None
+        self.seen = n
+        failed = await self._health()
+        if failed is None:
+            self.note = f"stalled: {n} turns, server answered /health"
+            return None
+        self.note = f"stalled: {n} turns, server not answering /health ({failed})"
+        self.hung = True
+        return self.note
+
+
 async def _supervise(tasks: list[asyncio.Task[Any]], deadline: float, drain_s: float, abort: AbortCheck,
-                     progress: Callable[[], None], interval_s: float) -> str | None:
-    """Wait for tasks until the deadline plus drain; cancel the rest. Returns an abort reason."""
+                     progress: Callable[[], None], interval_s: float,
+                     watch: tuple[StallWatch, list[RequestRecord]] | None = None) -> str | None:
+    """Wait for tasks until the deadline plus drain; cancel the rest. Returns an abort reason.
+
+    With ``watch``, every new stalled turn triggers a /health check; turns still in flight at the
+    end that made no progress for ``stall_s`` are recorded as stalled by the client, not cancelled.
+    """
     hard = deadline + drain_s
     last = 0.0
     reason = None
     while not all(t.done() for t in tasks):
         now = time.monotonic()
-        reason = abort()
+        reason = abort() or (await watch[0].check(watch[1]) if watch else None)
         if reason or now >= hard:
             break
         if now - last >= interval_s:
@@ -108,6 +160,8 @@ async def _supervise(tasks: list[asyncio.Task[Any]], deadline: float, drain_s: f
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if watch and reason is None:
+        await watch[0].check(watch[1])  # turns the cancellation found stalled
     return reason
 
 
@@ -115,25 +169,29 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
                      chars_per_token: float, abort: AbortCheck = lambda: None,
                      progress: ProgressSink | None = None, free_mib: FreeMemory = lambda: None,
                      label: str = "", progress_interval_s: float = 10.0, api_key: str | None = None,
-                     model: str = "gpucap") -> RunResult:
-    """Multi-turn agents, one conversation each, for ``settings.duration_s`` (plus drain)."""
+                     model: str = "gpucap", first: int = 0, t0: float | None = None) -> RunResult:
+    """Multi-turn agents, one conversation each, for ``settings.duration_s`` (plus drain).
+
+    ``first`` numbers the agents (their prompts follow the number) and ``t0`` is the schedule's
+    start: a worker process of a split run gets its share of agents and the parent's clock.
+    """
     records: list[RequestRecord] = []
     convs = [Conversation(slot_ctx, chars_per_token) for _ in roles]
     clipped = 0
-    t0 = time.monotonic()
+    t0 = time.monotonic() if t0 is None else t0
     deadline = t0 + settings.duration_s
-    before = await _scrape(url)
+    before = await scrape(url)
 
-    async def agent(idx: int, role: Role, client: StreamingClient) -> None:
+    async def agent(i: int, role: Role, client: StreamingClient) -> None:
         nonlocal clipped
-        conv = convs[idx]
+        conv, idx = convs[i], first + i
         turn = 0
         while settings.max_turns is None or turn < settings.max_turns:
             if role.cadence_s:
                 scheduled = t0 + turn * role.cadence_s
                 if scheduled >= deadline:
                     return
-                await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+                await sleep_until(scheduled)
             else:
                 scheduled = time.monotonic()
                 if scheduled >= deadline:
@@ -161,13 +219,16 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
         progress(f"{label} {elapsed:5.0f}/{settings.duration_s:.0f} s, turns {len(done)} "
                  f"({sum(1 for r in done if not r.ok)} failed), {toks / max(elapsed, 1e-9):.1f} tok/s{free_txt}")
 
-    async with StreamingClient(url, len(roles), settings.request_timeout_s, settings.rtt_s, api_key, model) as client:
+    watch = StallWatch(url, api_key)
+    async with StreamingClient(url, len(roles), settings.request_timeout_s, settings.rtt_s, api_key, model,
+                               stall_s(settings)) as client:
         tasks = [asyncio.create_task(agent(i, r, client)) for i, r in enumerate(roles)]
-        reason = await _supervise(tasks, deadline, _drain(settings), abort, report, progress_interval_s)
+        reason = await _supervise(tasks, deadline, _drain(settings), abort, report, progress_interval_s,
+                                  (watch, records))
     report()
     result = RunResult(records, t0, t0 + settings.warmup_s, time.monotonic(), reason,
-                       sum(c.compactions for c in convs), clipped)
-    result.server_metrics_before, result.server_metrics_after = before, await _scrape(url)
+                       sum(c.compactions for c in convs), clipped, stalls=watch.note)
+    result.server_metrics_before, result.server_metrics_after = before, {} if watch.hung else await scrape(url)
     return result
 
 
@@ -179,19 +240,21 @@ def _drain(settings: WorkloadSettings) -> float:
 async def run_fixed(url: str, concurrency: int, n_requests: int, prompt_tokens: int, max_tokens: int,
                     chars_per_token: float, settings: WorkloadSettings, shared_prefix_tokens: int = 0,
                     abort: AbortCheck = lambda: None, extra: dict[str, Any] | None = None,
-                    api_key: str | None = None, model: str = "gpucap") -> RunResult:
+                    api_key: str | None = None, model: str = "gpucap", first: int = 0,
+                    t0: float | None = None) -> RunResult:
     """``n_requests`` single-turn requests kept ``concurrency`` in flight (the vLLM guide's shape).
 
     With ``shared_prefix_tokens`` every request starts with the same system prompt, so the server's
-    prefix cache can serve it; the hit rate comes from ``cached_tokens``/``cache_n``.
+    prefix cache can serve it; the hit rate comes from ``cached_tokens``/``cache_n``. Requests are
+    numbered from ``first`` (a worker process's share of a split run).
     """
     prefix = filler(random.Random(f"prefix:{settings.seed}"), int(shared_prefix_tokens * chars_per_token))
     records: list[RequestRecord] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n_requests):
+    for i in range(first, first + n_requests):
         queue.put_nowait(i)
-    t0 = time.monotonic()
-    before = await _scrape(url)
+    t0 = time.monotonic() if t0 is None else t0
+    before = await scrape(url)
 
     async def worker(client: StreamingClient) -> None:
         while True:
@@ -205,11 +268,13 @@ async def run_fixed(url: str, concurrency: int, n_requests: int, prompt_tokens: 
                         {"role": "user", "content": tool_blob(settings.seed, i, 0, prompt_tokens, chars_per_token)}]
             await client.chat(rec, messages, max_tokens, thinking=False, extra=extra)
 
-    async with StreamingClient(url, concurrency, settings.request_timeout_s, settings.rtt_s, api_key, model) as client:
+    watch = StallWatch(url, api_key)
+    async with StreamingClient(url, concurrency, settings.request_timeout_s, settings.rtt_s, api_key, model,
+                               stall_s(settings)) as client:
         tasks = [asyncio.create_task(worker(client)) for _ in range(concurrency)]
-        reason = await _supervise(tasks, t0 + settings.duration_s, 0.0, abort, lambda: None, 1e9)
-    result = RunResult(records, t0, t0, time.monotonic(), reason)
-    result.server_metrics_before, result.server_metrics_after = before, await _scrape(url)
+        reason = await _supervise(tasks, t0 + settings.duration_s, 0.0, abort, lambda: None, 1e9, (watch, records))
+    result = RunResult(records, t0, t0, time.monotonic(), reason, stalls=watch.note)
+    result.server_metrics_before, result.server_metrics_after = before, {} if watch.hung else await scrape(url)
     return result
 
 
@@ -223,20 +288,22 @@ async def run_poisson(url: str, rate_per_s: float, n_requests: int, prompt_token
     t0 = time.monotonic()
 
     async def one(client: StreamingClient, i: int, at: float) -> None:
-        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        await sleep_until(at)
         rec = RequestRecord(agent=i, role="poisson", turn=0, scheduled=at)
         records.append(rec)
         messages = [{"role": "user", "content": tool_blob(settings.seed, i, 0, prompt_tokens, chars_per_token)}]
         await client.chat(rec, messages, max_tokens, thinking=False)
 
     at = t0
-    async with StreamingClient(url, max_in_flight, settings.request_timeout_s, settings.rtt_s, api_key, model) as client:
+    watch = StallWatch(url, api_key)
+    async with StreamingClient(url, max_in_flight, settings.request_timeout_s, settings.rtt_s, api_key, model,
+                               stall_s(settings)) as client:
         tasks = []
         for i in range(n_requests):
             at += rng.expovariate(rate_per_s)
             tasks.append(asyncio.create_task(one(client, i, at)))
-        reason = await _supervise(tasks, t0 + settings.duration_s, 0.0, abort, lambda: None, 1e9)
-    return RunResult(records, t0, t0, time.monotonic(), reason)
+        reason = await _supervise(tasks, t0 + settings.duration_s, 0.0, abort, lambda: None, 1e9, (watch, records))
+    return RunResult(records, t0, t0, time.monotonic(), reason, stalls=watch.note)
 
 
 # ---------------------------------------------------------------- the agent-connection ramp
@@ -275,43 +342,64 @@ def ramp_steps(start: int, ceiling: int, factor: int = 2) -> list[int]:
     return steps + [ceiling]
 
 
-async def _ramp_step(url: str, n: int, settings: WorkloadSettings, chars_per_token: float,
-                     api_key: str | None = None, model: str = "gpucap") -> list[RequestRecord]:
-    """``n`` agents at once, each with its own connection and conversation, one turn each."""
-    clients = [StreamingClient(url, 1, settings.request_timeout_s, settings.rtt_s, api_key, model) for _ in range(n)]
-    records = [RequestRecord(agent=i, role="ramp", turn=0, scheduled=time.monotonic()) for i in range(n)]
-    try:
+async def ramp_step(url: str, n: int, settings: WorkloadSettings, chars_per_token: float,
+                     api_key: str | None = None, model: str = "gpucap", first: int = 0) -> list[RequestRecord]:
+    """``n`` agents at once, each with its own connection and conversation, one turn each (agent ids
+    from ``first``, so a step split across processes sends the same requests as one process)."""
+    records = [RequestRecord(agent=first + i, role="ramp", turn=0, scheduled=time.monotonic()) for i in range(n)]
+    async with StreamingClient(url, n, settings.request_timeout_s, settings.rtt_s, api_key, model,
+                               stall_s(settings)) as client:
         async def one(i: int) -> None:
             content = "Hello." if not settings.ramp_context_tokens else tool_blob(
-                settings.seed, i, 0, settings.ramp_context_tokens, chars_per_token)
-            await clients[i].chat(records[i], [{"role": "user", "content": content}],
-                                  settings.ramp_max_tokens, thinking=False)
+                settings.seed, first + i, 0, settings.ramp_context_tokens, chars_per_token)
+            await client.chat(records[i], [{"role": "user", "content": content}],
+                              settings.ramp_max_tokens, thinking=False)
 
         tasks = [asyncio.create_task(one(i)) for i in range(n)]
         await _supervise(tasks, time.monotonic() + settings.request_timeout_s, 0.0, lambda: None, lambda: None, 1e9)
-    finally:
-        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
     return records
+
+
+#: A ramp step whose busiest client process used this share of a core was limited by the client.
+CLIENT_BUSY = 0.9
+#: Below this share of host memory available, a failing step is put down to memory.
+LOW_MEMORY = 0.05
+#: Step runner: N agents -> (their records, the busiest client process's CPU share of its wall time).
+StepRunner = Callable[[int], Awaitable["tuple[list[RequestRecord], float]"]]
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 async def run_ramp(url: str, settings: WorkloadSettings, chars_per_token: float,
                    memory: Callable[[], tuple[float | None, float | None]],
                    p95_budget_s: float | None = None, abort: AbortCheck = lambda: None,
                    progress: ProgressSink | None = None, start: int = 1, api_key: str | None = None,
-                   model: str = "gpucap") -> dict[str, Any]:
+                   model: str = "gpucap", step_runner: StepRunner | None = None) -> dict[str, Any]:
     """Double N up to the ceiling; stop at the first step with errors or an SLO breach.
 
     The knee is the first N whose p95 turn latency exceeds twice the single-agent p95: from there
-    on, agents wait for each other instead of running side by side.
+    on, agents wait for each other instead of running side by side. ``limit`` names what stopped the
+    ramp: the ceiling, file descriptors, memory, the client (a process near a full core) or the server.
+    ``step_runner`` runs a step elsewhere (split across client processes).
     """
     limits = raise_nofile(2 * settings.ramp_ceiling + 256)
+
+    async def here(n: int) -> tuple[list[RequestRecord], float]:
+        cpu0, wall0 = _cpu_s(), time.monotonic()
+        recs = await ramp_step(url, n, settings, chars_per_token, api_key, model)
+        return recs, (_cpu_s() - cpu0) / max(time.monotonic() - wall0, 1e-9)
+
     steps: list[RampStep] = []
+    limit: dict[str, Any] = {"limit": None, "limit_detail": None}
     for n in ramp_steps(start, settings.ramp_ceiling):
         reason = abort()
         if reason:
             return {"steps": [vars(s) for s in steps], "aborted": reason, "nofile": limits,
-                    **_ramp_summary(steps)}
-        recs = await _ramp_step(url, n, settings, chars_per_token, api_key, model)
+                    **_ramp_summary(steps), **limit}
+        recs, busy = await (step_runner or here)(n)
         ok = [r for r in recs if r.ok]
         failed = [r for r in recs if not r.ok]
         create = pcts((r.headers - r.scheduled) for r in ok if r.headers)
@@ -324,12 +412,38 @@ async def run_ramp(url: str, settings: WorkloadSettings, chars_per_token: float,
         elif p95_budget_s is not None and (turn["p95"] or 0) > p95_budget_s:
             step.breach = f"turn p95 {turn['p95']:.2f} s > budget {p95_budget_s:.2f} s"
         steps.append(step)
+        limit = ramp_limit(step, failed, busy, settings.ramp_ceiling)
         if progress:
             progress(f"ramp N={n}: ok {len(ok)}, errors {len(failed)}, turn p95 "
-                     f"{(turn['p95'] or 0):.2f} s{', ' + step.breach if step.breach else ''}")
+                     f"{(turn['p95'] or 0):.2f} s, client busy {busy:.0%}"
+                     f"{', ' + step.breach + ' (limit: ' + str(limit['limit']) + ')' if step.breach else ''}")
         if step.breach:
             break
-    return {"steps": [vars(s) for s in steps], "aborted": None, "nofile": limits, **_ramp_summary(steps)}
+    return {"steps": [vars(s) for s in steps], "aborted": None, "nofile": limits, **_ramp_summary(steps), **limit}
+
+
+def ramp_limit(step: RampStep, failed: list[RequestRecord], client_busy: float, ceiling: int) -> dict[str, Any]:
+    """What stopped the ramp at ``step``: ``ceiling`` (nothing did), ``file descriptors`` (EMFILE),
+    ``memory`` (allocation failures or the host nearly out), ``client`` (a client process near a full
+    core) or ``server`` (it failed or slowed the turns while the client had CPU to spare)."""
+    if step.breach is None:
+        return {"limit": "ceiling" if step.n >= ceiling else None,
+                "limit_detail": f"reached the ramp ceiling N={ceiling}" if step.n >= ceiling else None}
+    details = " ".join(r.detail for r in failed)
+    if "Too many open files" in details or "EMFILE" in details:
+        return {"limit": "file descriptors", "limit_detail": f"out of file descriptors at N={step.n}"}
+    import psutil
+
+    vm = psutil.virtual_memory()
+    if "MemoryError" in details or "Cannot allocate memory" in details or vm.available < LOW_MEMORY * vm.total:
+        return {"limit": "memory", "limit_detail": f"host memory at N={step.n}: {vm.available / 2**20:.0f} MiB "
+                                                   f"available of {vm.total / 2**20:.0f} MiB"}
+    if client_busy >= CLIENT_BUSY:
+        return {"limit": "client", "limit_detail": f"a client process used {client_busy:.0%} of a core at "
+                                                   f"N={step.n}: raise --gpucap-client-procs"}
+    common = Counter(r.detail.split("(")[0][:80] for r in failed if r.detail).most_common(1)
+    return {"limit": "server", "limit_detail": f"{step.breach} at N={step.n} with the client {client_busy:.0%} busy"
+                                               + (f", mostly {common[0][0]}" if common else "")}
 
 
 def _count(records: list[RequestRecord]) -> dict[str, int]:
@@ -348,5 +462,10 @@ def _ramp_summary(steps: list[RampStep]) -> dict[str, Any]:
 
 
 def run(coro: Awaitable[Any]) -> Any:
-    """Run a workload coroutine from synchronous test code."""
-    return asyncio.run(coro)  # type: ignore[arg-type]
+    """Run a workload coroutine from synchronous test code, on uvloop where it is installed (its
+    C event loop takes a measured share of the client's CPU per token off the host under test)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
