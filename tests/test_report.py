@@ -598,7 +598,7 @@ def test_client_server_crosscheck_and_goodput(tmp_path: Path) -> None:
     flags = [line for line in section.splitlines() if line.startswith("- 4090-")]
     assert flags == [
         "- 4090-n3-ctx128k-q8 (A (TL, Dev, QA)): client fell behind the server: figures understate it "
-        "(decode-rate ratio 0.720).",
+        "(decode-rate ratio 0.720); raise --gpucap-client-procs.",
         "- 4090-n5-ctx32k-q8 (B (3×Research)): the server gave no token usage on any turn: their tokens are not "
         "counted, so TPS understates the run.",
         "- 4090-n5-ctx32k-q8 (B (3×Research)): the server reported no timings and no token counter: the client's "
@@ -609,7 +609,7 @@ def test_client_server_crosscheck_and_goodput(tmp_path: Path) -> None:
     html = (tmp_path / "capacity.html").read_text()
     assert 'id="crosscheck-table"' in html and 'id="goodput-table"' in html
     assert "<li class=\"warn\">4090-n3-ctx128k-q8 (A (TL, Dev, QA)): client fell behind the server: figures " \
-           "understate it (decode-rate ratio 0.720).</li>" in html
+           "understate it (decode-rate ratio 0.720); raise --gpucap-client-procs.</li>" in html
     assert '<td class="bad">yes</td>' in html
 
     clean = tmp_path / "clean"

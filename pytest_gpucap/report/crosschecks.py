@@ -175,7 +175,7 @@ def crosscheck_flags(records: list[Record]) -> list[str]:
             continue
         if cc.client_behind:
             out.append(f"{label}: client fell behind the server: figures understate it "
-                       f"(decode-rate ratio {_ratio(cc.decode_rate_ratio)}).")
+                       f"(decode-rate ratio {_ratio(cc.decode_rate_ratio)}); raise --gpucap-client-procs.")
         ratio = fmt.as_float(cc.token_ratio)
         if ratio is not None and abs(ratio - 1) > TOKEN_RATIO_TOLERANCE:
             out.append(f"{label}: client and server token counts disagree (ratio {_ratio(ratio)}).")
