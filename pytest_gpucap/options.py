@@ -142,16 +142,21 @@ def _float_setting(config: pytest.Config, ini: str, env: str | None, flag: str,
     return value
 
 
-def strict_setting(config: pytest.Config) -> bool:
-    """``--gpucap-strict``, else ``GPUCAP_STRICT`` (1/true/yes/on; 0/false/no/off), else the ini key."""
-    if config.getoption("gpucap_strict"):
+def switch_setting(config: pytest.Config, dest: str, env_name: str) -> bool:
+    """An on/off option: the flag, else the env variable (1/true/yes/on or 0/false/no/off), else the ini key."""
+    if config.getoption(dest):
         return True
-    env = os.environ.get("GPUCAP_STRICT", "").strip().lower()
+    env = os.environ.get(env_name, "").strip().lower()
     if env:
         if env not in (*_TRUE, "0", "false", "no", "off"):
-            raise pytest.UsageError(f"GPUCAP_STRICT={env!r}: write 1 or 0")
+            raise pytest.UsageError(f"{env_name}={env!r}: write 1 or 0")
         return env in _TRUE
-    return bool(config.getini("gpucap_strict"))
+    return bool(config.getini(dest))
+
+
+def strict_setting(config: pytest.Config) -> bool:
+    """``--gpucap-strict``, else ``GPUCAP_STRICT``, else the ini key (read by the strict gate before settings)."""
+    return switch_setting(config, "gpucap_strict", "GPUCAP_STRICT")
 
 
 def gpus_setting(config: pytest.Config) -> tuple[int, ...] | None:
@@ -230,7 +235,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         calibration_path=path("gpucap_calibration"),
         baseline_path=baseline,
         regression_threshold_pct=5.0 if threshold is None else threshold,
-        stop_services=_stop_services(config),
+        stop_services=switch_setting(config, "gpucap_stop_services", "GPUCAP_STOP_SERVICES"),
         gpus=gpus_setting(config), strict=strict_setting(config),
         client_procs=_procs_setting(config),
         repeat=_repeat(config),
@@ -249,17 +254,3 @@ def _repeat(config: pytest.Config) -> int:
     if value < 1:
         raise pytest.UsageError(f"--gpucap-repeat must be a whole number >= 1, got {raw!r}")
     return value
-
-
-def _stop_services(config: pytest.Config) -> bool:
-    """``--gpucap-stop-services``, else ``GPUCAP_STOP_SERVICES`` (1/true/yes/on or 0/false/no/off), else the ini."""
-    if config.getoption("gpucap_stop_services"):
-        return True
-    raw = os.environ.get("GPUCAP_STOP_SERVICES", "").strip().lower()
-    if raw:
-        if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise pytest.UsageError(f"GPUCAP_STOP_SERVICES={raw!r}: write 1 or 0")
-        return raw in ("1", "true", "yes", "on")
-    return bool(config.getini("gpucap_stop_services"))
-
-

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -27,6 +28,18 @@ from pytest_gpucap.backends.process import OWNER_ENV, free_port
 RUN_ENV = "GPUCAP_TEST_RUN"
 #: This checkout: subprocess runs import its plugin, not whichever copy the venv has installed.
 REPO = Path(__file__).resolve().parents[1]
+
+#: A test file whose every config has three tests (they must share one server per config).
+TWO_TESTS_PER_CONFIG = '''
+import pytest
+
+def test_ceiling(gpucap_ceiling):
+    gpucap_ceiling.assert_slos()
+
+@pytest.mark.parametrize("i", range(2))
+def test_again(gpucap_ceiling, i):
+    gpucap_ceiling.assert_slos()
+'''
 
 #: Three small configs of the cpu profile (several tests boot them under xdist).
 THREE_CONFIGS = """
@@ -118,6 +131,68 @@ def tagged_processes(run_id: str) -> list[psutil.Process]:
         if OWNER_ENV in env and env.get(RUN_ENV) == run_id:
             found.append(proc)
     return found
+
+
+class ChildPytest:
+    """A capacity session in a pytest child we start (and signal) ourselves, in the pytester dir.
+
+    ``kill_all`` is safe to call in any state: it SIGKILLs the child and every process it tagged,
+    and returns the pids it found still running.
+    """
+
+    def __init__(self, pytester: pytest.Pytester, matrix: str, server_bin: Path, *args: str) -> None:
+        pytester.makeini("[pytest]\naddopts = --strict-markers\n")
+        pytester.makefile(".toml", gpucap=matrix)
+        pytester.makepyfile(test_capacity=CEILING_TEST)
+        self.run_id = uuid.uuid4().hex
+        self.log = pytester.path / "child.log"
+        argv = [sys.executable, "-m", "pytest", "--gpucap-matrix", "gpucap.toml", "--gpucap-server-bin",
+                str(server_bin), "-p", "no:cacheprovider", "--basetemp", str(pytester.path / "basetemp"), "-v",
+                *args]
+        env = {**os.environ, RUN_ENV: self.run_id,
+               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, cwd=pytester.path, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_server(self, timeout: float = 60) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = tagged_processes(self.run_id)
+            if found:
+                return found
+            assert self.proc.poll() is None, f"pytest exited before starting a server:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no server started:\n{self.output()}"
+            time.sleep(0.1)
+
+    def wait_no_server(self, timeout: float) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        while (left := tagged_processes(self.run_id)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pytest did not exit within {timeout} s:\n{self.output()}")
+
+    def kill_all(self) -> list[int]:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        left = tagged_processes(self.run_id)
+        for proc in left:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                with contextlib.suppress(OSError, psutil.Error):
+                    proc.kill()
+        return [p.pid for p in left]
+
 
 
 def matrix_toml(model: Path, configs: str, profile: str = "cpu", extra: str = "") -> str:

@@ -8,18 +8,15 @@ is left behind.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import CEILING_TEST, RUN_ENV, CapacityRun, matrix_toml, tagged_processes
+from conftest import CEILING_TEST, CapacityRun, ChildPytest, matrix_toml, tagged_processes
 
 TWO_CONFIGS = """
     [[profiles.cpu.configs]]
@@ -222,55 +219,6 @@ case "$1" in --version) exec "{real}" "$@";; esac
 sleep {delay}
 exec "{real}" "$@"
 """
-
-
-class ChildPytest:
-    """A capacity session in a pytest child we start (and signal) ourselves, in the pytester dir.
-
-    ``kill_all`` is safe to call in any state: it SIGKILLs the child and every process it tagged.
-    """
-
-    def __init__(self, pytester: pytest.Pytester, matrix: str, server_bin: Path, *args: str) -> None:
-        pytester.makeini("[pytest]\naddopts = --strict-markers\n")
-        pytester.makefile(".toml", gpucap=matrix)
-        pytester.makepyfile(test_capacity=CEILING_TEST)
-        self.run_id = uuid.uuid4().hex
-        self.log = pytester.path / "child.log"
-        argv = [sys.executable, "-m", "pytest", "--gpucap-matrix", "gpucap.toml", "--gpucap-server-bin",
-                str(server_bin), "-p", "no:cacheprovider", "--basetemp", str(pytester.path / "basetemp"), "-v",
-                *args]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=pytester.path, env={**os.environ, RUN_ENV: self.run_id},
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for_server(self, timeout: float = 60) -> list[psutil.Process]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = tagged_processes(self.run_id)
-            if found:
-                return found
-            assert self.proc.poll() is None, f"pytest exited before starting a server:\n{self.output()}"
-            assert time.monotonic() < deadline, f"no server started:\n{self.output()}"
-            time.sleep(0.1)
-
-    def wait_no_server(self, timeout: float) -> list[psutil.Process]:
-        deadline = time.monotonic() + timeout
-        while (left := tagged_processes(self.run_id)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return left
-
-    def kill_all(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        for proc in tagged_processes(self.run_id):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                proc.kill()
 
 
 def test_ctrl_c_during_boot(pytester: pytest.Pytester, llama_server_bin: Path, tiny_model: Path) -> None:

@@ -19,7 +19,6 @@ import textwrap
 import threading
 import tomllib
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +27,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import CEILING_TEST, RUN_ENV, CapacityRun, matrix_toml, own_server, tagged_processes
+from conftest import CapacityRun, ChildPytest, matrix_toml, own_server, tagged_processes
 from pytest_gpucap.backends.process import free_port
 from pytest_gpucap.matrix import MatrixError, load_matrix, parse_matrix
 
@@ -365,23 +364,8 @@ def test_cotenant_already_running_is_left_alone(capacity_run: CapacityRun, produ
 
 # ---------------------------------------------------------------- sessions that are ended from outside
 
-class Child:
-    """A capacity session in a pytest child we start and signal ourselves (``kill_all`` is always safe)."""
-
-    def __init__(self, pytester: pytest.Pytester, matrix: str, server_bin: Path, *args: str) -> None:
-        pytester.makeini("[pytest]\naddopts = --strict-markers\n")
-        pytester.makefile(".toml", gpucap=matrix)
-        pytester.makepyfile(test_capacity=CEILING_TEST)
-        self.run_id = uuid.uuid4().hex
-        self.log = pytester.path / "child.log"
-        argv = [sys.executable, "-m", "pytest", "--gpucap-matrix", "gpucap.toml", "--gpucap-server-bin",
-                str(server_bin), "-p", "no:cacheprovider", "--basetemp", str(pytester.path / "basetemp"), *args]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=pytester.path, env={**os.environ, RUN_ENV: self.run_id},
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+class Child(ChildPytest):
+    """A capacity session with services and co-tenants, in a pytest child we start and signal ourselves."""
 
     def wait_for_config_server(self, timeout: float = 90) -> None:
         """Until the config's server (not the co-tenant) runs."""
@@ -391,22 +375,6 @@ class Child:
             assert time.monotonic() < deadline, f"no config server started:\n{self.output()}"
             time.sleep(0.1)
         time.sleep(1.0)  # into the hold
-
-    def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"pytest did not exit within {timeout} s:\n{self.output()}")
-
-    def kill_all(self) -> list[int]:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        left = tagged_processes(self.run_id)
-        for proc in left:
-            with contextlib.suppress(OSError, psutil.Error):
-                proc.kill()
-        return [p.pid for p in left]
 
 
 def _cmdline(proc: psutil.Process) -> str:

@@ -7,21 +7,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from conftest import THREE_CONFIGS, CapacityRun, matrix_toml
+from conftest import THREE_CONFIGS, TWO_TESTS_PER_CONFIG, CapacityRun, matrix_toml
 
 from pytest_gpucap import records
 from pytest_gpucap.files import DeviceLock
 
-TWO_TESTS_PER_CONFIG = '''
-import pytest
-
-def test_ceiling(gpucap_ceiling):
-    gpucap_ceiling.assert_slos()
-
-@pytest.mark.parametrize("i", range(2))
-def test_again(gpucap_ceiling, i):
-    gpucap_ceiling.assert_slos()
-'''
 
 
 def _intervals(recs: list[dict]) -> dict[str, tuple[float, float]]:
