@@ -45,6 +45,18 @@ def device_count() -> int:
     return int(_nv().nvmlDeviceGetCount())
 
 
+def card_count() -> int:
+    """How many cards NVML sees: 0 without the library or a driver (``--gpucap-gpus auto``)."""
+    try:
+        init()
+    except Exception:  # NvmlError (no nvidia-ml-py) or pynvml.NVMLError: no library, no driver
+        return 0
+    try:
+        return device_count()
+    finally:
+        shutdown()
+
+
 def handle_by_index(index: int) -> Any:
     return _nv().nvmlDeviceGetHandleByIndex(index)
 

@@ -89,6 +89,14 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
      "run each workload K times (noisy hosts): the record keeps the median run and the spread, and the "
      "gate flags a regression only beyond the larger of the threshold and that spread (default 1)"),
 ]
+#: On/off options with an env variable and an ini key too (read by ``switch_setting``).
+_SWITCHES = [
+    ("strict", "gpucap_strict", "GPUCAP_STRICT",
+     "fail the session (exit 1) when a selected config was not measured or -m selected no capacity config"),
+    ("stop-services", "gpucap_stop_services", "GPUCAP_STOP_SERVICES",
+     "stop the profiles' production services (matrix [[profiles.NAME.services]]) before the first boot "
+     "and start them again after the session"),
+]
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -105,18 +113,12 @@ def add_options(parser: pytest.Parser) -> None:
                     help="print the predicted memory fit of the selected configs and exit (boots nothing)")
     group.addoption("--gpucap-no-predict-skip", action="store_true", dest="gpucap_no_predict_skip",
                     help="boot configs the memory model predicts will not fit (to confirm the prediction)")
-    group.addoption("--gpucap-strict", action="store_true", dest="gpucap_strict", default=None,
-                    help="fail the session (exit 1) when a selected config was not measured or -m selected "
-                         "no capacity config [env GPUCAP_STRICT]")
-    parser.addini("gpucap_strict", type="bool", default=False,
-                  help="fail the session when a selected config was not measured (as --gpucap-strict)")
     group.addoption("--gpucap-no-sweep", action="store_true", dest="gpucap_no_sweep",
                     help="do not remove servers left by an earlier crashed pytest-gpucap session")
-    group.addoption("--gpucap-stop-services", action="store_true", dest="gpucap_stop_services", default=None,
-                    help="stop the profiles' production services (matrix [[profiles.NAME.services]]) before the "
-                         "first boot and start them again after the session [env GPUCAP_STOP_SERVICES=1]")
-    parser.addini("gpucap_stop_services", type="bool", default=False,
-                  help="stop the profiles' production services for the session and restore them after")
+    for name, ini, env, help_text in _SWITCHES:
+        group.addoption(f"--gpucap-{name}", action="store_true", dest=ini, default=None,
+                        help=f"{help_text} [env {env}=1]")
+        parser.addini(ini, type="bool", default=False, help=f"{help_text} (as --gpucap-{name})")
 
 
 def _setting(config: pytest.Config, ini: str, env: str | None) -> str | None:

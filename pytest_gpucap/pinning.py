@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
+from . import nvml
 from .matrix import CapacityConfig, HostProfile
 
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
@@ -89,25 +90,11 @@ def detect_gpus(environ: Mapping[str, str] | None = None) -> tuple[int, ...]:
     if entries is not None:
         count = len(entries)
     else:
-        count = _nvml_count()
+        count = nvml.card_count()
     if count == 0:
         raise ValueError("--gpucap-gpus auto: no NVIDIA GPU found (NVML sees none and CUDA_VISIBLE_DEVICES "
                          "is unset or empty); list the cards instead, e.g. --gpucap-gpus 0,1")
     return tuple(range(count))
-
-
-def _nvml_count() -> int:
-    """How many cards NVML sees (0 without a driver or the library)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # ImportError, or pynvml.NVMLError: no library, no driver
-        return 0
-    try:
-        return int(pynvml.nvmlDeviceGetCount())
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def worker_gpu(gpus: Sequence[int], worker_id: str | None) -> int | None:

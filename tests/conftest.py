@@ -41,6 +41,13 @@ def test_again(gpucap_ceiling, i):
     gpucap_ceiling.assert_slos()
 '''
 
+#: The smallest cpu config: one slot, 1K context (sessions that only need a server up).
+ONE_CONFIG = """
+    [[profiles.cpu.configs]]
+    n = 1
+    ctx = 1024
+"""
+
 #: Three small configs of the cpu profile (several tests boot them under xdist).
 THREE_CONFIGS = """
     [[profiles.cpu.configs]]

@@ -19,18 +19,13 @@ from typing import Iterator
 
 import psutil
 import pytest
-from conftest import CEILING_TEST, REPO, RUN_ENV, CapacityRun, matrix_toml
+from conftest import CEILING_TEST, ONE_CONFIG, REPO, RUN_ENV, CapacityRun, matrix_toml
 
 from pytest_gpucap import records
 from pytest_gpucap.backends.process import free_port
 
 REQUIRE_ENV = "GPUCAP_REQUIRE_SSH"
 HOST_ALIAS = "gpucap-loopback"
-ONE_CONFIG = """
-    [[profiles.cpu.configs]]
-    n = 1
-    ctx = 1024
-"""
 
 
 @dataclass

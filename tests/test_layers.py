@@ -25,7 +25,7 @@ LAYERS = {
     "verdicts": 5, "search": 5, "search_boot": 5, "ceiling": 5, "harness": 5,
     "report": 6, "compare": 6, "terminal": 6, "provenance": 6, "benchmarks": 6,
     "plugin": 7, "recorder": 7, "resolve": 7, "search_run": 7, "xdist_groups": 7,
-    "nvml": 1,  # issue 10 (part B): the thin NVML adapter and the logic above it
+    "nvml": 0,  # issue 10 (part B): the thin NVML adapter and the logic above it (stdlib only)
     "hostspec": 0,  # issue 11: services and co-tenants a profile declares
     "services": 1,  # issue 11: stop and restore production services, the state file
     "cotenants": 2,  # issue 11: co-tenants on the process core, their memory

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import CEILING_TEST, CapacityRun, ChildPytest, matrix_toml, tagged_processes
+from conftest import CEILING_TEST, ONE_CONFIG, CapacityRun, ChildPytest, matrix_toml, tagged_processes
 
 TWO_CONFIGS = """
     [[profiles.cpu.configs]]
@@ -28,11 +28,6 @@ TWO_CONFIGS = """
     cache_type = "q8_0"
 """
 
-ONE_CONFIG = """
-    [[profiles.cpu.configs]]
-    n = 1
-    ctx = 1024
-"""
 
 
 def _no_traceback(result: pytest.RunResult) -> None:

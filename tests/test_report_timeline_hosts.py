@@ -51,7 +51,7 @@ def test_memory_timeline_chart_has_the_records_series_phases_and_minimum(tmp_pat
     render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
     name = f"{chart.slug}.svg"
-    assert f"## Memory over time" in md and f"(charts/{name})" in md and (tmp_path / "charts" / name).is_file()
+    assert "## Memory over time" in md and f"(charts/{name})" in md and (tmp_path / "charts" / name).is_file()
     html = (tmp_path / "capacity.html").read_text()
     assert f'id="chart-{chart.slug}"' in html and 'id="memory-timeline"' in html
     assert memory_timelines([replace(r, memory=replace(r.memory, timeline=None)) for r in recs]) == []

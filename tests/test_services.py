@@ -27,15 +27,10 @@ import httpx
 import psutil
 import pytest
 
-from conftest import CapacityRun, ChildPytest, matrix_toml, own_server, tagged_processes
+from conftest import ONE_CONFIG, CapacityRun, ChildPytest, matrix_toml, own_server, tagged_processes
 from pytest_gpucap.backends.process import free_port
 from pytest_gpucap.matrix import MatrixError, load_matrix, parse_matrix
 
-ONE_CONFIG = """
-    [[profiles.cpu.configs]]
-    n = 1
-    ctx = 1024
-"""
 
 SERVICE_CLIENT = """\
 # The service's stop/start command: asks the test's service manager, like systemctl asks systemd.

@@ -12,14 +12,9 @@ from typing import Iterator
 import psutil
 import pytest
 
-from conftest import CapacityRun, matrix_toml, own_server
+from conftest import ONE_CONFIG, CapacityRun, matrix_toml, own_server
 from pytest_gpucap.backends.process import OWNER_ENV
 
-ONE_CONFIG = """
-    [[profiles.cpu.configs]]
-    n = 1
-    ctx = 1024
-"""
 
 
 def _dead_pid() -> int:

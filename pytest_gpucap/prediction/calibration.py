@@ -10,7 +10,6 @@ host profile as JSON and read back by the next session.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from ..files import write_atomically
 from ..matrix import CapacityConfig
 from .compute import estimate_compute_bytes
 from .facts import MIB, ModelFacts, is_host_buffer, read_model_facts
@@ -78,12 +78,8 @@ class Calibration:
 
 def save_calibration(calibration: Calibration, path: Path) -> None:
     """Write ``{profile: {...}}`` as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({k: v.as_dict() for k, v in calibration.profiles.items()}, indent=2,
-                              sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps({k: v.as_dict() for k, v in calibration.profiles.items()}, indent=2, sort_keys=True)
+    write_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def load_calibration(path: Path) -> Calibration:
