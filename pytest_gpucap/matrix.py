@@ -1,4 +1,5 @@
-"""Capacity configurations, host profiles and SLOs, and the matrix file that declares them.
+"""Capacity configurations and host profiles, and the matrix file that declares them (the SLO and
+workload budgets they carry are in ``budgets``).
 
 Everything here is a frozen dataclass so a configuration can key a session-scoped fixture and be
 written into a result record unchanged. Validation errors are ``MatrixError`` with one line naming
@@ -12,14 +13,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .budgets import (  # re-exported: the budgets are read as matrix.SLO, matrix.Workload, ...
+    COMFORTABLE_FACTOR, HEADROOM_CLASSES, SLO, Preflight, WatchdogLimits, Workload,
+)
 from .hostspec import CotenantSpec, ServiceSpec, cotenants_from, services_from
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 BACKENDS = ("llamacpp", "vllm", "external")
-#: The study's headroom words, best first; free memory of at least ``COMFORTABLE_FACTOR`` x the
-#: headroom SLO is the first, at least the SLO the second, less the third (``SLO.headroom_class``).
-HEADROOM_CLASSES = ("Comfortable", "Marginal", "Risky")
-COMFORTABLE_FACTOR = 2.0
 DEVICES = ("cuda", "host")
 FLASH_ATTN = ("on", "off", "auto")
 GENERATED_PREFIX = "generated:"
@@ -27,69 +27,6 @@ GENERATED_PREFIX = "generated:"
 
 class MatrixError(ValueError):
     """A matrix file or marker declares something invalid; the message is one line."""
-
-
-@dataclass(frozen=True)
-class SLO:
-    """Budgets a capacity test must meet; None means "not gated"."""
-
-    headroom_gib: float = 1.5
-    p95_s: tuple[tuple[str, float], ...] = ()  # per role: E2E turn latency p95 budget
-    min_agg_tps: float | None = None
-    max_error_rate: float | None = None
-    ttft_p95_s: float | None = None
-    queue_p95_s: float | None = None  # vLLM: server-side queue time p95 (from /metrics) budget
-    ramp_p95_s: float | None = None  # per-step turn p95 budget in the agent-connection ramp
-
-    def headroom_class(self, free_gib: float) -> str:
-        """The study's words for free memory against this SLO: Comfortable at >= 2x the headroom
-        budget, Marginal at >= the budget, else Risky. The one definition of the rule: judgements go
-        through ``verdicts.headroom_class``; the prediction (below verdicts) reads it here."""
-        if free_gib >= COMFORTABLE_FACTOR * self.headroom_gib:
-            return HEADROOM_CLASSES[0]
-        if free_gib >= self.headroom_gib:
-            return HEADROOM_CLASSES[1]
-        return HEADROOM_CLASSES[2]
-
-    def role_p95(self) -> dict[str, float]:
-        return dict(self.p95_s)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """How long and how large workloads run on a profile (see workload.roles.WorkloadSettings)."""
-
-    duration_s: float = 600.0
-    warmup_s: float = 0.0
-    token_scale: float = 1.0
-    cadence_scale: float = 1.0
-    max_turns: int | None = None
-    seed: int = 0
-    request_timeout_s: float = 900.0
-    ramp_ceiling: int = 2048
-    ramp_max_tokens: int = 16
-    ramp_context_tokens: int = 0
-    rtt_s: float = 0.0  # injected client round-trip per request (remote-agent penalty curve)
-    stall_s: float | None = None  # a stream silent this long is a failed "stalled" turn (default: from the SLO)
-
-
-@dataclass(frozen=True)
-class Preflight:
-    """Floors checked before boot (skip) and after boot (skip the workload)."""
-
-    min_available_gib: float = 0.0
-    min_free_gib: float = 0.0
-    post_boot_min_free_gib: float = 0.0
-
-
-@dataclass(frozen=True)
-class WatchdogLimits:
-    """The watchdog stops a server when memory stays under these for ``window_s``."""
-
-    min_available_gib: float = 0.0
-    min_free_gib: float = 0.0
-    window_s: float = 15.0
-    interval_s: float = 0.5
 
 
 @dataclass(frozen=True)

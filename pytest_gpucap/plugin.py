@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from . import predict_mode, prediction, records, strict
+from . import predict_mode, prediction, strict
 from .matrix import (
     BACKENDS, DEFAULT_MATRIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
@@ -21,13 +20,14 @@ from .matrix import (
 from .ceiling import Ceiling, ceiling_record
 from .recorder import Recorder
 from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
-from .backends import LaunchSpec, PreflightSkip, ServerError, ServerHandle
+from .backends import LaunchSpec, PreflightSkip, ServerHandle
 from .backends.process import sweep_leftovers
 from .resolve import Missing, Resolver
 from .search import SearchSpace
 from .xdist_groups import GROUPS_DIR_KEY, ConfigGroupScheduling, write_groups
 from .search_run import SearchRun, SearchSession
 from .harness import Harness
+from .report_props import as_test_failure, attach, junit_headline_only, progress_sink, record_outcome
 from .host_routine import register_host_routine, skip_if_service_up
 from .options import Settings, add_options, gpus_setting, resolve_settings
 from .pinning import probe_cards, worker_gpu
@@ -246,7 +246,7 @@ def _resolver(request: pytest.FixtureRequest) -> Resolver:
         worker = getattr(request.config, "workerinput", None)
         lock_dir = (basetemp.parent if worker is not None else basetemp) / "gpucap-devices"
         state.resolver = Resolver(state.settings, state.matrix, cache_dir, basetemp / "gpucap-logs",
-                                  state.owner_token, _progress_sink(request.config), lock_dir=lock_dir,
+                                  state.owner_token, progress_sink(request.config), lock_dir=lock_dir,
                                   worker_gpu=worker_gpu(state.settings.gpus or (), (worker or {}).get("workerid")))
     return state.resolver
 
@@ -257,15 +257,6 @@ def launch_spec(request: pytest.FixtureRequest, cfg: CapacityConfig) -> LaunchSp
         return _resolver(request).spec(cfg)
     except Missing as exc:
         pytest.skip(str(exc))
-
-
-@contextlib.contextmanager
-def _as_test_failure() -> Iterator[None]:
-    """The fixture and test boundary: a server error fails the test with its message, no traceback."""
-    try:
-        yield
-    except ServerError as exc:
-        pytest.fail(str(exc), pytrace=False)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -326,7 +317,7 @@ def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig)
             pytest.skip(reason)
     state.handles.append(handle)
     try:
-        with _as_test_failure():
+        with as_test_failure():
             handle.boot()
     except PreflightSkip as exc:
         handle.stop()
@@ -356,41 +347,11 @@ def gpucap_slo(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) ->
 @pytest.fixture
 def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, gpucap_slo: SLO) -> Ceiling:
     """Hold the booted server, sample memory, and record the Phase-1 figures for this config."""
-    with _as_test_failure():
+    with as_test_failure():
         gpucap_server.hold()
     record, verdicts = ceiling_record(gpucap_server, request.node.nodeid, gpucap_slo)
-    _attach(request.node, record)
+    attach(request.node, record)
     return Ceiling(record, verdicts)
-
-
-def _attach(node: pytest.Item, record: records.Record | dict[str, Any]) -> None:
-    """Put a record on the test report (reaches the xdist controller) plus flat JUnit properties.
-
-    It travels as its JSON dict. User hooks (``pytest_gpucap_record``) see it first and may add fields."""
-    if isinstance(record, records.Record):
-        record = record.to_dict()
-    node.config.hook.pytest_gpucap_record(record=record)
-    node.user_properties.append((records.PROPERTY_KEY, record))
-    prefix = records.record_name(record)
-    for key, value in records.headline(record).items():
-        node.user_properties.append((f"gpucap:{prefix}:{key}", round(value, 4)))
-
-
-def _progress_sink(config: pytest.Config) -> Callable[[str], None] | None:
-    """One updating line per running config on a terminal; plain lines otherwise."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None or config.get_verbosity() < 0:
-        return None
-    tty = bool(getattr(reporter, "isatty", False))
-    capman = config.pluginmanager.get_plugin("capturemanager")
-
-    def sink(line: str) -> None:
-        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-            if tty:
-                reporter.write(f"\r{line:<110}", flush=True)
-            else:
-                reporter.write_line(f"gpucap: {line}")
-    return sink
 
 
 @pytest.fixture
@@ -416,10 +377,10 @@ def gpucap_workload(request: pytest.FixtureRequest, gpucap_server: ServerHandle,
     node = request.node
 
     def record(rec: dict[str, Any]) -> None:
-        _attach(node, rec)
+        attach(node, rec)
 
     return Harness(gpucap_server, gpucap_slo, replace(workload, **changes), roles_from_matrix(state.matrix.roles),
-                   dict(state.matrix.workflows), node.nodeid, record, _progress_sink(request.config),
+                   dict(state.matrix.workflows), node.nodeid, record, progress_sink(request.config),
                    client_procs=settings.client_procs, repeat=settings.repeat)
 
 
@@ -430,7 +391,7 @@ def _search_session(request: pytest.FixtureRequest, base: CapacityConfig) -> Sea
     node = request.node
     return SearchSession(spec_for=lambda cfg: launch_spec(request, cfg),
                          probe=_probe(state, state.matrix.profile(base.profile)),
-                         attach=lambda record: _attach(node, record), test_id=node.nodeid,
+                         attach=lambda record: attach(node, record), test_id=node.nodeid,
                          calibration=state.calibration, previous_records=state.previous_records,
                          records=state.records)
 
@@ -467,7 +428,7 @@ def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
     """A server that dies under a test fails it with the server's message, not our stack."""
-    with _as_test_failure():
+    with as_test_failure():
         return (yield)
 
 
@@ -480,40 +441,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if tail.splitlines()[-1:] and tail.splitlines()[-1] not in report.longreprtext:
             report.sections.append(("gpucap server log (tail)", tail))
     if report.when in ("setup", "call") and not report.passed:
-        _record_outcome(item, call, report)
+        record_outcome(item, call, report)
     if report.when == "teardown":
-        _junit_headline_only(report)
+        junit_headline_only(report)
     strict.tag(item, report)
     return report
-
-
-def _junit_headline_only(report: pytest.TestReport) -> None:
-    """JUnit writes the teardown report's properties: there, the headline figures (``gpucap:...``) and the
-    reason only, not the whole record (the recorder reads that from the setup and call reports)."""
-    report.user_properties = [(k, v) for k, v in report.user_properties if k != records.PROPERTY_KEY]
-
-
-def _record_outcome(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
-    """Say why a config test did not pass, and keep a record for a config that never got measured.
-
-    The reason travels on the report (so it reaches the xdist controller); a test that ended before
-    attaching a record gets one with the config and the reason, so the write-up lists it.
-    """
-    cfg = getattr(item, "callspec", None) and item.callspec.params.get("gpucap_config")
-    if not isinstance(cfg, CapacityConfig):
-        return
-    if report.skipped and isinstance(report.longrepr, tuple):
-        reason = records.one_line(str(report.longrepr[2]).removeprefix("Skipped: "))
-    elif call.excinfo is not None:
-        reason = records.one_line(call.excinfo.exconly())
-    else:
-        reason = report.outcome
-    report.user_properties.append((records.REASON_KEY, reason))
-    if any(key == records.PROPERTY_KEY for key, _ in report.user_properties):
-        return
-    kind = "ceiling" if "gpucap_ceiling" in getattr(item, "fixturenames", ()) else "unmeasured"
-    record = records.outcome_record(cfg, item.nodeid, kind, reason).to_dict()
-    item.config.hook.pytest_gpucap_record(record=record)
-    report.user_properties.append((records.PROPERTY_KEY, record))
-
-

@@ -17,14 +17,14 @@ MAX_LINES = 520
 
 #: Module (or package) → layer. Helpers sit at the lowest layer that uses them.
 LAYERS = {
-    "matrix": 0, "options": 0, "files": 0, "promtext": 0, "hookspec": 0, "__init__": 9, "__main__": 9,
+    "matrix": 0, "budgets": 0, "options": 0, "files": 0, "promtext": 0, "hookspec": 0, "__init__": 9, "__main__": 9,
     "probes": 1, "safety": 1, "prediction": 1, "modelgen": 1, "mmprojgen": 1, "hfmodel": 1,
     "backends": 2,
     "workload": 3,
     "records": 4, "record_sections": 4, "record_calibration": 4,
     "verdicts": 5, "search": 5, "search_boot": 5, "ceiling": 5, "harness": 5,
     "report": 6, "compare": 6, "terminal": 6, "provenance": 6, "benchmarks": 6,
-    "plugin": 7, "recorder": 7, "resolve": 7, "search_run": 7, "xdist_groups": 7,
+    "plugin": 7, "report_props": 7, "recorder": 7, "resolve": 7, "search_run": 7, "xdist_groups": 7,
     "nvml": 0,  # issue 10 (part B): the thin NVML adapter and the logic above it (stdlib only)
     "hostspec": 0,  # issue 11: services and co-tenants a profile declares
     "services": 1,  # issue 11: stop and restore production services, the state file
