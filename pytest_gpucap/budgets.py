@@ -24,6 +24,9 @@ class SLO:
     ttft_p95_s: float | None = None
     queue_p95_s: float | None = None  # vLLM: server-side queue time p95 (from /metrics) budget
     ramp_p95_s: float | None = None  # per-step turn p95 budget in the agent-connection ramp
+    # goodput: the least share of finished turns that met every per-turn budget (role E2E, TTFT, TPOT)
+    min_goodput: float | None = None
+    tpot_p95_s: float | None = None  # per-turn time per output token budget (a turn over it is not "good")
 
     def headroom_class(self, free_gib: float) -> str:
         """The study's words for free memory against this SLO: Comfortable at >= 2x the headroom

@@ -11,12 +11,15 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .budgets import (  # re-exported: the budgets are read as matrix.SLO, matrix.Workload, ...
     COMFORTABLE_FACTOR, HEADROOM_CLASSES, SLO, Preflight, WatchdogLimits, Workload,
 )
 from .hostspec import CotenantSpec, ServiceSpec, cotenants_from, services_from
+
+if TYPE_CHECKING:
+    from .search_space import SearchDecl
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 BACKENDS = ("llamacpp", "vllm", "external")
@@ -140,6 +143,7 @@ class Matrix:
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     roles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     workflows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    searches: Mapping[str, SearchDecl] = field(default_factory=dict)  # [profiles.NAME.search], by profile
 
     def profile(self, name: str) -> HostProfile:
         return self.profiles[name]
@@ -149,7 +153,7 @@ class Matrix:
 
 _CONFIG_KEYS = {f.name for f in fields(CapacityConfig)} - {"profile", "cache_type_k", "cache_type_v"}
 _CONFIG_KEYS |= {"cache_type", "cache_type_k", "cache_type_v"}
-_PROFILE_KEYS = {f.name for f in fields(HostProfile)} - {"name"} | {"defaults", "configs"}
+_PROFILE_KEYS = {f.name for f in fields(HostProfile)} - {"name"} | {"defaults", "configs", "search"}
 
 
 def _fail(where: str, message: str) -> MatrixError:
@@ -343,6 +347,8 @@ def slo_from_mapping(data: Any, where: str, base: SLO = SLO()) -> SLO:
             kw[key] = tuple(sorted((str(r), _number(v, f"p95_s.{r}", where)) for r, v in value.items()))
         else:
             kw[key] = _number(value, key, where)
+    if kw.get("min_goodput", 0.0) > 1:
+        raise _fail(where, f"min_goodput is a share of turns in [0, 1], got {kw['min_goodput']!r} (write e.g. 0.9)")
     return replace(base, **kw)
 
 
@@ -410,9 +416,12 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
         if cfg.id in seen:
             raise _fail(label, f"two configurations share the id {cfg.id!r}; give one a distinct name = \"...\"")
         seen[cfg.id] = 1
+    from .search_space import searches_from  # same layer; it builds on config_from_mapping above
+
     return Matrix(path=path, profiles=profiles, configs=tuple(configs), models=dict(models),
                   defaults=all_defaults, roles=dict(roles),
-                  workflows={k: tuple(v) for k, v in workflows.items()})
+                  workflows={k: tuple(v) for k, v in workflows.items()},
+                  searches=searches_from(raw_profiles, all_defaults, label))
 
 
 def _check_model_ref(model: str | None, models: Mapping[str, Any], where: str) -> None:

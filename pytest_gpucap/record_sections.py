@@ -202,6 +202,8 @@ class SloBudgets(Section):
     ttft_p95_s: float | None = opt()
     ramp_p95_s: float | None = opt()
     queue_p95_s: float | None = opt()
+    min_goodput: float | None = opt()
+    tpot_p95_s: float | None = opt()
 
     @classmethod
     def of(cls, slo: "SLO") -> "SloBudgets":
@@ -209,7 +211,9 @@ class SloBudgets(Section):
         return cls.from_dict({"headroom_gib": slo.headroom_gib, "p95_s": dict(slo.p95_s),
                               "min_agg_tps": slo.min_agg_tps, "max_error_rate": slo.max_error_rate,
                               "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s,
-                              "queue_p95_s": slo.queue_p95_s})
+                              "queue_p95_s": slo.queue_p95_s,
+                              **{k: v for k, v in (("min_goodput", slo.min_goodput), ("tpot_p95_s", slo.tpot_p95_s))
+                                 if v is not None}})
 
 
 # ---------------------------------------------------------------- ceiling
@@ -497,3 +501,4 @@ class SearchProbe(Section):
     reason: str | None = None
     boot_order: int | None = None
     predicted_free_mib: float | None = None
+    failed_verdicts: list[str] | None = opt()  # names of the verdicts a booted or known probe failed

@@ -23,6 +23,8 @@ from .record_sections import (
     ServerView, SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, is_number, number, opt, sub,
 )
 
+from .record_search import SearchBoundary
+
 if TYPE_CHECKING:
     from .backends import ServerHandle
     from .matrix import CapacityConfig
@@ -184,6 +186,11 @@ class SearchRecord(Record):
     assumption: str | None = None
     seconds: float | None = None
     probes: tuple[SearchProbe, ...] = sub(SearchProbe, many="list")
+    binding_slo: str | None = opt()  # what failed at the first config past the knee
+    boundary: tuple[SearchBoundary, ...] = sub(SearchBoundary, many="list")
+    max_boots: int | None = opt()
+    stopped_early: bool | None = opt()
+    probe_workload: dict[str, Any] | None = opt()  # what each probe ran after its hold (search_space.ProbeWorkload)
 
     @classmethod
     def of(cls, test: str, profile: str, summary: Mapping[str, Any]) -> "SearchRecord":
@@ -192,7 +199,8 @@ class SearchRecord(Record):
                               "config_id": f"{profile}-search", "profile": profile, **summary})
 
     def _summary(self, head: str) -> str:
-        return f"{head} knee {self.knee or '-'} with {self.boots} boots of a {self.grid_size}-config grid"
+        bound = f", bound by {self.binding_slo}" if self.binding_slo else ""
+        return f"{head} knee {self.knee or '-'} with {self.boots} boots of a {self.grid_size}-config grid{bound}"
 
 
 @dataclass(frozen=True, kw_only=True)

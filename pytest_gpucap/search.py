@@ -37,15 +37,13 @@ extra checks). The plugin can pass its own (boot + workload + SLO verdicts).
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .matrix import CapacityConfig, SLO
 from .prediction import Prediction
-from .records import CeilingRecord, Record, as_record
-from .verdicts import ceiling_verdicts
+from .search_boundary import BoundaryPoint, binding_slo, boundary
 
 MONOTONICITY = ("within one cache type and mmproj setting, a config that fails makes every config with "
                 "at least as many slots and at least as much context per slot fail; one that passes makes "
@@ -94,6 +92,7 @@ class Outcome:
     verdicts: tuple[str, ...] = ()  # Verdict.line() texts
     record: Mapping[str, Any] | None = None  # e.g. the ceiling record, to append to results.jsonl
     seconds: float = 0.0
+    failed: tuple[str, ...] = ()  # names of the verdicts that failed (the boundary's binding SLO)
 
 
 @dataclass(frozen=True)
@@ -106,6 +105,7 @@ class Probe:
     prediction: Prediction | None = None
     boot_order: int | None = None  # 1-based order of the boots this search made
     outcome: Outcome | None = None
+    source: str | None = None  # inferred points: the config id the inference came from
 
     @property
     def passed(self) -> bool | None:
@@ -127,6 +127,10 @@ class SearchResult:
     known_used: int = 0
     assumption: str = MONOTONICITY
     seconds: float = 0.0
+    boundary: list[BoundaryPoint] = field(default_factory=list)
+    binding_slo: str | None = None  # what failed at the first config past the knee (see search_boundary)
+    max_boots: int | None = None
+    stopped_early: bool = False  # the boot budget ran out with candidates left: the knee is a lower bound
 
     @property
     def boot_fraction(self) -> float:
@@ -144,6 +148,10 @@ class SearchResult:
         w = max([len(p.config.id) for p in rows] + [6])
         lines = [f"knee: {self.knee.id if self.knee else 'none'} — {self.boots} boots of a {self.grid_size}-point "
                  f"grid ({100 * self.boot_fraction:.0f}%), {self.known_used} known results reused",
+                 f"binding SLO: {self.binding_slo or '-'}"
+                 + (f" (stopped at the {self.max_boots}-boot budget)" if self.stopped_early else ""),
+                 *(f"boundary {b.family} {b.axis}: last pass {b.last_pass or '-'}, first fail {b.first_fail or '-'}"
+                   f" ({b.binding_slo or b.first_fail_status or 'grid edge'})" for b in self.boundary),
                  f"assumption: {self.assumption}", ""]
         for p in rows:
             order = f"#{p.boot_order}" if p.boot_order else "  "
@@ -156,88 +164,15 @@ class SearchResult:
             "knee": self.knee.id if self.knee else None, "boots": self.boots, "grid_size": self.grid_size,
             "boot_fraction": round(self.boot_fraction, 3), "known_used": self.known_used,
             "assumption": self.assumption, "seconds": round(self.seconds, 2),
+            "binding_slo": self.binding_slo, "boundary": [b.as_dict() for b in self.boundary],
+            "max_boots": self.max_boots, "stopped_early": self.stopped_early,
             "probes": [{"config_id": p.config.id, "n": p.config.n, "ctx": p.config.ctx,
                         "cache_type": p.config.cache_type_k, "mmproj": p.config.mmproj, "status": p.status,
                         "reason": p.reason, "boot_order": p.boot_order,
+                        **({"failed_verdicts": list(p.outcome.failed)} if p.outcome and p.outcome.failed else {}),
                         "predicted_free_mib": None if p.prediction is None or p.prediction.free_mib is None
                         else round(p.prediction.free_mib, 1)} for p in self.probes],
         }
-
-
-# ---------------------------------------------------------------- known results
-
-def _recorded_verdicts(rec: Record) -> list[tuple[Any, Any, Any, bool]]:
-    """(name, measured, budget, ok) of each verdict a record holds, as recorded. A list the typed
-    record keeps verbatim in ``extra`` is read as written: an unmeasured record has no typed verdicts,
-    and one whose recorded ``ok`` the typed ``Verdict`` would not reproduce keeps that ``ok``."""
-    kept = rec.extra.get("verdicts")
-    if isinstance(kept, list):
-        return [(v.get("name"), v.get("measured"), v.get("budget"), bool(v.get("ok"))) for v in kept
-                if isinstance(v, Mapping)]
-    return [(v.name, v.measured, v.budget, v.ok) for v in getattr(rec, "verdicts", ())]
-
-
-def known_outcomes(records: Iterable[Record | Mapping[str, Any]], slo: SLO | None = None) -> dict[str, Outcome]:
-    """Outcomes from saved result records (``records.read_jsonl``), keyed by config id.
-
-    A config passes when every verdict of every record for it passed. With ``slo``, ceiling records
-    are judged again against it (``verdicts.ceiling_verdicts``: free memory against its headroom, or
-    the backend's KV capacity) instead of the budget they were run with.
-    """
-    grouped: dict[str, list[tuple[Record | Mapping[str, Any], Record]]] = {}
-    for given in records:
-        rec = as_record(given)
-        # A skipped test measured nothing (no binary, preflight): the search decides that config itself.
-        if rec.config_id is not None and rec.outcome != "skipped":
-            grouped.setdefault(rec.config_id, []).append((given, rec))
-    out: dict[str, Outcome] = {}
-    for cid, recs in grouped.items():
-        lines: list[str] = []
-        ok = True
-        for _, rec in recs:
-            if slo is not None and isinstance(rec, CeilingRecord) and rec.memory.free_mib is not None:
-                kv = rec.memory.kv_headroom
-                again = ceiling_verdicts(rec.memory.free_mib, slo, None if kv is None else kv.to_dict(),
-                                         rec.config.n or 0)
-                lines += [f"{v.line()} (re-judged)" for v in again]
-                ok &= all(v.ok for v in again)
-                continue
-            verdicts = _recorded_verdicts(rec)
-            for name, measured, budget, good in verdicts:
-                ok &= good
-                lines.append(f"{name}: measured {measured}, budget {budget} [{'ok' if good else 'BREACH'}]")
-            if rec.outcome == "failed" and not verdicts:
-                ok = False  # e.g. the boot failed: nothing was measured, and the config did not hold
-                lines.append(f"failed: {rec.reason or 'no reason recorded'}")
-        out[cid] = Outcome(ok, reason="; ".join(lines) or "no verdicts recorded", verdicts=tuple(lines),
-                           record=recs[-1][0])
-    return out
-
-
-def reusable_records(records: Iterable[Record | Mapping[str, Any]], base: CapacityConfig, host: Mapping[str, Any],
-                     server_version: str, model: str) -> list[Record | Mapping[str, Any]]:
-    """Measured ceiling records of an earlier run that answer for this search.
-
-    Only records from the same host, server build and model, of configs that differ from ``base``
-    in the searched dimensions alone, can stand in for a boot.
-    """
-    searched = {"n", "ctx", "cache_type_k", "cache_type_v", "mmproj"}
-    fixed = {k: v for k, v in asdict(base).items() if k not in searched}
-    out = []
-    for given in records:
-        rec = as_record(given)
-        if (not isinstance(rec, CeilingRecord) or not rec.memory.to_dict() or rec.config.absent
-                or rec.host != dict(host) or rec.server.version != server_version or rec.server.model != model):
-            continue
-        cfg = rec.config.to_dict()  # the whole config: RecordConfig types only some of its keys
-        if all(_same(cfg.get(k), v) for k, v in fixed.items()):
-            out.append(given)
-    return out
-
-
-def _same(recorded: Any, current: Any) -> bool:
-    """Equal after a JSON round trip (tuples come back as lists)."""
-    return json.loads(json.dumps(recorded, default=str)) == json.loads(json.dumps(current, default=str))
 
 
 # ---------------------------------------------------------------- search
@@ -262,7 +197,7 @@ def _run(evaluate: Callable[[CapacityConfig], Outcome], cfg: CapacityConfig) -> 
     try:
         o = evaluate(cfg)
     except Exception as exc:
-        o = Outcome(False, reason=f"evaluation error: {type(exc).__name__}: {exc}")
+        o = Outcome(False, reason=f"evaluation error: {type(exc).__name__}: {exc}", failed=("evaluation error",))
     if not o.seconds:
         o = replace(o, seconds=time.monotonic() - t)
     return o
@@ -285,6 +220,7 @@ class _Search:
         self.status: dict[Key, tuple[str, str]] = {}
         self.outcomes: dict[Key, Outcome] = {}
         self.order: dict[Key, int] = {}  # booted points, in boot order
+        self.source: dict[Key, Key] = {}  # inferred points: the decided point they follow from
         self.known_used = 0
         # strategy="columns", per (family, column): the step, started, bisecting, row of the last probe
         self.step: dict[tuple[int, int], int] = {}
@@ -330,8 +266,10 @@ class _Search:
                         continue
                     if top is not None and i <= top[0]:
                         self.status[key] = ("inferred-pass", f"{self.cfgs[top[1]].id} passed (monotonicity)")
+                        self.source[key] = top[1]
                     elif bottom is not None and i >= bottom[0]:
                         self.status[key] = ("inferred-fail", f"{self.cfgs[bottom[1]].id} failed (monotonicity)")
+                        self.source[key] = bottom[1]
 
     def best(self) -> Key | None:
         passes = [k for k in self.cfgs if self.passed(k)]
@@ -396,12 +334,17 @@ class _Search:
         self.outcomes[key] = o
         self.status[key] = ("booted-pass" if o.passed else "booted-fail", o.reason)
 
-    def result(self, seconds: float) -> SearchResult:
+    def result(self, seconds: float, max_boots: int | None = None, stopped_early: bool = False) -> SearchResult:
         b = self.best()
         probes = [Probe(cfg, *self.status.get(key, ("not-needed", "cannot beat the knee (objective bound)")),
-                        self.preds[key], self.order.get(key), self.outcomes.get(key)) for key, cfg in self.cfgs.items()]
-        return SearchResult(self.cfgs[b] if b else None, probes, len(self.order), self.space.size, self.known_used,
-                            seconds=seconds)
+                        self.preds[key], self.order.get(key), self.outcomes.get(key),
+                        self.cfgs[self.source[key]].id if key in self.source else None)
+                  for key, cfg in self.cfgs.items()]
+        knee = self.cfgs[b] if b else None
+        edge = boundary(probes, self.space)
+        return SearchResult(knee, probes, len(self.order), self.space.size, self.known_used, seconds=seconds,
+                            boundary=edge, binding_slo=binding_slo(edge, knee), max_boots=max_boots,
+                            stopped_early=stopped_early)
 
 
 def search_capacity(base: CapacityConfig, space: SearchSpace, evaluate: Callable[[CapacityConfig], Outcome],
@@ -424,10 +367,13 @@ def search_capacity(base: CapacityConfig, space: SearchSpace, evaluate: Callable
     t0 = time.monotonic()
     search = _Search(base, space, predict, dict(known or {}), prune, predicted_ok)
     choose = search.choose_split if strategy == "split" else search.choose_column
+    stopped = False
     while True:
         search.infer()
         cands = search.candidates()
-        if not cands or (max_boots is not None and len(search.order) >= max_boots):
+        if cands and max_boots is not None and len(search.order) >= max_boots:
+            stopped = True
+        if not cands or stopped:
             break
         key = choose(cands)
         cfg = search.cfgs[key]
@@ -436,7 +382,7 @@ def search_capacity(base: CapacityConfig, space: SearchSpace, evaluate: Callable
         if log:
             log(f"search boot #{len(search.order)}: {cfg.id} {'pass' if o.passed else 'FAIL'} ({o.reason})")
     search.infer()
-    return search.result(time.monotonic() - t0)
+    return search.result(time.monotonic() - t0, max_boots, stopped)
 
 
 def grid_search(base: CapacityConfig, space: SearchSpace, evaluate: Callable[[CapacityConfig], Outcome],
@@ -471,4 +417,4 @@ def monotonicity_violations(result: SearchResult) -> list[str]:
 
 
 __all__ = ["MONOTONICITY", "Outcome", "Probe", "SearchResult", "SearchSpace", "default_predicted_ok", "grid_search",
-           "known_outcomes", "monotonicity_violations", "reusable_records", "search_capacity"]
+           "monotonicity_violations", "search_capacity"]

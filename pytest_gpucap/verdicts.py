@@ -75,8 +75,8 @@ def counted_breaches(record: Record) -> list[Verdict]:
 # ---------------------------------------------------------------- workload
 
 def workload_verdicts(metrics: WorkloadMetrics | Mapping[str, Any], slo: SLO) -> list[Verdict]:
-    """Per-role p95 turn latency, TTFT p95, aggregate tokens/s, error rate and (when the server was
-    polled) server queue time p95 against their budgets."""
+    """Per-role p95 turn latency, TTFT p95, aggregate tokens/s, error rate, goodput and (when the
+    server was polled) server queue time p95 against their budgets."""
     m = metrics if isinstance(metrics, WorkloadMetrics) else WorkloadMetrics.from_dict(metrics)
     out: list[Verdict] = []
     for role, budget in slo.role_p95().items():
@@ -91,23 +91,42 @@ def workload_verdicts(metrics: WorkloadMetrics | Mapping[str, Any], slo: SLO) ->
         out.append(Verdict("aggregate tokens/s", m.agg_tps, slo.min_agg_tps, "tok/s"))
     if slo.max_error_rate is not None:
         out.append(Verdict("error rate", m.error_rate, slo.max_error_rate, "", higher_is_better=False))
+    if slo.min_goodput is not None:
+        out.append(goodput_verdict(m, slo.min_goodput))
     queue = m.server.queue_time_s if m.server is not None else None
     if slo.queue_p95_s is not None and queue is not None and queue.p95 is not None:
         out.append(Verdict("server queue time p95", queue.p95, slo.queue_p95_s, "s", higher_is_better=False))
     return out
 
 
+GOODPUT_VERDICT = "goodput"
+
+
+def goodput_verdict(metrics: WorkloadMetrics, minimum: float) -> Verdict:
+    """The share of finished turns that met every per-turn budget against ``min_goodput``. A run with no
+    finished turn measured no good turn: goodput 0, so a dead server cannot pass a goodput SLO."""
+    g = metrics.goodput
+    fraction = g.fraction if g is not None and isinstance(g.fraction, (int, float)) else 0.0
+    return Verdict(GOODPUT_VERDICT, float(fraction), minimum, "")
+
+
+def good_turn(record: Any, slo: SLO) -> bool:
+    """A turn that succeeded within every per-turn budget: its role's E2E budget, TTFT and TPOT."""
+    roles = slo.role_p95()
+    tpot = record.tpot_s if slo.tpot_p95_s is not None else None
+    return (record.ok and (record.role not in roles or (record.e2e_s or 0.0) <= roles[record.role])
+            and (slo.ttft_p95_s is None or (record.ttft_s or 0.0) <= slo.ttft_p95_s)
+            and (tpot is None or tpot <= (slo.tpot_p95_s or 0.0)))
+
+
 def goodput(records: Sequence[Any], slo: SLO, since: float = 0.0) -> dict[str, Any]:
-    """Turns that met every per-turn budget (role p95 budget as a per-turn limit, TTFT budget), as a
-    fraction of finished turns and as a rate of good turns and good tokens per second of the window
-    (the ``Goodput`` section's keys)."""
+    """Turns that met every per-turn budget (``good_turn``: role p95 budget as a per-turn limit, TTFT
+    and TPOT budgets), as a fraction of finished turns and as a rate of good turns and good tokens per
+    second of the window (the ``Goodput`` section's keys)."""
     from .workload.client import ErrorClass
 
-    roles = slo.role_p95()
     done = [r for r in records if r.scheduled >= since and r.error is not ErrorClass.CANCELLED]
-    good = [r for r in done if r.ok
-            and (r.role not in roles or (r.e2e_s or 0.0) <= roles[r.role])
-            and (slo.ttft_p95_s is None or (r.ttft_s or 0.0) <= slo.ttft_p95_s)]
+    good = [r for r in done if good_turn(r, slo)]
     start = min((r.sent for r in done if r.sent), default=0.0)
     end = max((r.end for r in done if r.end), default=start)
     window = end - start
@@ -126,5 +145,6 @@ def assert_slos(verdicts: Sequence[Verdict], context: str = "") -> None:
 
 
 __all__ = ["COMFORTABLE_FACTOR", "FREE_MEMORY_VERDICT", "HEADROOM_CLASSES", "HEADROOM_RULE", "KV_CAPACITY_VERDICT",
-           "Verdict", "assert_slos", "ceiling_verdicts", "counted_breaches", "goodput", "headroom",
+           "GOODPUT_VERDICT", "Verdict", "assert_slos", "ceiling_verdicts", "counted_breaches", "good_turn", "goodput",
+           "goodput_verdict", "headroom",
            "headroom_bands", "headroom_class", "judged_by_kv_capacity", "kv_capacity", "workload_verdicts"]

@@ -17,8 +17,8 @@ from pytest_gpucap import prediction as mm
 from pytest_gpucap.matrix import CapacityConfig, HostProfile, SLO
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.record_calibration import calibrate_from
-from pytest_gpucap.search import (Outcome, SearchSpace, grid_search, known_outcomes, monotonicity_violations,
-                                  reusable_records, search_capacity)
+from pytest_gpucap.search import Outcome, SearchSpace, grid_search, monotonicity_violations, search_capacity
+from pytest_gpucap.search_known import known_outcomes, reusable_records
 from pytest_gpucap.search_boot import boot_and_check
 from pytest_gpucap.backends import LaunchSpec
 
