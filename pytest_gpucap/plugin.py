@@ -23,8 +23,8 @@ from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
 from .backends import LaunchSpec, PreflightSkip, ServerHandle
 from .backends.process import sweep_leftovers
 from .resolve import Missing, Resolver
-from .search import SearchSpace
 from .xdist_groups import GROUPS_DIR_KEY, ConfigGroupScheduling, write_groups
+from . import search_run
 from .search_run import SearchRun, SearchSession
 from .harness import Harness
 from .report_props import as_test_failure, attach, junit_headline_only, progress_sink, record_outcome
@@ -93,7 +93,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{backend}: capacity configurations on backend {backend!r} "
                                            f"(e.g. -m 'cpu and {backend}')")
     config.addinivalue_line("markers", "gpucap_search(profile, ns, ctxs, cache_types=['f16'], mmproj=[False], "
-                            "base={}): the search space of the gpucap_search fixture")
+                            "base={}, prune, strategy, max_boots, probe={}): the gpucap_search fixture's space "
+                            "(without it: the matrix's [profiles.NAME.search] tables)")
     settings = resolve_settings(config)
     try:
         matrix = load_matrix(settings.matrix_path) if settings.matrix_path else DEFAULT_MATRIX
@@ -195,9 +196,10 @@ def _marker_configs(metafunc: pytest.Metafunc, matrix: Matrix) -> list[CapacityC
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    state = metafunc.config.stash[STATE]
+    search_run.generate(metafunc, state.matrix)
     if "gpucap_config" not in metafunc.fixturenames:
         return
-    state = metafunc.config.stash[STATE]
     try:
         configs = _marker_configs(metafunc, state.matrix) or list(state.matrix.configs)
     except MatrixError as exc:
@@ -393,34 +395,17 @@ def _search_session(request: pytest.FixtureRequest, base: CapacityConfig) -> Sea
                          probe=_probe(state, state.matrix.profile(base.profile)),
                          attach=lambda record: attach(node, record), test_id=node.nodeid,
                          calibration=state.calibration, previous_records=state.previous_records,
-                         records=state.records)
+                         records=state.records, roles=roles_from_matrix(state.matrix.roles),
+                         workflows=dict(state.matrix.workflows), progress=progress_sink(request.config))
 
 
 @pytest.fixture
 def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
-    """Capacity search over the space in ``@pytest.mark.gpucap_search(...)``; see ``SearchRun.run``."""
-    mark = request.node.get_closest_marker("gpucap_search")
-    if mark is None:
-        pytest.fail("gpucap_search needs @pytest.mark.gpucap_search(profile=..., ns=[...], ctxs=[...])",
-                    pytrace=False)
-    state = request.config.stash[STATE]
-    kw = dict(mark.kwargs)
-    where = f"@pytest.mark.gpucap_search on {request.node.nodeid}"
-    profile = kw.pop("profile", next(iter(state.matrix.profiles), "cpu"))
-    if profile not in state.matrix.profiles:
-        pytest.fail(f"{where}: unknown profile {profile!r}", pytrace=False)
-    skip_if_service_up(request.config, profile)
-    try:
-        ns, ctxs = [int(n) for n in kw.pop("ns")], [int(c) for c in kw.pop("ctxs")]
-        space = SearchSpace(tuple(ns), tuple(ctxs), tuple(kw.pop("cache_types", ("f16",))),
-                            tuple(kw.pop("mmproj", (False,))))
-        base = config_from_mapping(profile, {**state.matrix.defaults.get(profile, {}), **kw.pop("base", {}),
-                                             "n": min(ns), "ctx": min(ctxs)}, where)
-    except (KeyError, TypeError, ValueError) as exc:
-        pytest.fail(f"{where}: {exc}", pytrace=False)
-    if kw:
-        pytest.fail(f"{where}: unknown arguments {sorted(kw)}", pytrace=False)
-    return SearchRun(base, space, lambda: _search_session(request, base))
+    """Capacity search of the matrix's ``[profiles.NAME.search]`` (or the test's marker); see ``SearchRun.run``."""
+    decl = search_run.declared(request, request.config.stash[STATE].matrix)
+    skip_if_service_up(request.config, decl.profile)
+    assert decl.base is not None
+    return SearchRun(decl, lambda: _search_session(request, decl.base))
 
 
 # ---------------------------------------------------------------- reporting

@@ -10,16 +10,17 @@ from .ceiling import build_ceiling
 from .matrix import SLO, CapacityConfig
 from .probes import HostProbe, NvmlProbe
 from .search import Outcome
+from .search_checks import Check, run_checks
 
 
 def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig], Any], probe: Any = None,
-                   checks: Callable[[Any], Sequence[Any]] | None = None, slo: SLO | None = None) -> Outcome:
-    """Boot ``llama-server`` for ``cfg``, hold it, and judge the headroom SLO (+ ``checks``).
+                   checks: Sequence[Check] = (), slo: SLO | None = None) -> Outcome:
+    """Boot ``llama-server`` for ``cfg``, hold it, and judge the headroom SLO, then every check.
 
     ``spec_factory(cfg) -> LaunchSpec`` resolves binary, model and limits (the plugin has
     ``launch_spec``). ``probe`` defaults to a ``HostProbe`` over the profile budget on host profiles
-    and an ``NvmlProbe`` on cuda ones. ``checks(handle) -> [Verdict]`` adds verdicts (e.g. a short
-    workload's latency). ``slo`` overrides the profile's SLO. The server is always torn down; a boot
+    and an ``NvmlProbe`` on cuda ones. Each ``check(handle, slo) -> [Verdict]`` adds verdicts (a short
+    workload's latency, throughput and goodput: ``search_checks``). ``slo`` overrides the profile's SLO. The server is always torn down; a boot
     failure or preflight refusal is a fail with its reason. ``Outcome.record`` is the ceiling record
     dict (with ``server_report``), ready for results.jsonl and ``record_calibration.calibrate_from``.
     """
@@ -36,23 +37,24 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
             handle.boot()
             handle.hold()
         except PreflightSkip as exc:
-            return Outcome(False, reason=f"preflight refused: {exc}", seconds=time.monotonic() - t0)
+            return Outcome(False, reason=f"preflight refused: {exc}", seconds=time.monotonic() - t0,
+                           failed=("preflight",))
         except (Exception, ServerError) as exc:  # ServerError is pytest's Failed outcome (a BaseException)
             tail = ""
             if handle.process is not None:
                 tail = " | " + " / ".join(handle.process.log_tail().strip().splitlines()[-3:])
-            return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0)
+            return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0,
+                           failed=("boot",))
         record, verdicts = build_ceiling(handle, cfg.id, slo)
-        verdicts = list(verdicts)
-        if checks is not None:
-            verdicts += list(checks(handle))
+        verdicts = list(verdicts) + run_checks(checks, handle, profile.slo if slo is None else slo)
         ok = all(v.ok for v in verdicts)
         lines = tuple(v.line() for v in verdicts)
         reason = f"free {record.memory.free_mib:.0f} MiB ({record.headroom_class})"
         bad = [v.line() for v in verdicts if not v.ok]
         if bad:
             reason += "; " + "; ".join(bad)
-        return Outcome(ok, reason=reason, verdicts=lines, record=record.to_dict(), seconds=time.monotonic() - t0)
+        return Outcome(ok, reason=reason, verdicts=lines, record=record.to_dict(), seconds=time.monotonic() - t0,
+                       failed=tuple(dict.fromkeys(v.name for v in verdicts if not v.ok)))
     finally:
         handle.stop()
         if own_probe:

@@ -33,6 +33,7 @@ LAYERS = {
     "host_routine": 7,  # issue 11: the session's host routine (plugin object)
     "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
+    "search_space": 0, "record_search": 4, "search_boundary": 5, "search_known": 5, "search_checks": 5,  # issue 12
 }
 
 
