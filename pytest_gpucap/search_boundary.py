@@ -68,8 +68,11 @@ def boundary(probes: Sequence[Probe], space: SearchSpace) -> list[BoundaryPoint]
         passes = [p for p in probes if (p.config.cache_type_k, p.config.mmproj) == (cache, mm) and p.passed]
         best = max(passes, key=lambda p: (p.config.n * p.config.ctx, p.config.n), default=None)
         for axis in ("n", "ctx"):
-            if best is None:  # nothing passed: the smallest config is the first fail on both axes
+            if best is None:  # nothing passed: the smallest config is the first fail on both axes, if it failed
                 nxt = by_key.get((cache, mm, space.ns[0], space.ctxs[0]))
+                if nxt is not None and nxt.passed is None:  # never needed (another family holds the knee)
+                    out.append(BoundaryPoint(axis, fam, None, None, nxt.status))
+                    continue
             else:
                 values = space.ns if axis == "n" else space.ctxs
                 at = best.config.n if axis == "n" else best.config.ctx

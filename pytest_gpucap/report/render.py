@@ -30,7 +30,7 @@ from .scaling import memory_chart, ramp_charts, workload_charts
 from .timeline import memory_timelines
 from .tables import (
     ceiling_memory, ceiling_table, host_label, ident, kv_table, of_kind, profile_of, ramp_table, repeat_table,
-    roles_table, scaling_tables, search_table, verdicts_table, workload_table,
+    roles_table, scaling_tables, search_boundary_table, search_table, verdicts_table, workload_table,
 )
 
 #: Record kinds with a section of their own; any other kind is only counted.
@@ -148,6 +148,12 @@ def load_sections(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _boot_share(fraction: Any) -> str:
+    """The search's boots as a share of the grid's, e.g. "5 % of the grid's boots"."""
+    value = fmt.as_float(fraction)
+    return "share of the grid not recorded" if value is None else f"{100 * value:.0f} % of the grid's boots"
+
+
 def _slo_rules(records: list[Record]) -> list[str]:
     """The free-memory rule per profile, from measured llama.cpp-style records (vLLM's rule is its own)."""
     seen: dict[tuple[str, Any], None] = {}
@@ -249,6 +255,8 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
     searches = [{"profile": fmt.text(r.profile), "knee": fmt.text(r.knee),
                   "boots": fmt.integer(r.boots), "grid": fmt.integer(r.grid_size),
                   "assumption": fmt.text(r.assumption), "table": search_table(r),
+                  "binding": fmt.text(r.binding_slo), "fraction": _boot_share(r.boot_fraction), "stopped": bool(r.stopped_early), "max_boots": fmt.integer(r.max_boots),
+                  "boundary": search_boundary_table(r),
                   "outcome": fmt.text(r.outcome)} for r in records if isinstance(r, SearchRecord)]
     kinds: dict[str, int] = {}
     for r in records:

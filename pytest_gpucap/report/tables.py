@@ -435,3 +435,19 @@ def search_table(record: SearchRecord) -> Table:
                      _n(fmt.mib(p.predicted_free_mib)), _n(fmt.integer(p.boot_order)),
                      Cell(fmt.text(p.reason), "text")])
     return _table(cols, rows)
+
+
+def search_boundary_table(record: SearchRecord) -> Table:
+    """The search's boundary (AIPerf's adaptive-search report): per family and axis, the last passing and
+    first failing config and the SLO that failed there (the binding SLO)."""
+    cols = [("Family", False), ("Axis", False), ("Last pass", False), ("First fail", False), ("Binding SLO", False),
+            ("Failed verdicts", False)]
+    rows = []
+    for b in record.boundary:
+        edge = "grid edge" if b.first_fail is None and b.last_pass is not None else fmt.text(b.first_fail_status)
+        rows.append([Cell(fmt.text(b.family)), Cell("N" if b.axis == "n" else fmt.text(b.axis)),
+                     Cell(fmt.text(b.last_pass), "good" if b.last_pass else ""),
+                     Cell(fmt.text(b.first_fail) if b.first_fail else edge, "bad" if b.binding_slo else ""),
+                     Cell(fmt.text(b.binding_slo), "warn" if b.binding_slo else ""),
+                     Cell("; ".join(b.failed_verdicts or ()) or "—", "text")])
+    return _table(cols, rows)
