@@ -228,7 +228,8 @@ SEARCH_TEST = """
 import pytest
 
 
-@pytest.mark.gpucap_search(profile="cpu", ns=[1, 2, 4], ctxs=[1024, 2048])
+@pytest.mark.gpucap_search(profile="cpu", ns=[1, 2, 4], ctxs=[1024, 2048], max_boots=6,
+                           probe={"workflow": "A", "duration_s": 2})
 def test_knee(gpucap_search):
     result = gpucap_search.run(prune="none")
     print(f"\\nsearch: {result.boots} boots, {result.known_used} known, knee {result.knee and result.knee.id}")
@@ -236,8 +237,9 @@ def test_knee(gpucap_search):
 
 
 def test_search_reuses_the_report_dirs_earlier_run(capacity_run: CapacityRun, tiny_model: Path) -> None:
-    """Run the same search twice into one report directory: the second boots nothing."""
-    matrix = matrix_toml(tiny_model, "")
+    """Run the same search twice into one report directory: the second boots nothing (the probes' ceiling
+    and workflow-A records answer for every SLO)."""
+    matrix = matrix_toml(tiny_model, "", extra="[profiles.cpu.workload]\ntoken_scale = 0.01\ncadence_scale = 0.02\n")
     first = capacity_run.run(matrix, "-s", "--gpucap-report", "rep", test_src=SEARCH_TEST)
     first.assert_outcomes(passed=1)
     first.stdout.fnmatch_lines(["search: * boots, 0 known, knee cpu-n*"])
