@@ -40,6 +40,12 @@ def _judged(rec: Record, slo: SLO | None) -> tuple[bool, list[str], list[str]] |
     return (all(v.ok for v in again), [f"{v.line()} (re-judged)" for v in again], [v.name for v in again if not v.ok])
 
 
+def _unjudgeable(rec: Record, slo: SLO | None) -> bool:
+    """A workload record made before goodput was recorded cannot answer a goodput SLO either way."""
+    return (slo is not None and slo.min_goodput is not None and isinstance(rec, WorkloadRecord)
+            and rec.metrics.goodput is None)
+
+
 def known_outcomes(records: Iterable[Record | Mapping[str, Any]], slo: SLO | None = None,
                    needs_workload: str | None = None) -> dict[str, Outcome]:
     """Outcomes from saved result records (``records.read_jsonl``), keyed by config id.
@@ -63,6 +69,9 @@ def known_outcomes(records: Iterable[Record | Mapping[str, Any]], slo: SLO | Non
         lines: list[str] = []
         failed: list[str] = []
         ok = True
+        recs = [(g, r) for g, r in recs if not _unjudgeable(r, slo)]
+        if not recs:
+            continue
         for _, rec in recs:
             again = _judged(rec, slo)
             if again is not None:

@@ -168,6 +168,9 @@ def test_headroom_only_passes_are_not_trusted_by_the_all_slo_search() -> None:
     assert not every["b"].passed and every["b"].failed == ("headroom",)  # a fail is a fail on every SLO
     assert every["c"].passed
     assert not every["d"].passed and every["d"].failed == ("goodput",)  # re-judged against min_goodput
+    old = _workload("f", "A", 50, 1.0)
+    del old["metrics"]["goodput"]  # recorded before goodput was: no evidence for or against min_goodput
+    assert "f" not in known_outcomes([_ceiling("f", 2048), old], slo=slo, needs_workload="A")
 
 
 # ---------------------------------------------------------------- goodput as an SLO
