@@ -31,8 +31,9 @@ Pruning on "fit" is safe while the prediction errs by less than the headroom SLO
 not to fit at all but measured with at least the SLO's headroom free would be missed.
 
 ``evaluate(cfg) -> Outcome`` is the only thing that boots; ``search_boot.boot_and_check`` is a real
-one (boot ``llama-server`` with ``ServerHandle``, read free memory, judge the headroom SLO and any
-extra checks). The plugin can pass its own (boot + workload + SLO verdicts).
+one (boot ``llama-server`` with ``ServerHandle``, read free memory, judge the headroom SLO, then every
+``search_checks`` check: a short workflow's latency, throughput and goodput verdicts). Known outcomes
+come from ``search_known``; the result's boundary and binding SLO from ``search_boundary``.
 """
 
 from __future__ import annotations
