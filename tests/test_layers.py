@@ -33,6 +33,7 @@ LAYERS = {
     "host_routine": 7,  # issue 11: the session's host routine (plugin object)
     "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
+    "ramp_sections": 4,  # issue 12 (part E): the ramp record's steps and the evidence for its limit
 }
 
 
