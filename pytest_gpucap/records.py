@@ -175,8 +175,8 @@ class RampRecord(MeasuredRecord):
     client_procs: int | None = opt()
 
     def _summary(self, head: str) -> str:
-        return (f"{head} max clean N {self.max_clean_n}, knee {self.knee_n or '-'} (ceiling {self.ceiling}), "
-                f"limit: {limit_label(self.limit, self.ceiling, self.limit_evidence)}")
+        named = "" if self.limit is None else f", limit: {limit_label(self.limit, self.ceiling, self.limit_evidence)}"
+        return f"{head} max clean N {self.max_clean_n}, knee {self.knee_n or '-'} (ceiling {self.ceiling}){named}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -239,7 +239,7 @@ def ramp_limit(steps: list[RampStep], failed: list[RequestRecord], context: Ramp
         return {"limit": None, "limit_detail": None}
     step, slots = steps[-1], context.slots
     base = _base(steps, slots)
-    growth, ratio, _ = _queueing(step, base)
+    growth, ratio, queued = _queueing(step, base)
     classes = Counter((r.error or ErrorClass.SERVER_ERROR).value for r in failed)
     timeouts = classes["timeout"] + classes["stalled"]
     evidence = {"at_n": step.n, "slots": slots, "error_classes": dict(classes), "timeouts": timeouts,
@@ -251,13 +251,13 @@ def ramp_limit(steps: list[RampStep], failed: list[RequestRecord], context: Ramp
                 "ttft_growth": growth, "decode_ratio": ratio}
     if step.breach is None and step.n < context.ceiling:
         return {"limit": None, "limit_detail": None}  # stopped early (aborted): nothing was hit
-    name, detail = _classify(step, failed, context, classes, queue_knee(steps, slots), growth, ratio)
+    name, detail = _classify(step, failed, context, classes, queue_knee(steps, slots), queued, growth, ratio)
     return {"limit": name, "limit_detail": detail, "limit_evidence": {k: v for k, v in evidence.items()
                                                                       if v is not None}}
 
 
 def _classify(step: RampStep, failed: list[RequestRecord], ctx: RampContext, classes: Counter[str],
-              knee: int | None, growth: float | None, ratio: float | None) -> tuple[str, str]:
+              knee: int | None, queued: bool, growth: float | None, ratio: float | None) -> tuple[str, str]:
     n, slots = step.n, ctx.slots
     in_server = (f"; the server held at most {step.server_in_max:.0f} of {n:,} at once"
                  if step.server_in_max is not None else "")
@@ -294,7 +294,7 @@ def _classify(step: RampStep, failed: list[RequestRecord], ctx: RampContext, cla
         how = f"{classes['connect']} connects refused or reset" if classes["connect"] else "agents waited"
         return "http threads", (f"{how} at N={n:,} with {busy}: the server's HTTP front (--threads-http, "
                                 f"listen backlog) took in too few{in_server}")
-    if slots and n > slots and (knee is not None or step.server_deferred_max):
+    if slots and n > slots and (queued or step.server_deferred_max):
         deferred = f"up to {step.server_deferred_max:.0f} deferred; " if step.server_deferred_max else ""
         return "slots", f"{step.breach} at N={n:,} on {slots} slots: {deferred}{queue_txt or 'agents queued'}"
     common = Counter(r.detail.split("(")[0][:80] for r in failed if r.detail).most_common(1)
