@@ -65,6 +65,7 @@ class RampEvidence(Section):
     base_n: int | None = opt()  # the full-slot step the queue is measured against (largest N <= slots)
     ttft_growth: float | None = opt()  # TTFT p95 here / at base_n
     decode_ratio: float | None = opt()  # per-call decode rate here / at base_n (about 1: decode held)
+    common_error: str | None = opt()  # the most frequent failure detail at this step
 
 
 def limit_label(limit: Any, ceiling: Any, evidence: RampEvidence | None) -> str:

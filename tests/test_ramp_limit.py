@@ -121,7 +121,9 @@ def test_http_threads_when_connects_are_refused() -> None:
     got = ramp_limit(breaching(4096, errors=371, server_processing_max=64.0), errors,
                      replace(CTX, ceiling=8192, nofile_soft=16640))
     assert got["limit"] == "http threads", got
-    assert got["limit_detail"].startswith("371 connects refused or reset at N=4,096 with at most 64 of 64 slots busy")
+    assert got["limit_detail"].startswith("371 connects failed at N=4,096 with at most 64 of 64 slots busy")
+    assert got["limit_detail"].endswith("(mostly ClientConnectorError(ConnectionRefusedError(111)))")
+    assert got["limit_evidence"]["common_error"] == "ClientConnectorError(ConnectionRefusedError(111))"
 
 
 def test_http_threads_when_slots_sit_idle() -> None:

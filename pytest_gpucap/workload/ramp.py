@@ -248,7 +248,7 @@ def ramp_limit(steps: list[RampStep], failed: list[RequestRecord], context: Ramp
                 "host_total_mib": step.host_total_mib, "server_processing_max": step.server_processing_max,
                 "server_deferred_max": step.server_deferred_max, "server_in_max": step.server_in_max,
                 "metrics_missed": step.metrics_missed, "base_n": base.n if base else None,
-                "ttft_growth": growth, "decode_ratio": ratio}
+                "ttft_growth": growth, "decode_ratio": ratio, "common_error": _common(failed)}
     if step.breach is None and step.n < context.ceiling:
         return {"limit": None, "limit_detail": None}  # stopped early (aborted): nothing was hit
     name, detail = _classify(step, failed, context, classes, queue_knee(steps, slots), queued, growth, ratio)
@@ -291,15 +291,22 @@ def _classify(step: RampStep, failed: list[RequestRecord], ctx: RampContext, cla
     if (failed and classes["connect"] >= len(failed) / 2) or slots_idle:
         busy = (f"at most {step.server_processing_max:.0f} of {slots} slots busy"
                 if step.server_processing_max is not None and slots else "slots unknown")
-        how = f"{classes['connect']} connects refused or reset" if classes["connect"] else "agents waited"
+        how = f"{classes['connect']} connects failed" if classes["connect"] else "agents waited"
+        mostly = f" (mostly {_common(failed)})" if failed else ""
         return "http threads", (f"{how} at N={n:,} with {busy}: the server's HTTP front (--threads-http, "
-                                f"listen backlog) took in too few{in_server}")
+                                f"listen backlog) took in too few{in_server}{mostly}")
     if slots and n > slots and (queued or step.server_deferred_max):
         deferred = f"up to {step.server_deferred_max:.0f} deferred; " if step.server_deferred_max else ""
         return "slots", f"{step.breach} at N={n:,} on {slots} slots: {deferred}{queue_txt or 'agents queued'}"
-    common = Counter(r.detail.split("(")[0][:80] for r in failed if r.detail).most_common(1)
+    common = _common(failed)
     return "server", (f"{step.breach} at N={n:,} with the client {(step.client_busy or 0):.0%} busy"
-                      + (f", mostly {common[0][0]}" if common else ""))
+                      + (f", mostly {common}" if common else ""))
+
+
+def _common(failed: list[RequestRecord]) -> str | None:
+    """The most frequent failure detail (its first 120 characters), as the client wrote it."""
+    common = Counter(r.detail[:120] for r in failed if r.detail).most_common(1)
+    return common[0][0] if common else None
 
 
 def _count(records: list[RequestRecord]) -> dict[str, int]:
