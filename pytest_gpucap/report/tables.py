@@ -434,7 +434,10 @@ def ramp_table(record: RampRecord) -> Table:
 def ramp_limit_line(record: RampRecord) -> str:
     """The limit in words, for the line above the ramp table."""
     label = limit_label(record.limit, record.ceiling, record.limit_evidence)
-    return label if record.limit_detail is None else f"{label} ({record.limit_detail})"
+    detail = record.limit_detail
+    if detail is None:
+        return label
+    return str(detail) if str(detail).startswith(label) else f"{label} ({detail})"
 
 
 def search_table(record: SearchRecord) -> Table:
