@@ -33,7 +33,8 @@ SETTINGS = Workload(ramp_ceiling=CEILING, ramp_max_tokens=8, request_timeout_s=1
 
 
 @pytest.fixture(scope="module")
-def slots64(llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+def slots64(llama_server_bin: Path, tiny_model: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     cfg = CapacityConfig(profile="cpu", n=SLOTS, ctx=256, threads=2, cache_ram_mib=0)
     with plugin_server(llama_server_bin, tiny_model, cfg, tmp_path_factory.mktemp("ramp-logs")) as handle:
         yield handle

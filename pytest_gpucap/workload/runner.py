@@ -8,7 +8,6 @@ import asyncio
 import random
 import resource
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -16,7 +15,7 @@ import httpx
 
 from .client import ErrorClass, RequestRecord, StreamingClient, sleep_until
 from ..promtext import sums
-from .metrics import pcts, summarize
+from .metrics import summarize
 from .prompts import filler, reply_stub, tool_blob
 from ..matrix import Workload as WorkloadSettings
 from .roles import Role
@@ -306,7 +305,7 @@ async def run_poisson(url: str, rate_per_s: float, n_requests: int, prompt_token
     return RunResult(records, t0, t0, time.monotonic(), reason, stalls=watch.note)
 
 
-# ---------------------------------------------------------------- one step of the agent-connection ramp (the ramp: ramp.py)
+# ---------------------------------------------------------------- one ramp step (the ramp itself: ramp.py)
 
 def raise_nofile(needed: int) -> dict[str, int]:
     """Raise the soft open-file limit towards ``needed`` (capped by the hard limit); say what it was."""
