@@ -13,13 +13,13 @@ from typing import Any, Callable
 
 from .matrix import SLO, Workload
 from .records import (
-    RampRecord, RampStep, SloBudgets, Verdict, WorkloadInfo, WorkloadMemory, WorkloadMetrics, WorkloadRecord,
-    header, parse,
+    RampEvidence, RampRecord, RampStep, SloBudgets, Verdict, WorkloadInfo, WorkloadMemory, WorkloadMetrics,
+    WorkloadRecord, header, parse,
 )
 from .backends import ServerError, ServerHandle
 from .repeat import repeated
 from .verdicts import assert_slos, goodput, workload_verdicts
-from .workload import runner
+from .workload import ramp, runner
 from .workload import procs
 from .workload.metrics import server_crosscheck
 from .workload.poller import MetricsPoller
@@ -266,17 +266,21 @@ class Harness:
             return await asyncio.to_thread(procs.ramp_step, min(n_procs, n), self.handle.url, n, self.settings,
                                            cpt, **kw)
 
-        result = runner.run(runner.run_ramp(self.handle.url, self.settings, cpt, memory,
-                                            self.slo.ramp_p95_s, abort=self._abort, progress=self.progress,
-                                            step_runner=split_step if n_procs > 1 else None, **kw))
-        result = dict(result, client_procs=n_procs)
+        slots = self.handle.props.get("total_slots") or self.handle.config.n
+        result = runner.run(ramp.run_ramp(self.handle.url, self.settings, cpt, memory,
+                                          self.slo.ramp_p95_s, abort=self._abort, progress=self.progress,
+                                          step_runner=split_step if n_procs > 1 else None, slots=slots, **kw))
+        evidence = result.pop("limit_evidence", None)
         typed = RampRecord(
             **header(self.handle, self.test_id),
             steps=tuple(RampStep.from_dict(s) for s in result.pop("steps")), aborted=result.pop("aborted", None),
             nofile=result.pop("nofile", None), max_clean_n=result.pop("max_clean_n", None),
             knee_n=result.pop("knee_n", None), ceiling=self.settings.ramp_ceiling,
             context_tokens=self.settings.ramp_context_tokens, max_tokens=self.settings.ramp_max_tokens,
-            rtt_s=self.settings.rtt_s, slo=SloBudgets.of(self.slo), extra=result,
+            rtt_s=self.settings.rtt_s, slo=SloBudgets.of(self.slo), limit=result.pop("limit", None),
+            limit_detail=result.pop("limit_detail", None), queue_knee_n=result.pop("queue_knee_n", None),
+            limit_evidence=None if evidence is None else RampEvidence.from_dict(evidence),
+            slots=result.pop("slots", None), client_procs=n_procs, extra=result,
         )
         record = typed.to_dict()
         self._record(record)

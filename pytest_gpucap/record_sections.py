@@ -471,22 +471,7 @@ class RepeatSpread(Section):
     figures: dict[str, FigureSpread] = sub(FigureSpread, many="map")
 
 
-# ---------------------------------------------------------------- ramp and search
-
-@dataclass(frozen=True, kw_only=True)
-class RampStep(Section):
-    """One ramp step: N agents at once, one turn each."""
-
-    n: int | None = None
-    ok: int | None = None
-    errors: int | None = None
-    ttft_p50_s: float | None = None
-    ttft_p95_s: float | None = None
-    turn_p50_s: float | None = None
-    turn_p95_s: float | None = None
-    server_rss_mib: float | None = None
-    device_used_mib: float | None = None
-
+# ---------------------------------------------------------------- search (the ramp's sections: ramp_sections)
 
 @dataclass(frozen=True, kw_only=True)
 class SearchProbe(Section):

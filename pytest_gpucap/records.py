@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
+from .ramp_sections import RampEvidence, RampStep, limit_label
 from .record_sections import (
     CeilingMemory, Crosscheck, Goodput, KvHeadroom, Percentiles, Predicted, PredictionCheck, PredictionPart,
-    QueueTimes, RampStep, RecordConfig, RepeatSpread, RoleMetrics, SearchProbe, Section, ServerBuffers, ServerInfo,
+    QueueTimes, RecordConfig, RepeatSpread, RoleMetrics, SearchProbe, Section, ServerBuffers, ServerInfo,
     ServerView, SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, is_number, number, opt, sub,
 )
 
@@ -168,9 +169,16 @@ class RampRecord(MeasuredRecord):
     max_tokens: int | None = None
     rtt_s: float | None = None
     slo: SloBudgets = sub(SloBudgets)
+    limit: str | None = opt()  # one of ramp_sections.LIMITS: what stopped the ramp ("none": the ceiling, clean)
+    limit_detail: str | None = opt()
+    limit_evidence: RampEvidence | None = sub(RampEvidence, optional=True)
+    queue_knee_n: int | None = opt()  # first N > slots where TTFT p95 grew while per-call decode held
+    slots: int | None = opt()
+    client_procs: int | None = opt()
 
     def _summary(self, head: str) -> str:
-        return f"{head} max clean N {self.max_clean_n}, knee {self.knee_n or '-'} (ceiling {self.ceiling})"
+        named = "" if self.limit is None else f", limit: {limit_label(self.limit, self.ceiling, self.limit_evidence)}"
+        return f"{head} max clean N {self.max_clean_n}, knee {self.knee_n or '-'} (ceiling {self.ceiling}){named}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -412,7 +420,8 @@ def summary_line(record: Record | Mapping[str, Any]) -> str:
 __all__ = [
     "MIGRATIONS", "PROPERTY_KEY", "REASON_KEY", "SCHEMA_VERSION", "TRACKED", "CeilingMemory", "CeilingRecord",
     "Crosscheck", "Figure", "Goodput", "KvHeadroom", "MeasuredRecord", "OtherRecord", "Percentiles", "Predicted",
-    "PredictionCheck", "PredictionPart", "QueueTimes", "RampRecord", "RampStep", "Record", "RecordConfig",
+    "PredictionCheck", "PredictionPart", "QueueTimes", "RampEvidence", "RampRecord", "RampStep", "Record",
+    "RecordConfig",
     "RepeatSpread", "RoleMetrics", "SchemaError", "SearchProbe", "SearchRecord", "Section", "ServerBuffers",
     "ServerInfo", "ServerView", "SloBudgets", "UnmeasuredRecord", "Verdict", "WorkloadInfo", "WorkloadMemory",
     "WorkloadMetrics", "WorkloadRecord", "append_jsonl", "as_dict", "as_record", "check_schema", "header",

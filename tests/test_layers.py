@@ -34,6 +34,7 @@ LAYERS = {
     "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
     "search_space": 0, "record_search": 4, "search_boundary": 5, "search_known": 5, "search_checks": 5,  # issue 12
+    "ramp_sections": 4,  # issue 12 (part E): the ramp record's steps and the evidence for its limit
 }
 
 

@@ -602,7 +602,8 @@ def test_ramp_to_a_ceiling_of_8(server: ServerHandle, cpt: float, restore_nofile
     nofile = ramp["nofile"]
     assert set(nofile) == {"soft_before", "hard", "soft_after"}
     assert nofile["soft_after"] >= min(2 * 8 + 256, nofile["hard"]) and nofile["soft_after"] >= nofile["soft_before"]
-    assert len(lines) == 4 and lines[-1].startswith("ramp N=8: ok 8, errors 0")
+    assert len(lines) == 5 and lines[3].startswith("ramp N=8: ok 8, errors 0")
+    assert ramp["limit"] == "none" and lines[-1].startswith("ramp limit: none: none up to 8 agents")
 
 
 def test_ramp_stops_at_the_first_breach(server: ServerHandle, restore_nofile: None) -> None:

@@ -29,8 +29,8 @@ from .hosts import first_screen, side_by_side
 from .scaling import memory_chart, ramp_charts, workload_charts
 from .timeline import memory_timelines
 from .tables import (
-    ceiling_memory, ceiling_table, host_label, ident, kv_table, of_kind, profile_of, ramp_table, repeat_table,
-    roles_table, scaling_tables, search_boundary_table, search_table, verdicts_table, workload_table,
+    ceiling_memory, ceiling_table, host_label, ident, kv_table, of_kind, profile_of, ramp_limit_line, ramp_table,
+    repeat_table, roles_table, scaling_tables, search_boundary_table, search_table, verdicts_table, workload_table,
 )
 
 #: Record kinds with a section of their own; any other kind is only counted.
@@ -251,7 +251,8 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
         rc = ramp_charts(r, i)
         charts += rc
         ramps.append({"config_id": ident(r), "table": ramp_table(r), "max_clean_n": fmt.integer(r.max_clean_n),
-                      "knee_n": fmt.integer(r.knee_n), "charts": rc, "outcome": fmt.text(r.outcome)})
+                      "knee_n": fmt.integer(r.knee_n), "charts": rc, "outcome": fmt.text(r.outcome),
+                      "limit": ramp_limit_line(r)})
     searches = [{"profile": fmt.text(r.profile), "knee": fmt.text(r.knee),
                   "boots": fmt.integer(r.boots), "grid": fmt.integer(r.grid_size),
                   "assumption": fmt.text(r.assumption), "table": search_table(r),

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ..prediction import is_host_buffer
+from ..ramp_sections import limit_label
 from ..records import (
     CeilingMemory, CeilingRecord, KvHeadroom, RampRecord, Record, SearchRecord, WorkloadInfo, WorkloadMemory, WorkloadMetrics,
     WorkloadRecord,
@@ -401,24 +402,42 @@ def scaling_tables(records: list[Record]) -> list[tuple[str, Table]]:
 # ---------------------------------------------------------------- ramp
 
 def ramp_table(record: RampRecord) -> Table:
+    """One row per step; the marks column names the knees and, at the last step, the limit the ramp hit."""
     cols = [("N", True), ("Turns ok", True), ("Errors", True), ("TTFT p50 (s)", True), ("TTFT p95 (s)", True),
             ("Turn p50 (s)", True), ("Turn p95 (s)", True), ("Server RSS (MiB)", True),
-            ("Device used (MiB)", True), ("", False)]
-    knee, clean = record.knee_n, record.max_clean_n
+            ("Device used (MiB)", True), ("", False), ("Decode/call (tok/s)", True), ("In slots (max)", True),
+            ("Deferred (max)", True)]
+    knee, clean, queue = record.knee_n, record.max_clean_n, record.queue_knee_n
     rows = []
-    for s in record.steps:
+    for i, s in enumerate(record.steps):
         marks = []
         if s.n == clean:
             marks.append("max clean N")
         if s.n == knee:
             marks.append("knee")
+        if s.n == queue:
+            marks.append("queue knee")
+        if i == len(record.steps) - 1 and record.limit is not None:
+            marks.append("limit: " + limit_label(record.limit, record.ceiling, None))
         rows.append([_n(fmt.integer(s.n)), _n(fmt.integer(s.ok)),
                      Cell(fmt.integer(s.errors), "num bad" if s.errors else "num"),
                      _n(fmt.secs(s.ttft_p50_s)), _n(fmt.secs(s.ttft_p95_s)),
                      _n(fmt.secs(s.turn_p50_s)), _n(fmt.secs(s.turn_p95_s)),
                      _n(fmt.mib(s.server_rss_mib)), _n(fmt.mib(s.device_used_mib)),
-                     Cell(", ".join(marks), "warn" if "knee" in marks else "")])
+                     Cell(", ".join(marks), "warn" if "knee" in marks or record.limit not in (None, "none")
+                          and i == len(record.steps) - 1 else ""),
+                     _n(fmt.tps(s.decode_tps_p50)), _n(fmt.integer(s.server_processing_max)),
+                     _n(fmt.integer(s.server_deferred_max))])
     return _table(cols, rows)
+
+
+def ramp_limit_line(record: RampRecord) -> str:
+    """The limit in words, for the line above the ramp table."""
+    label = limit_label(record.limit, record.ceiling, record.limit_evidence)
+    detail = record.limit_detail
+    if detail is None:
+        return label
+    return str(detail) if str(detail).startswith(label) else f"{label} ({detail})"
 
 
 def search_table(record: SearchRecord) -> Table:

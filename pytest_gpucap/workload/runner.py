@@ -8,7 +8,6 @@ import asyncio
 import random
 import resource
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -16,7 +15,7 @@ import httpx
 
 from .client import ErrorClass, RequestRecord, StreamingClient, sleep_until
 from ..promtext import sums
-from .metrics import pcts, summarize
+from .metrics import summarize
 from .prompts import filler, reply_stub, tool_blob
 from ..matrix import Workload as WorkloadSettings
 from .roles import Role
@@ -306,24 +305,7 @@ async def run_poisson(url: str, rate_per_s: float, n_requests: int, prompt_token
     return RunResult(records, t0, t0, time.monotonic(), reason, stalls=watch.note)
 
 
-# ---------------------------------------------------------------- the agent-connection ramp
-
-@dataclass
-class RampStep:
-    n: int
-    ok: int
-    errors: int
-    error_classes: dict[str, int]
-    create_p50_s: float | None
-    create_p95_s: float | None
-    ttft_p50_s: float | None
-    ttft_p95_s: float | None
-    turn_p50_s: float | None
-    turn_p95_s: float | None
-    server_rss_mib: float | None
-    device_used_mib: float | None
-    breach: str | None = None
-
+# ---------------------------------------------------------------- one ramp step (the ramp itself: ramp.py)
 
 def raise_nofile(needed: int) -> dict[str, int]:
     """Raise the soft open-file limit towards ``needed`` (capped by the hard limit); say what it was."""
@@ -360,107 +342,6 @@ async def ramp_step(url: str, n: int, settings: WorkloadSettings, chars_per_toke
     return records
 
 
-#: A ramp step whose busiest client process used this share of a core was limited by the client.
-CLIENT_BUSY = 0.9
-#: Below this share of host memory available, a failing step is put down to memory.
-LOW_MEMORY = 0.05
-#: Step runner: N agents -> (their records, the busiest client process's CPU share of its wall time).
-StepRunner = Callable[[int], Awaitable["tuple[list[RequestRecord], float]"]]
-
-
-def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-async def run_ramp(url: str, settings: WorkloadSettings, chars_per_token: float,
-                   memory: Callable[[], tuple[float | None, float | None]],
-                   p95_budget_s: float | None = None, abort: AbortCheck = lambda: None,
-                   progress: ProgressSink | None = None, start: int = 1, api_key: str | None = None,
-                   model: str = "gpucap", step_runner: StepRunner | None = None) -> dict[str, Any]:
-    """Double N up to the ceiling; stop at the first step with errors or an SLO breach.
-
-    The knee is the first N whose p95 turn latency exceeds twice the single-agent p95: from there
-    on, agents wait for each other instead of running side by side. ``limit`` names what stopped the
-    ramp: the ceiling, file descriptors, memory, the client (a process near a full core) or the server.
-    ``step_runner`` runs a step elsewhere (split across client processes).
-    """
-    limits = raise_nofile(2 * settings.ramp_ceiling + 256)
-
-    async def here(n: int) -> tuple[list[RequestRecord], float]:
-        cpu0, wall0 = _cpu_s(), time.monotonic()
-        recs = await ramp_step(url, n, settings, chars_per_token, api_key, model)
-        return recs, (_cpu_s() - cpu0) / max(time.monotonic() - wall0, 1e-9)
-
-    steps: list[RampStep] = []
-    limit: dict[str, Any] = {"limit": None, "limit_detail": None}
-    for n in ramp_steps(start, settings.ramp_ceiling):
-        reason = abort()
-        if reason:
-            return {"steps": [vars(s) for s in steps], "aborted": reason, "nofile": limits,
-                    **_ramp_summary(steps), **limit}
-        recs, busy = await (step_runner or here)(n)
-        ok = [r for r in recs if r.ok]
-        failed = [r for r in recs if not r.ok]
-        create = pcts((r.headers - r.scheduled) for r in ok if r.headers)
-        ttft, turn = pcts(r.ttft_s for r in ok), pcts(r.e2e_s for r in ok)
-        rss, used = memory()
-        step = RampStep(n, len(ok), len(failed), _count(failed), create["p50"], create["p95"], ttft["p50"],
-                        ttft["p95"], turn["p50"], turn["p95"], rss, used)
-        if failed:
-            step.breach = f"{len(failed)} of {n} turns failed ({step.error_classes})"
-        elif p95_budget_s is not None and (turn["p95"] or 0) > p95_budget_s:
-            step.breach = f"turn p95 {turn['p95']:.2f} s > budget {p95_budget_s:.2f} s"
-        steps.append(step)
-        limit = ramp_limit(step, failed, busy, settings.ramp_ceiling)
-        if progress:
-            progress(f"ramp N={n}: ok {len(ok)}, errors {len(failed)}, turn p95 "
-                     f"{(turn['p95'] or 0):.2f} s, client busy {busy:.0%}"
-                     f"{', ' + step.breach + ' (limit: ' + str(limit['limit']) + ')' if step.breach else ''}")
-        if step.breach:
-            break
-    return {"steps": [vars(s) for s in steps], "aborted": None, "nofile": limits, **_ramp_summary(steps), **limit}
-
-
-def ramp_limit(step: RampStep, failed: list[RequestRecord], client_busy: float, ceiling: int) -> dict[str, Any]:
-    """What stopped the ramp at ``step``: ``ceiling`` (nothing did), ``file descriptors`` (EMFILE),
-    ``memory`` (allocation failures or the host nearly out), ``client`` (a client process near a full
-    core) or ``server`` (it failed or slowed the turns while the client had CPU to spare)."""
-    if step.breach is None:
-        return {"limit": "ceiling" if step.n >= ceiling else None,
-                "limit_detail": f"reached the ramp ceiling N={ceiling}" if step.n >= ceiling else None}
-    details = " ".join(r.detail for r in failed)
-    if "Too many open files" in details or "EMFILE" in details:
-        return {"limit": "file descriptors", "limit_detail": f"out of file descriptors at N={step.n}"}
-    import psutil
-
-    vm = psutil.virtual_memory()
-    if "MemoryError" in details or "Cannot allocate memory" in details or vm.available < LOW_MEMORY * vm.total:
-        return {"limit": "memory", "limit_detail": f"host memory at N={step.n}: {vm.available / 2**20:.0f} MiB "
-                                                   f"available of {vm.total / 2**20:.0f} MiB"}
-    if client_busy >= CLIENT_BUSY:
-        return {"limit": "client", "limit_detail": f"a client process used {client_busy:.0%} of a core at "
-                                                   f"N={step.n}: raise --gpucap-client-procs"}
-    common = Counter(r.detail.split("(")[0][:80] for r in failed if r.detail).most_common(1)
-    return {"limit": "server", "limit_detail": f"{step.breach} at N={step.n} with the client {client_busy:.0%} busy"
-                                               + (f", mostly {common[0][0]}" if common else "")}
-
-
-def _count(records: list[RequestRecord]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in records:
-        key = (r.error or ErrorClass.SERVER_ERROR).value
-        out[key] = out.get(key, 0) + 1
-    return out
-
-
-def _ramp_summary(steps: list[RampStep]) -> dict[str, Any]:
-    clean = [s.n for s in steps if s.breach is None]
-    base = steps[0].turn_p95_s if steps and steps[0].turn_p95_s else None
-    knee = next((s.n for s in steps if base and s.turn_p95_s and s.turn_p95_s > 2 * base), None)
-    return {"max_clean_n": max(clean) if clean else 0, "knee_n": knee}
-
-
 def run(coro: Awaitable[Any]) -> Any:
     """Run a workload coroutine from synchronous test code, on uvloop where it is installed (its
     C event loop takes a measured share of the client's CPU per token off the host under test)."""
@@ -469,3 +350,12 @@ def run(coro: Awaitable[Any]) -> Any:
     except ImportError:
         return asyncio.run(coro)  # type: ignore[arg-type]
     return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def __getattr__(name: str) -> Any:
+    """The ramp itself moved to ``ramp``; its names stay importable from here."""
+    if name in ("run_ramp", "ramp_limit", "RampStep", "CLIENT_BUSY", "LOW_MEMORY"):
+        from . import ramp
+
+        return getattr(ramp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
