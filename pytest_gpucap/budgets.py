@@ -24,6 +24,8 @@ class SLO:
     ttft_p95_s: float | None = None
     queue_p95_s: float | None = None  # vLLM: server-side queue time p95 (from /metrics) budget
     ramp_p95_s: float | None = None  # per-step turn p95 budget in the agent-connection ramp
+    min_depth_ratio: float | None = None  # depth sweep: decode tok/s at the deepest ÷ the shallowest depth
+    min_depth_decode_tps: float | None = None  # depth sweep: decode tok/s floor at the deepest depth
 
     def headroom_class(self, free_gib: float) -> str:
         """The study's words for free memory against this SLO: Comfortable at >= 2x the headroom

@@ -202,6 +202,8 @@ class SloBudgets(Section):
     ttft_p95_s: float | None = opt()
     ramp_p95_s: float | None = opt()
     queue_p95_s: float | None = opt()
+    min_depth_ratio: float | None = opt()
+    min_depth_decode_tps: float | None = opt()
 
     @classmethod
     def of(cls, slo: "SLO") -> "SloBudgets":
@@ -209,7 +211,9 @@ class SloBudgets(Section):
         return cls.from_dict({"headroom_gib": slo.headroom_gib, "p95_s": dict(slo.p95_s),
                               "min_agg_tps": slo.min_agg_tps, "max_error_rate": slo.max_error_rate,
                               "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s,
-                              "queue_p95_s": slo.queue_p95_s})
+                              "queue_p95_s": slo.queue_p95_s,
+                              **{k: v for k in ("min_depth_ratio", "min_depth_decode_tps")
+                                 if (v := getattr(slo, k)) is not None}})
 
 
 # ---------------------------------------------------------------- ceiling
