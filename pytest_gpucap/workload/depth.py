@@ -66,28 +66,34 @@ class TokenCounter:
 
 
 def fit_text(head: str, target: int, count: Callable[[str], int | None], rng: random.Random,
-             chars_per_token: float = 3.5, tries: int = 8, tail: str = "") -> tuple[str, int | None]:
+             chars_per_token: float = 3.5, tries: int = 12, tail: str = "") -> tuple[str, int | None]:
     """``head`` + filler + ``tail`` whose token count is ``target`` (or the closest of a few corrected
     cuts; never shorter than head + tail)."""
     text = head + filler(rng, int(max(target, 0) * chars_per_token * 1.5) + 256)
     n_chars = min(len(text), len(head) + int(max(target, 0) * chars_per_token))
     best: tuple[int, str, int | None] = (1 << 30, text[:n_chars] + tail, None)
+    lo, hi = len(head), None  # cuts known to give fewer / more tokens than the target
     for _ in range(tries):
         got = count(text[:n_chars] + tail)
         if got is None:
             return text[:n_chars] + tail, None
         if abs(got - target) < best[0]:
             best = (abs(got - target), text[:n_chars] + tail, got)
-        if got == target:
+        if got == target or (got > target and n_chars == len(head)):
+            break  # hit, or head + tail alone are longer than the target (the floor)
+        if got < target:
+            lo = max(lo, n_chars)
+        else:
+            hi = n_chars if hi is None else min(hi, n_chars)
+        guess = n_chars + round((target - got) * n_chars / max(got, 1))  # proportional correction ...
+        while hi is None and guess > len(text) and len(text) < 64 * (target + 64):
+            text += filler(rng, len(text))  # a tokenizer denser than assumed
+        guess = min(guess, len(text))
+        if not (lo < guess < (hi if hi is not None else len(text) + 1)):
+            guess = (lo + (hi if hi is not None else len(text))) // 2  # ... else bisect the bracket
+        if guess in (lo, hi):
             break
-        step = (target - got) * len(text[:n_chars]) / max(got, 1)
-        step = step if abs(step) >= 1 else (1 if got < target else -1)
-        if got > target and n_chars == len(head):
-            break  # head + tail alone are longer than the target: the floor
-        n_chars = max(len(head), n_chars + round(step))
-        while n_chars > len(text) and len(text) < 64 * (target + 64):  # a tokenizer denser than assumed
-            text += filler(rng, len(text))
-        n_chars = min(n_chars, len(text))
+        n_chars = guess
     return best[1], best[2]
 
 
