@@ -56,6 +56,7 @@ class Workload:
     ramp_max_tokens: int = 16
     ramp_context_tokens: int = 0
     rtt_s: float = 0.0  # injected client round-trip per request (remote-agent penalty curve)
+    depth_ctx_tokens: int = 0  # the context the depth sweep fills, at most (0: the slot's whole context)
     stall_s: float | None = None  # a stream silent this long is a failed "stalled" turn (default: from the SLO)
 
 

@@ -5,7 +5,8 @@ The study's headline case is a config that fits in memory but whose throughput c
 "fits, too slow", not "does not fit". The rule lives here once: memory breaches (headroom, KV
 capacity, headroom under load) or a boot that failed make "does not fit"; with memory passing, any
 other counted breach (throughput ``min_agg_tps``, the depth ratio ``min_depth_ratio``, a role's p95,
-TTFT, error rate) makes "fits, too slow"; a config with no measured record is "not measured". The
+TTFT, error rate) makes "fits, too slow"; a config with no measured record, or none that judged its
+memory (no ceiling test ran), is "not measured". The
 recorder writes one ``config-verdict`` record per config at session end, and the write-up's capacity
 map and recommendations read ``speed_breaches`` / ``memory_breaches`` from here.
 """
@@ -76,6 +77,8 @@ def config_verdict(records: Sequence[Record], config_id: str | None = None) -> C
         return ConfigVerdict(cid, NOT_MEASURED, tuple(str(r.reason or r.outcome or "") for r in unmeasured
                                                      if r.reason or r.outcome), len(recs))
     slow = [f"{_where(r)}: {phrase(v)}" for r in measured for v in speed_breaches(r)]
+    if not any(is_memory(v) for r in measured for v in getattr(r, "verdicts", ())):
+        return ConfigVerdict(cid, NOT_MEASURED, ("memory not judged (no ceiling record)", *slow), len(recs))
     return ConfigVerdict(cid, TOO_SLOW if slow else FITS, tuple(slow), len(recs))
 
 

@@ -62,13 +62,15 @@ def slot_context(handle: ServerHandle) -> int:
 
 def depth_sweep(handle: ServerHandle, slo: SLO, test_id: str, record: Callable[[dict[str, Any]], None] | None = None,
                 depths: Sequence[float] = DEFAULT_DEPTHS, max_tokens: int = 16, seed: int = 0,
-                ctx_share: float = 1.0, progress: Callable[[str], None] | None = None) -> DepthResult:
-    """The same request at each depth (percent of ``ctx_share`` × the slot's context), recorded once.
+                ctx_tokens: int | None = None, progress: Callable[[str], None] | None = None) -> DepthResult:
+    """The same request at each depth (percent of the slot's context, or of ``ctx_tokens`` when that
+    is smaller: a CPU profile cannot prefill a 16K slot in seconds), recorded once.
 
     Raises ServerError (after recording) when the server died during the sweep."""
     backend = handle.backend
     kw = backend.client_options(handle)
-    ctx = max(64, int(slot_context(handle) * ctx_share))
+    slot = slot_context(handle)
+    ctx = max(64, min(slot, ctx_tokens) if ctx_tokens else slot)
     plan = DepthPlan(url=handle.url, ctx_slot=ctx, depths=tuple(depths), max_tokens=max_tokens, seed=seed,
                      api_key=kw.get("api_key", handle.api_key), model=kw.get("model", "gpucap"),
                      no_cache=handle.config.backend == "llamacpp")
@@ -77,10 +79,10 @@ def depth_sweep(handle: ServerHandle, slo: SLO, test_id: str, record: Callable[[
     points = sweep(plan, count, progress=(lambda line: progress(f"{label}: {line}")) if progress else None)
     ratio = decode_ratio(points)
     verdicts = depth_verdicts(points, ratio, slo)
-    typed = DepthRecord(**header(handle, test_id), ctx_slot=ctx, max_tokens=max_tokens,
+    typed = DepthRecord(**header(handle, test_id), ctx_slot=slot, swept_ctx=ctx, max_tokens=max_tokens,
                         points=tuple(DepthPoint.from_dict(p) for p in points), decode_ratio=ratio,
                         slo=SloBudgets.of(slo), verdicts=tuple(verdicts),
-                        extra={"ctx_share": ctx_share, "tokenize_calls": count.calls, "seed": seed})
+                        extra={"tokenize_calls": count.calls, "seed": seed})
     rec = typed.to_dict()
     if record is not None:
         record(rec)

@@ -287,10 +287,12 @@ class Harness:
         return record
 
     def depth_sweep(self, depths: Sequence[float] = DEFAULT_DEPTHS, max_tokens: int = 16,
-                    ctx_share: float = 1.0) -> DepthResult:
-        """The same request at each depth of the slot's context (``depth.depth_sweep``), recorded."""
+                    ctx_tokens: int | None = None) -> DepthResult:
+        """The same request at each depth of the slot's context (``depth.depth_sweep``), recorded; the
+        swept context is capped by ``ctx_tokens`` or the profile's ``depth_ctx_tokens``."""
         return depth_sweep(self.handle, self.slo, self.test_id, self._record, depths, max_tokens,
-                           seed=self.settings.seed, ctx_share=ctx_share, progress=self.progress)
+                           seed=self.settings.seed, ctx_tokens=ctx_tokens or self.settings.depth_ctx_tokens or None,
+                           progress=self.progress)
 
     def runs_workflow(self, name: str) -> bool:
         """Whether this config's Phase 2 runs workflow ``name``: a config listing ``workflows`` runs

@@ -358,8 +358,9 @@ def _workload(data: Any, where: str) -> Workload:
     _check_keys(data, {f.name for f in fields(Workload)}, where)
     kw: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("max_turns", "seed", "ramp_ceiling", "ramp_max_tokens", "ramp_context_tokens"):
-            kw[key] = value if key in ("seed", "ramp_context_tokens") and value == 0 else _positive_int(value, key, where)
+        if key in ("max_turns", "seed", "ramp_ceiling", "ramp_max_tokens", "ramp_context_tokens", "depth_ctx_tokens"):
+            kw[key] = (value if key in ("seed", "ramp_context_tokens", "depth_ctx_tokens") and value == 0
+                       else _positive_int(value, key, where))
         else:
             kw[key] = _number(value, key, where)
     return Workload(**kw)

@@ -36,7 +36,8 @@ class DepthRecord(MeasuredRecord):
     """A depth sweep on one config: a point per depth, the decode ratio and its verdicts."""
 
     kind: str = "depth"
-    ctx_slot: int | None = None
+    ctx_slot: int | None = None  # the slot's context
+    swept_ctx: int | None = None  # what the depth percentages are of (ctx_slot, or the profile's depth_ctx_tokens)
     max_tokens: int | None = None
     points: tuple[DepthPoint, ...] = sub(DepthPoint, many="list")
     decode_ratio: float | None = None  # decode tok/s at the deepest ÷ the shallowest depth

@@ -41,7 +41,7 @@ def test_a_sweep_fills_each_depth_with_what_was_asked_and_no_cached_prefix(serve
         assert (p.cached_tokens or 0) == 0, p  # a fresh fill: prefill measured over the whole prompt
         assert p.prefill_tps and p.decode_tps and p.ttft_s and p.itl_p50_s is not None
     deep = typed.points[-1]
-    assert deep.asked_tokens == round(0.95 * CTX)
+    assert deep.asked_tokens == round(0.95 * CTX) and typed.ctx_slot == typed.swept_ctx == CTX
     assert typed.decode_ratio == pytest.approx(deep.decode_tps / typed.points[0].decode_tps)
     assert [v.name for v in result.verdicts] == [DEPTH_RATIO_VERDICT] and result.verdicts[0].ok
 

@@ -42,7 +42,7 @@ def depth_tables(records: list[Record]) -> list[dict[str, Any]]:
                            Cell(_ms(p.itl_p50_s), "num"), Cell(_ms(p.itl_p95_s), "num")])
         t.notes = [f"{p.depth_pct:g} %: {p.error}" for p in r.points if p.error]
         out.append({"config_id": ident(r), "table": t, "ratio": fmt.num(r.decode_ratio, 2),
-                    "ctx_slot": fmt.integer(r.ctx_slot), "max_tokens": fmt.integer(r.max_tokens),
+                    "ctx_slot": fmt.integer(r.ctx_slot), "swept": fmt.integer(r.swept_ctx), "max_tokens": fmt.integer(r.max_tokens),
                     "breaches": failed_verdicts(r), "outcome": fmt.text(r.outcome)})
     return out
 
