@@ -69,3 +69,39 @@ def test_the_ratio_and_its_verdicts() -> None:
     assert [(x.name, x.ok) for x in v] == [(DEPTH_RATIO_VERDICT, False), ("decode tok/s at the deepest depth", True)]
     assert depth_verdicts(pts, None, SLO(min_depth_ratio=0.5))[0].measured == 0.0
     assert depth_verdicts(pts, 0.25, SLO()) == []
+
+
+TOO_SLOW_SUITE = '''
+import pytest
+
+def test_ceiling(gpucap_ceiling):
+    gpucap_ceiling.assert_slos()
+
+@pytest.mark.gpucap_slo(min_depth_ratio=1000.0)
+def test_depth(gpucap_workload):
+    gpucap_workload.depth_sweep(depths=(0, 50, 95), max_tokens=4).assert_slos()
+'''
+
+
+def test_a_tight_depth_slo_makes_the_config_fits_too_slow(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """Memory passes, the depth ratio cannot reach 1000x: the config reads "fits, too slow" in the
+    config-verdict record, the terminal summary and the write-up (not "does not fit")."""
+    matrix = matrix_toml(tiny_model, """
+        [[profiles.cpu.configs]]
+        n = 1
+        ctx = 1024
+        """, extra="[profiles.cpu.workload]\ndepth_ctx_tokens = 512\n")
+    result = capacity_run.run(matrix, "--gpucap-report", "rep", test_src=TOO_SLOW_SUITE)
+    result.assert_outcomes(passed=1, failed=1)
+    recs = read_jsonl(capacity_run.pytester.path / "rep" / "results.jsonl")
+    depth = next(r for r in recs if r["kind"] == "depth")
+    assert [p["depth_pct"] for p in depth["points"]] == [0, 50, 95] and depth["swept_ctx"] == 512
+    assert depth["outcome"] == "failed" and not depth["verdicts"][0]["ok"]
+    verdicts = [r for r in recs if r["kind"] == "config-verdict"]
+    assert [(v["config_id"], v["verdict"]) for v in verdicts] == [("cpu-n1-ctx1k-f16", "fits, too slow")]
+    assert "depth decode ratio" in verdicts[0]["reasons"][0]
+    assert "cpu-n1-ctx1k-f16" in result.stdout.str() and "config-verdict" in result.stdout.str()
+    assert any("fits, too slow: depth" in line for line in result.outlines)
+    md = (capacity_run.pytester.path / "rep" / "capacity.md").read_text()
+    assert "| cpu-n1-ctx1k-f16 | fits, too slow | depth: depth decode ratio" in md
+    assert "Fits, too slow" in md  # the capacity map's cell
