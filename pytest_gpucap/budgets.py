@@ -27,6 +27,8 @@ class SLO:
     # goodput: the least share of finished turns that met every per-turn budget (role E2E, TTFT, TPOT)
     min_goodput: float | None = None
     tpot_p95_s: float | None = None  # per-turn time per output token budget (a turn over it is not "good")
+    min_depth_ratio: float | None = None  # depth sweep: decode tok/s at the deepest ÷ the shallowest depth
+    min_depth_decode_tps: float | None = None  # depth sweep: decode tok/s floor at the deepest depth
 
     def headroom_class(self, free_gib: float) -> str:
         """The study's words for free memory against this SLO: Comfortable at >= 2x the headroom
@@ -57,6 +59,7 @@ class Workload:
     ramp_max_tokens: int = 16
     ramp_context_tokens: int = 0
     rtt_s: float = 0.0  # injected client round-trip per request (remote-agent penalty curve)
+    depth_ctx_tokens: int = 0  # the context the depth sweep fills, at most (0: the slot's whole context)
     stall_s: float | None = None  # a stream silent this long is a failed "stalled" turn (default: from the SLO)
 
 

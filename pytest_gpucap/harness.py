@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .matrix import SLO, Workload
 from .records import (
@@ -17,6 +17,8 @@ from .records import (
     WorkloadRecord, header, parse,
 )
 from .backends import ServerError, ServerHandle
+from .depth import DepthResult, depth_sweep
+from .workload.depth import DEFAULT_DEPTHS
 from .repeat import repeated
 from .verdicts import assert_slos, goodput, workload_verdicts
 from .workload import ramp, runner
@@ -24,7 +26,7 @@ from .workload import procs
 from .workload.metrics import server_crosscheck
 from .workload.poller import MetricsPoller
 from .workload.prompts import calibrate
-from .workload.roles import BUILTIN_WORKFLOWS, Role, resolve_workflow, scale
+from .workload.roles import Role, scale, workflow_roles
 
 
 #: The default ``stall_s`` lies between these: long enough for a slow prefill, short enough that a hung
@@ -73,7 +75,7 @@ class Harness:
         self.slo = slo
         self.settings = workload if workload.stall_s else replace(workload, stall_s=default_stall_s(slo))
         self.roles = roles
-        self.workflows = {**BUILTIN_WORKFLOWS, **workflows}
+        self.workflows = dict(workflows)  # the matrix's [workflows]; built-in ones scale to N
         self.test_id = test_id
         self._record = record
         self.progress = progress
@@ -203,8 +205,10 @@ class Harness:
 
     @repeated
     def workflow(self, name: str) -> WorkloadResult:
-        """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration."""
-        roles = [scale(r, self.settings) for r in resolve_workflow(name, self.roles, self.workflows)]
+        """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration (a
+        built-in workflow fills the config's N slots; a listed one keeps its list: roles.workflow_roles)."""
+        roles = [scale(r, self.settings)
+                 for r in workflow_roles(name, self.handle.config.n, self.roles, self.workflows)]
         cpt = self.chars_per_token
         n_procs = min(self.procs(), len(roles))
         label = f"{self.handle.config.id} workflow {name}"
@@ -285,6 +289,19 @@ class Harness:
         record = typed.to_dict()
         self._record(record)
         return record
+
+    def depth_sweep(self, depths: Sequence[float] = DEFAULT_DEPTHS, max_tokens: int = 16,
+                    ctx_tokens: int | None = None) -> DepthResult:
+        """The same request at each depth of the slot's context (``depth.depth_sweep``), recorded; the
+        swept context is capped by ``ctx_tokens`` or the profile's ``depth_ctx_tokens``."""
+        return depth_sweep(self.handle, self.slo, self.test_id, self._record, depths, max_tokens,
+                           seed=self.settings.seed, ctx_tokens=ctx_tokens or self.settings.depth_ctx_tokens or None,
+                           progress=self.progress)
+
+    def runs_workflow(self, name: str) -> bool:
+        """Whether this config's Phase 2 runs workflow ``name``: a config listing ``workflows`` runs
+        those; one listing none runs the suite's defaults."""
+        return not self.handle.config.workflows or name in self.handle.config.workflows
 
     def with_settings(self, **changes: Any) -> "Harness":
         """A harness with some workload settings changed (e.g. a different RTT or duration)."""

@@ -86,6 +86,7 @@ class CapacityConfig:
     env: tuple[tuple[str, str], ...] = ()
     name: str | None = None
     ramp: bool = False  # run the agent-connection ramp on this config
+    workflows: tuple[str, ...] = ()  # Phase-2 workflows run on this config (empty: the suite's A and B)
     # vLLM knobs (backend = "vllm"): N -> --max-num-seqs, ctx -> --max-model-len
     gpu_memory_utilization: float | None = None
     kv_cache_memory_bytes: int | None = None
@@ -236,6 +237,11 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
     kw["env"] = tuple(sorted(env.items()))
     if "gpus" in data:
         kw["gpus"] = _gpus(data["gpus"], where)
+    if "workflows" in data:
+        wf = data["workflows"]
+        if isinstance(wf, str) or not isinstance(wf, (list, tuple)) or not all(isinstance(w, str) and w for w in wf):
+            raise _fail(where, f'workflows must be a list of workflow names, got {wf!r} (write e.g. workflows = ["A"])')
+        kw["workflows"] = tuple(wf)
     if kw["backend"] == "external" and data.get("mmproj"):
         raise _fail(where, "the external backend cannot load an mmproj; drop mmproj")
     vllm_keys = [k for k in _VLLM_KEYS if k in data]
@@ -358,8 +364,9 @@ def _workload(data: Any, where: str) -> Workload:
     _check_keys(data, {f.name for f in fields(Workload)}, where)
     kw: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("max_turns", "seed", "ramp_ceiling", "ramp_max_tokens", "ramp_context_tokens"):
-            kw[key] = value if key in ("seed", "ramp_context_tokens") and value == 0 else _positive_int(value, key, where)
+        if key in ("max_turns", "seed", "ramp_ceiling", "ramp_max_tokens", "ramp_context_tokens", "depth_ctx_tokens"):
+            kw[key] = (value if key in ("seed", "ramp_context_tokens", "depth_ctx_tokens") and value == 0
+                       else _positive_int(value, key, where))
         else:
             kw[key] = _number(value, key, where)
     return Workload(**kw)
@@ -411,8 +418,13 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
             cfg = config_from_mapping(name, merge_defaults(defaults, entry), ewhere)
             _check_model_ref(cfg.model, models, ewhere)
             configs.append(cfg)
+    known_workflows = {"A", "B", "ToolStorm", *workflows}  # workload.roles.BUILTIN_WORKFLOWS and [workflows]
     seen: dict[str, int] = {}
     for cfg in configs:
+        unknown = [w for w in cfg.workflows if w not in known_workflows]
+        if unknown:
+            raise _fail(label, f"{cfg.id}: workflows names {unknown}, not built in nor in [workflows] "
+                               f"(known: {', '.join(sorted(known_workflows))})")
         if cfg.id in seen:
             raise _fail(label, f"two configurations share the id {cfg.id!r}; give one a distinct name = \"...\"")
         seen[cfg.id] = 1

@@ -204,6 +204,8 @@ class SloBudgets(Section):
     queue_p95_s: float | None = opt()
     min_goodput: float | None = opt()
     tpot_p95_s: float | None = opt()
+    min_depth_ratio: float | None = opt()
+    min_depth_decode_tps: float | None = opt()
 
     @classmethod
     def of(cls, slo: "SLO") -> "SloBudgets":
@@ -212,8 +214,8 @@ class SloBudgets(Section):
                               "min_agg_tps": slo.min_agg_tps, "max_error_rate": slo.max_error_rate,
                               "ttft_p95_s": slo.ttft_p95_s, "ramp_p95_s": slo.ramp_p95_s,
                               "queue_p95_s": slo.queue_p95_s,
-                              **{k: v for k, v in (("min_goodput", slo.min_goodput), ("tpot_p95_s", slo.tpot_p95_s))
-                                 if v is not None}})
+                              **{k: v for k in ("min_goodput", "tpot_p95_s", "min_depth_ratio", "min_depth_decode_tps")
+                                 if (v := getattr(slo, k)) is not None}})
 
 
 # ---------------------------------------------------------------- ceiling

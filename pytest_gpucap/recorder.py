@@ -56,6 +56,7 @@ class Recorder:
             benchmarks.add_record(self.config, record)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self._write_verdicts()
         report_dir = self.state.settings.report_dir
         if report_dir is not None:
             provenance.write_session(report_dir / "session.json", session.config, self.state.binary_version)
@@ -70,6 +71,17 @@ class Recorder:
         provenance.github_step_summary(self.state.records, report_dir if self.rendered else None)
         self._save_calibration()
         self._gate(session)
+
+    def _write_verdicts(self) -> None:
+        """One ``config-verdict`` record per config measured this session (capacity_verdict): results.jsonl,
+        the terminal summary and the write-up read the same word."""
+        from .capacity_verdict import verdict_records
+
+        for typed in verdict_records(records.parse(r) for r in list(self.state.records)):
+            record = typed.to_dict()
+            self.state.records.append(record)
+            if self.results_path is not None:
+                records.append_jsonl(self.results_path, record)
 
     def _save_sections(self, report_dir: Path, config: pytest.Config) -> None:
         """Sections from ``pytest_gpucap_report_sections`` hooks, saved beside results.jsonl so the

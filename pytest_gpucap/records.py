@@ -428,3 +428,8 @@ __all__ = [
     "headline", "number", "one_line", "opt", "outcome_record", "parse", "read_jsonl", "read_records", "record_name",
     "sub", "summary_line", "workload_name",
 ]
+
+
+# Record kinds defined in their own modules register themselves in KINDS (imported last: they build on this one).
+from . import record_config_verdict as _record_config_verdict  # noqa: E402,F401
+from . import record_depth as _record_depth  # noqa: E402,F401

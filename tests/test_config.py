@@ -15,7 +15,10 @@ def test_shipped_matrix_has_the_study_phase1_configs() -> None:
     matrix = load_matrix(SHIPPED)
     ids = [c.id for c in matrix.configs if c.profile == "4090" and c.backend == "llamacpp"]
     assert ids == ["4090-n3-ctx128k-mmproj-q8", "4090-n3-ctx64k-mmproj-q8", "4090-n5-ctx64k-mmproj-q8",
-                   "4090-n5-ctx32k-mmproj-q8", "4090-n7-ctx32k-mmproj-q8"]
+                   "4090-n5-ctx32k-mmproj-q8", "4090-n7-ctx32k-mmproj-q8",
+                   # Phase 2: the Dev baseline and N=3 text-only 64K-256K
+                   "4090-n1-ctx128k-mmproj-q8", "4090-n3-ctx64k-q8", "4090-n3-ctx128k-q8", "4090-n3-ctx200k-q8",
+                   "4090-n3-ctx256k-q8"]
     # the vLLM guide's launch knobs on the GPU profiles
     guide = {c.id: c for c in matrix.configs if c.backend == "vllm" and c.profile in ("4090", "h100")}
     assert set(guide) == {"4090-vllm-n32-ctx32k", "h100-vllm-n256-ctx64k", "h100-vllm-n512-ctx16k"}

@@ -25,8 +25,11 @@ def test_records_from_two_xdist_workers_end_up_in_one_results_file(capacity_run:
     result = capacity_run.run(matrix_toml(tiny_model, THREE_CONFIGS), "-n", "2", "--dist", "loadgroup",
                               "--gpucap-report", "rep")
     result.assert_outcomes(passed=3)
-    records = _lines(capacity_run.pytester.path / "rep" / "results.jsonl")
+    lines = _lines(capacity_run.pytester.path / "rep" / "results.jsonl")
+    records = [r for r in lines if r["kind"] != "config-verdict"]
     assert sorted(r["config_id"] for r in records) == ["cpu-n1-ctx1k-f16", "cpu-n2-ctx1k-f16", "cpu-n3-ctx1k-f16"]
+    assert sorted((r["config_id"], r["verdict"]) for r in lines if r["kind"] == "config-verdict") == [
+        ("cpu-n1-ctx1k-f16", "fits"), ("cpu-n2-ctx1k-f16", "fits"), ("cpu-n3-ctx1k-f16", "fits")]  # one per config
     assert all(r["kind"] == "ceiling" and r["outcome"] == "passed" for r in records)
     session = json.loads((capacity_run.pytester.path / "rep" / "session.json").read_text())
     assert "--gpucap-report" in session["command"] and session["versions"]["pytest-gpucap"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..records import CeilingRecord, Record, SearchRecord, UnmeasuredRecord, WorkloadRecord
-from ..verdicts import FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, counted_breaches, headroom_bands
+from ..capacity_verdict import MEMORY_VERDICTS, TOO_SLOW, phrase, speed_breaches
+from ..verdicts import headroom_bands
 from . import fmt
 from .crosschecks import LOW_EFFICIENCY
 from .figures import Chart, MapCell
@@ -20,9 +21,9 @@ from .tables import Cell, Table, failed_verdicts, ident, profile_of, reason_of, 
 #: Verdict class → the word a reader sees (the classes are also CSS classes and map colours).
 VERDICT_WORDS = {"comfortable": "Comfortable", "marginal": "Marginal", "risky": "Risky",
                  "no-fit": "Does not fit (measured)", "no-fit-predicted": "Does not fit (predicted, not booted)",
-                 "too-slow": "Fits but too slow", "not-measured": "Not measured"}
+                 "too-slow": TOO_SLOW.capitalize(), "not-measured": "Not measured"}
 FITS = ("comfortable", "marginal")
-MEMORY_VERDICTS = (FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, "headroom_min")
+__all__ = ["MEMORY_VERDICTS", "VERDICT_WORDS", "capacity_maps", "gate", "verdict_paragraph"]
 
 
 @dataclass
@@ -130,6 +131,15 @@ def _entry(maps: dict[tuple[str, str, bool], CapacityMap], r: Record, kv: str | 
     return grid.entries.setdefault((n, ctx), MapEntry(ident(r) if cfg is not None else "", n, ctx))
 
 
+def _mark_slow(e: MapEntry, r: Record, where: str) -> None:
+    """A config that fits but breaches a speed SLO reads "Fits, too slow" (``capacity_verdict``'s rule)."""
+    slow = [phrase(v) for v in speed_breaches(r)]
+    if slow and e.verdict in FITS:
+        e.verdict = "too-slow"
+    if slow:
+        e.why = "; ".join(x for x in (e.why, f"{where}: " + "; ".join(slow)) if x)
+
+
 def capacity_maps(records: list[Record]) -> list[CapacityMap]:
     """The maps, built from measured records first, then unmeasured ones and search probes for the gaps."""
     maps: dict[tuple[str, str, bool], CapacityMap] = {}
@@ -164,12 +174,10 @@ def capacity_maps(records: list[Record]) -> list[CapacityMap]:
         if id(e) not in judged:
             e.verdict = _memory_class(e.burst_free_mib, fmt.as_float(r.slo.headroom_gib)) or "not-measured"
             judged.add(id(e))
-        slow = [f"{v.name} {fmt.num(v.measured, 2)} {v.unit} vs budget {fmt.num(v.budget, 2)}"
-                for v in counted_breaches(r) if v.name not in MEMORY_VERDICTS]
-        if slow and e.verdict in FITS:
-            e.verdict = "too-slow"
-        if slow:
-            e.why = "; ".join(x for x in (e.why, f"workload {w.name}: " + "; ".join(slow)) if x)
+        _mark_slow(e, r, f"workload {w.name}")
+    for r in latest(records, "depth"):  # the depth sweep's speed SLOs (min_depth_ratio) judge too
+        if (e := _entry(maps, r)) is not None:
+            _mark_slow(e, r, "depth sweep")
     for r in records:
         if isinstance(r, UnmeasuredRecord) and (e := _entry(maps, r)) is not None and id(e) not in judged:
             reason = str(reason_of(r) or r.outcome or "")
@@ -211,6 +219,7 @@ def _binding(failures: tuple[str, ...]) -> str:
     for f in failures:
         low = f.lower()
         kind = ("memory" if low.startswith(("ceiling:", "headroom", "kv capacity")) else
+                "the depth ratio" if "depth" in low else
                 "throughput" if "tps" in low or "tokens/s" in low else
                 "a role's p95" if "p95" in low or "latency" in low or "turns ok" in low else "a failed test")
         if kind not in kinds:

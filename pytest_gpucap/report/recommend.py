@@ -94,6 +94,7 @@ def _choose(use_case: str, rule: str, cands: list[Candidate], tiebreak_name: str
 def recommendations(records: list[Record]) -> list[Recommendation]:
     out: list[Recommendation] = []
     ceilings = {str(r.config_id): r for r in latest(records, "ceiling")}
+    depths = {str(r.config_id): r for r in latest(records, "depth")}
     groups: dict[tuple[str, str], list[Record]] = {}
     for r in latest(records, "workload"):
         w = workload_parts(r)[0]
@@ -106,9 +107,11 @@ def recommendations(records: list[Record]) -> list[Recommendation]:
             ceiling = ceilings.get(str(r.config_id))
             if ceiling is not None:
                 fails += _failures(ceiling, "ceiling: ")
+            if (depth := depths.get(str(r.config_id))) is not None:
+                fails += _failures(depth, "depth: ")  # a config too slow at depth is no pick
             cands.append(_candidate(r, fails, workload_parts(r)[1].agg_tps))
         out.append(_choose(f"Workload {label} (profile {profile})",
-                           "largest N×ctx (then N) whose workload verdicts and memory ceiling verdicts all pass",
+                           "largest N×ctx (then N) whose workload, depth-sweep and memory ceiling verdicts all pass",
                            cands, "Agg TPS", label=f"workload {label}", profile=profile, tiebreak_unit="tok/s"))
     by_profile: dict[str, list[Candidate]] = {}
     for r in ceilings.values():

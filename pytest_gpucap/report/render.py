@@ -20,6 +20,7 @@ from ..records import MeasuredRecord, RampRecord, Record, SchemaError, SearchRec
 from ..verdicts import HEADROOM_CLASSES, HEADROOM_RULE, headroom_bands, judged_by_kv_capacity
 from . import fmt
 from .answer import VERDICT_WORDS, gate
+from .depth import allocated_context, config_verdicts, depth_tables
 from .figures import Chart, to_svg
 from .crosschecks import (
     crosscheck_flags, crosscheck_table, goodput_table, low_efficiency, not_measured_table, prediction_table,
@@ -34,7 +35,7 @@ from .tables import (
 )
 
 #: Record kinds with a section of their own; any other kind is only counted.
-SHOWN_KINDS = ("ceiling", "workload", "ramp", "search", "unmeasured")
+SHOWN_KINDS = ("ceiling", "workload", "ramp", "search", "unmeasured", "depth", "config-verdict")
 RESULTS_NAME = "results.jsonl"
 SESSION_NAME = "session.json"
 #: Column header → the formula or field behind it (HTML tooltips).
@@ -281,6 +282,8 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
         "not_measured": not_measured_table(records), "scaling": scaling_tables(records),
         "memory_chart": mem, "timelines": timelines, "workload_charts": wl_charts, "ramps": ramps,
         "across_hosts": side_by_side(records),
+        "depths": depth_tables(records), "allocated": allocated_context(records),
+        "config_verdicts": config_verdicts(records),
         "recommendations": recs, "env": _environment(records, session),
         "session_note": session_note, "chart_dir": CHART_DIR, "summary": False, "extra_sections": [],
     }

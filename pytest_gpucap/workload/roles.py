@@ -64,3 +64,26 @@ def resolve_workflow(name: str, roles: dict[str, Role], workflows: dict[str, tup
     if missing:
         raise KeyError(f"workflow {name!r} names unknown roles {missing} (known: {', '.join(sorted(roles))})")
     return [roles[n] for n in names]
+
+
+def scaled_names(name: str, n: int) -> tuple[str, ...]:
+    """A built-in workflow filled to ``n`` agents (one per slot): A is TL then Dev and QA alternating
+    (N=3 is the study's TL, Dev, QA; N=5 its TL + 2 Dev + 2 QA); B is N x Research; ToolStorm N x
+    ToolStorm. KeyError for a name that is not built in."""
+    if name not in BUILTIN_WORKFLOWS:
+        raise KeyError(f"{name!r} is not a built-in workflow")
+    n = max(1, n)
+    if name == "A":
+        return ("TL", *(("Dev", "QA")[i % 2] for i in range(n - 1)))
+    return (BUILTIN_WORKFLOWS[name][0],) * n
+
+
+def workflow_roles(name: str, n: int, roles: dict[str, Role], user: Mapping[str, tuple[str, ...]]) -> list[Role]:
+    """The agents of workflow ``name`` on a config of ``n`` slots: a workflow the matrix lists in
+    ``[workflows]`` keeps its list as written (even under a built-in name); a built-in one scales to
+    N (``scaled_names``)."""
+    if name in user:
+        return resolve_workflow(name, roles, dict(user))
+    if name in BUILTIN_WORKFLOWS:
+        return resolve_workflow(name, roles, {name: scaled_names(name, n)})
+    return resolve_workflow(name, roles, {**BUILTIN_WORKFLOWS, **user})
