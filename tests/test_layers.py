@@ -32,6 +32,7 @@ LAYERS = {
     "host_section": 6,  # issue 11: the write-up's host-routine section
     "host_routine": 7,  # issue 11: the session's host routine (plugin object)
     "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
+    "record_base": 4, "record_agents": 4,  # issue 12: the section mechanism; agents' per-turn cache table
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
 }
 
