@@ -236,8 +236,10 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
         kw["gpus"] = _gpus(data["gpus"], where)
     if "chat_template_kwargs" in data:
         if not isinstance(data["chat_template_kwargs"], Mapping):
-            raise _fail(where, "chat_template_kwargs must be a table, e.g. chat_template_kwargs = { enable_thinking = true }")
-        kw["chat_template_kwargs"] = json.dumps(dict(data["chat_template_kwargs"]), sort_keys=True, separators=(",", ":"))
+            raise _fail(where, "chat_template_kwargs must be a table, e.g. "
+                               "chat_template_kwargs = { enable_thinking = true }")
+        kw["chat_template_kwargs"] = json.dumps(dict(data["chat_template_kwargs"]), sort_keys=True,
+                                                separators=(",", ":"))
     if kw["backend"] == "external" and data.get("mmproj"):
         raise _fail(where, "the external backend cannot load an mmproj; drop mmproj")
     vllm_keys = [k for k in _VLLM_KEYS if k in data]
