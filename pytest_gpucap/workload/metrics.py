@@ -90,7 +90,7 @@ def summarize(records: Sequence[RequestRecord], since: float = 0.0) -> dict[str,
         "cut_at_deadline": len(recs) - len(finished),
         "usage_missing": sum(1 for r in ok if r.completion_tokens is None),
         "prefix_cache_hit_rate": cached / prompt if prompt else None,
-        **({"cache_turns": cache_turns(recs)} if any(r.turn > 0 for r in recs) else {}),
+        **({"cache_turns": cache_turns(finished)} if any(r.turn > 0 for r in finished) else {}),
     }
 
 
@@ -100,7 +100,8 @@ MAX_TURN_ROWS = 24
 
 def cache_turns(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
     """Per turn index across agents: turns (``n``), prompt and cached tokens, their hit rate and the
-    compactions done before those turns (multi-turn runs only: a single-turn shape has no history).
+    compactions done before those turns (multi-turn runs only: a single-turn shape has no history; turns
+    cut at the run deadline are left out, as everywhere in the summary).
     ``n`` counts the turns whose usage came (a turn that failed before it says nothing of the cache);
     turns past ``MAX_TURN_ROWS - 1`` share the last row (``turn`` is its first index)."""
     rows: dict[int, dict[str, Any]] = {}
