@@ -8,6 +8,7 @@ the file, the entry and the fix; the plugin turns them into ``pytest.UsageError`
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -87,6 +88,7 @@ class CapacityConfig:
     name: str | None = None
     ramp: bool = False  # run the agent-connection ramp on this config
     workflows: tuple[str, ...] = ()  # Phase-2 workflows run on this config (empty: the suite's A and B)
+    chat_template_kwargs: str | None = None  # JSON object: llama-server --chat-template-kwargs, vLLM's default
     # vLLM knobs (backend = "vllm"): N -> --max-num-seqs, ctx -> --max-model-len
     gpu_memory_utilization: float | None = None
     kv_cache_memory_bytes: int | None = None
@@ -242,6 +244,12 @@ def config_from_mapping(profile: str, data: Mapping[str, Any], where: str) -> Ca
         if isinstance(wf, str) or not isinstance(wf, (list, tuple)) or not all(isinstance(w, str) and w for w in wf):
             raise _fail(where, f'workflows must be a list of workflow names, got {wf!r} (write e.g. workflows = ["A"])')
         kw["workflows"] = tuple(wf)
+    if "chat_template_kwargs" in data:
+        if not isinstance(data["chat_template_kwargs"], Mapping):
+            raise _fail(where, "chat_template_kwargs must be a table, e.g. "
+                               "chat_template_kwargs = { enable_thinking = true }")
+        kw["chat_template_kwargs"] = json.dumps(dict(data["chat_template_kwargs"]), sort_keys=True,
+                                                separators=(",", ":"))
     if kw["backend"] == "external" and data.get("mmproj"):
         raise _fail(where, "the external backend cannot load an mmproj; drop mmproj")
     vllm_keys = [k for k in _VLLM_KEYS if k in data]

@@ -28,6 +28,23 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+#: Opens a ``<think>`` block unless ``enable_thinking`` is false, and renders an assistant message's
+#: ``reasoning_content`` back where it was: llama-server (``--reasoning-format auto``) then streams a
+#: random-weight model's whole reply as ``delta.reasoning_content`` (it never writes ``</think>``).
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.reasoning_content is defined and message.reasoning_content %}"
+    "{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}"
+)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "thinking": THINKING_TEMPLATE}
 _WEIGHT_DTYPES = {"f16": np.float16, "f32": np.float32}
 
 
@@ -48,6 +65,7 @@ class ModelShape:
     weight_type: str = "f16"
     seed: int = 0
     name: str = "gpucap-tiny"
+    chat_template: str = "chatml"  # a CHAT_TEMPLATES key: "thinking" opens a <think> block
 
     @property
     def head_size(self) -> int:
@@ -69,7 +87,7 @@ class ModelShape:
         """Reject shapes llama.cpp could never load, with a one-line reason."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "name" or f.name == "weight_type" or (f.name == "head_dim" and value is None):
+            if f.name in ("name", "weight_type", "chat_template") or (f.name == "head_dim" and value is None):
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{f.name} must be an integer, got {value!r}")
@@ -88,6 +106,8 @@ class ModelShape:
             raise ValueError(f"head_dim must be a positive even number (RoPE), got {self.head_size}")
         if self.n_vocab < MIN_VOCAB:
             raise ValueError(f"n_vocab must be >= {MIN_VOCAB} (special + 256 byte tokens), got {self.n_vocab}")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template must be one of {sorted(CHAT_TEMPLATES)}, got {self.chat_template!r}")
         if self.weight_type not in _WEIGHT_DTYPES:
             raise ValueError(f"weight_type must be one of {sorted(_WEIGHT_DTYPES)}, got {self.weight_type!r}")
         if self.sliding_window > 0 and self.swa_every < 2:
@@ -97,7 +117,10 @@ class ModelShape:
 
     def key(self) -> str:
         """Short stable hash of all fields (and the generator version) for cache file names."""
-        payload = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields_ = dataclasses.asdict(self)
+        if fields_["chat_template"] == "chatml":
+            del fields_["chat_template"]  # the default keeps the cache names models had before it existed
+        payload = json.dumps({"v": GENERATOR_VERSION, **fields_}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     @classmethod
@@ -208,7 +231,7 @@ def _write_gguf(shape: ModelShape, path: Path, gguf: Any) -> None:
     w.add_eot_token_id(tokens.index("<|im_end|>"))
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_chat_template(CHAT_TEMPLATES[shape.chat_template])
 
     write_random_tensors(w, shape.tensor_shapes(), shape.seed,
                          lambda name, dims: np.dtype(np.float32 if len(dims) == 1 else wdtype),

@@ -199,3 +199,39 @@ def test_agent_ramp_toward_8192_with_client_processes(benchmark: Any, wide_serve
     assert (record["limit"] == "none") == (record["max_clean_n"] == RAMP_CEILING), record
     assert [s["n"] for s in steps] == [2 ** i for i in range(len(steps))], steps
     assert all(s["ok"] + s["errors"] == s["n"] for s in steps), steps
+
+
+def test_keep_text_cost(benchmark: Any, wide_server: ServerHandle) -> None:
+    """What decoding the reply costs the client (agent workflows keep it for the history): the same
+    requests with ``keep_text`` off and on, client CPU-s per 1k tokens of each, printed, not asserted."""
+    from pytest_gpucap.workload.client import RequestRecord, StreamingClient
+
+    n = CONCURRENCY * 2
+    messages = _messages(calibrate(wide_server.url)[0])[:n]
+
+    async def drive(keep: bool) -> list[RequestRecord]:
+        recs = [RequestRecord(agent=i, role="bench", turn=0, scheduled=time.monotonic()) for i in range(n)]
+        async with StreamingClient(wide_server.url, CONCURRENCY, 300.0) as client:
+            await asyncio.gather(*(client.chat(r, m, MAX_TOKENS, thinking=False, keep_text=keep)
+                                   for r, m in zip(recs, messages)))
+        return recs
+
+    def both() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for keep in (False, True, False, True):  # interleaved: a contended host drifts between runs
+            th0 = time.thread_time()
+            recs = runner.run(drive(keep))
+            tokens = sum(r.completion_tokens or 0 for r in recs)
+            out.setdefault(keep, []).append((time.thread_time() - th0, tokens, recs))
+        return out
+
+    got = benchmark.pedantic(both, rounds=1, iterations=1)
+    figures = {}
+    for keep, runs in got.items():
+        cpu, tokens = sum(c for c, _, _ in runs), sum(t for _, t, _ in runs)
+        figures[f"keep_text_{'on' if keep else 'off'}_cpu_s_per_1k_tokens"] = _per_1k(cpu, tokens)
+        assert tokens == 2 * n * MAX_TOKENS, (keep, tokens)
+        assert all(r.ok for _, _, recs in runs for r in recs)
+        assert all((r.text is not None) == keep for _, _, recs in runs for r in recs)
+    benchmark.extra_info.update(figures)
+    print("\nkeep_text: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

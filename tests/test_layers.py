@@ -33,6 +33,7 @@ LAYERS = {
     "host_routine": 7,  # issue 11: the session's host routine (plugin object)
     "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
     "record_depth": 4, "record_config_verdict": 4, "depth": 5, "capacity_verdict": 5,  # issue 12 (part B)
+    "record_base": 4, "record_agents": 4,  # issue 12: the section mechanism; agents' per-turn cache table
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
     "search_space": 0, "record_search": 4, "search_boundary": 5, "search_known": 5, "search_checks": 5,  # issue 12
     "ramp_sections": 4,  # issue 12 (part E): the ramp record's steps and the evidence for its limit

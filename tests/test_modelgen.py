@@ -44,7 +44,7 @@ def test_key_is_stable_and_sensitive_to_every_field() -> None:
     assert len(TINY.key()) == 12 and int(TINY.key(), 16) >= 0
     changed: dict[str, Any] = {"n_layer": 3, "n_embd": 128, "n_head": 2, "n_head_kv": 4, "n_ff": 64, "n_vocab": 500,
                "n_ctx_train": 4096, "head_dim": 32, "sliding_window": 64, "swa_every": 3,
-               "weight_type": "f32", "seed": 5, "name": "other"}
+               "weight_type": "f32", "seed": 5, "name": "other", "chat_template": "thinking"}
     assert set(changed) == {f.name for f in dataclasses.fields(ModelShape)}
     keys = {dataclasses.replace(TINY, **{k: v}).key() for k, v in changed.items()}
     assert len(keys | {TINY.key()}) == len(changed) + 1

@@ -122,6 +122,8 @@ def build_argv(binary: Path, cfg: CapacityConfig, model: Path, port: int, mmproj
         argv += ["--cache-ram", str(cfg.cache_ram_mib)]
     if cfg.batch_size is not None:
         argv += ["--batch-size", str(cfg.batch_size)]
+    if cfg.chat_template_kwargs:  # the study's '{"enable_thinking":true}'; a request's own kwargs still win
+        argv += ["--chat-template-kwargs", cfg.chat_template_kwargs]
     return argv + list(pin) + list(cfg.extra_args)
 
 

@@ -238,6 +238,8 @@ def build_argv(prefix: Sequence[str], cfg: Any, model_dir: Path, port: int,
         eager = cpu  # torch.compile on CPU is redone every boot and adds tens of seconds
     if eager:
         argv += ["--enforce-eager"]
+    if getattr(cfg, "chat_template_kwargs", None):  # merged under each request's own chat_template_kwargs
+        argv += ["--default-chat-template-kwargs", cfg.chat_template_kwargs]
     return argv + list(getattr(cfg, "extra_args", ()) or ())
 
 

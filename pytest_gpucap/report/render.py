@@ -33,6 +33,7 @@ from .tables import (
     ceiling_memory, ceiling_table, host_label, ident, kv_table, of_kind, profile_of, ramp_limit_line, ramp_table,
     repeat_table, roles_table, scaling_tables, search_boundary_table, search_table, verdicts_table, workload_table,
 )
+from .agent_tables import cache_turns_table
 
 #: Record kinds with a section of their own; any other kind is only counted.
 SHOWN_KINDS = ("ceiling", "workload", "ramp", "search", "unmeasured", "depth", "config-verdict")
@@ -276,6 +277,7 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
         "ceiling": ceiling_table(records), "slo_rules": _slo_rules(records), "vllm_notes": _vllm_notes(records),
         "kv": kv_table(records), "prediction": prediction_table(records),
         "workload": workload_table(records), "low_efficiency": low_efficiency(records),
+        "cache_turns": cache_turns_table(records),
         "roles": roles_table(records), "repeats": repeat_table(records), "verdicts": verdicts_table(records),
         "crosscheck": crosscheck_table(records), "crosscheck_flags": crosscheck_flags(records),
         "goodput": goodput_table(records), "queueing": queueing_table(records),

@@ -360,8 +360,10 @@ def verdicts_table(records: list[Record]) -> Table:
 
 
 def roles_table(records: list[Record]) -> Table:
+    from .agent_tables import ROLE_LATENCY_COLUMNS, role_latency_cells
+
     cols = [("Config", False), ("Workload", False), ("Role", False), ("p50 (s)", True), ("p95 (s)", True),
-            ("Turns ok", True), ("Turns failed", True), ("TPS", True)]
+            ("Turns ok", True), ("Turns failed", True), ("TPS", True)] + ROLE_LATENCY_COLUMNS
     rows = []
     for r in of_kind(records, "workload"):
         w, metrics, _ = workload_parts(r)
@@ -369,7 +371,7 @@ def roles_table(records: list[Record]) -> Table:
             rows.append([Cell(ident(r)), Cell(str(w.name or fmt.DASH)),
                          Cell(str(role)), _n(fmt.secs(m.p50_s)), _n(fmt.secs(m.p95_s)),
                          _n(fmt.integer(m.turns_ok)), _n(fmt.integer(m.turns_failed)),
-                         _n(fmt.tps(m.tps))])
+                         _n(fmt.tps(m.tps))] + role_latency_cells(m))
     return _table(cols, rows)
 
 

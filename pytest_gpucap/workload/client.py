@@ -3,7 +3,9 @@
 Every request is timed from its *scheduled* send time, so client-side queueing is never hidden.
 Chunks are not tokens (llama-server merges incomplete UTF-8 into later chunks): token counts come
 from the server's ``usage``. To leave the CPU to the server it measures, the client parses JSON only
-for the chunks that carry usage or an error; other chunks get a cheap structural check.
+for the chunks that carry usage or an error; other chunks get a cheap structural check. With
+``keep_text`` (agent workflows, whose history holds the server's reply) the raw payloads are kept in
+the hot loop and decoded in one ``json.loads`` after the stream ends.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ class RequestRecord:
     status: int | None = None
     error: ErrorClass | None = None
     detail: str = ""
+    thinking: bool = False  # the request asked for thinking (enable_thinking)
+    compactions: int = 0  # history compactions done before this turn (agent workflows)
+    # keep_text only: the decoded reply, and when its first reasoning / content text arrived
+    text: str | None = None
+    reasoning_text: str | None = None
+    first_reasoning: float | None = None
+    first_text: float | None = None
+    reasoning_tokens: int | None = None  # usage.completion_tokens_details, else reasoning chunks
 
     @property
     def ok(self) -> bool:
@@ -69,6 +79,21 @@ class RequestRecord:
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_content is None else self.first_content - self.scheduled
+
+    @property
+    def ttft_reasoning_s(self) -> float | None:
+        return None if self.first_reasoning is None else self.first_reasoning - self.scheduled
+
+    @property
+    def ttft_text_s(self) -> float | None:
+        """First *content* token (after any reasoning): what a user of a thinking model waits for."""
+        return None if self.first_text is None else self.first_text - self.scheduled
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Gaps between data chunks (chunks, not tokens: llama-server merges incomplete UTF-8)."""
+        t = self.chunk_times
+        return [b - a for a, b in zip(t, t[1:])]
 
     @property
     def decode_s(self) -> float | None:
@@ -155,8 +180,11 @@ class StreamingClient:
         await self.aclose()
 
     async def chat(self, rec: RequestRecord, messages: list[dict[str, str]], max_tokens: int,
-                   thinking: bool = True, extra: dict[str, Any] | None = None) -> RequestRecord:
-        """Send one streamed turn and fill ``rec``; never raises for server or network faults."""
+                   thinking: bool = True, extra: dict[str, Any] | None = None,
+                   keep_text: bool = False) -> RequestRecord:
+        """Send one streamed turn and fill ``rec``; never raises for server or network faults.
+        ``keep_text``: also decode the reply (``rec.text``, ``rec.reasoning_text``) and split TTFT into
+        first reasoning and first content text; a failed turn keeps what arrived."""
         body: dict[str, Any] = {
             "model": self.model, "messages": messages, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True,
@@ -164,6 +192,8 @@ class StreamingClient:
         }
         if extra:
             body.update(extra)
+        rec.thinking = thinking
+        payloads: list[bytes] | None = [] if keep_text else None
         session = self._open()
         try:
             if self.rtt_s:  # inside the try: a turn cut at the deadline during its RTT is cancelled, not failed
@@ -177,7 +207,7 @@ class StreamingClient:
                     rec.error = ErrorClass.HTTP_5XX if resp.status >= 500 else ErrorClass.HTTP_4XX
                     rec.detail = text[:300]
                     return rec
-                await self._read_stream(resp.content, rec)
+                await self._read_stream(resp.content, rec, payloads)
         except aiohttp.SocketTimeoutError as exc:  # sock_read: nothing received for stall_s
             rec.error, rec.detail = ErrorClass.STALLED, f"nothing received for {self.stall_s:g} s ({exc!r})"
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
@@ -193,9 +223,13 @@ class StreamingClient:
             else:
                 rec.error, rec.detail = ErrorClass.CANCELLED, "run deadline"
             raise
+        finally:
+            if payloads is not None:
+                decode_text(payloads, rec)
         return rec
 
-    async def _read_stream(self, content: aiohttp.StreamReader, rec: RequestRecord) -> None:
+    async def _read_stream(self, content: aiohttp.StreamReader, rec: RequestRecord,
+                           payloads: list[bytes] | None = None) -> None:
         """Raw chunks, split into SSE events; JSON is parsed only for the tail (usage, finish, error)."""
         buf = b""
         done = False
@@ -226,6 +260,8 @@ class StreamingClient:
                     rec.error, rec.detail = ErrorClass.MALFORMED, payload[:200].decode("utf-8", "replace")
                     return
                 chunk_times.append(now)
+                if payloads is not None:
+                    payloads.append(payload)
                 if rec.first_content is None:
                     # llama-server sends the role-only first chunk together with the first token
                     # (measured <= 0.04 ms apart), while random-weight output may hold back content
@@ -261,4 +297,40 @@ class StreamingClient:
             rec.timings = chunk["timings"]
             if rec.cached_tokens is None:
                 rec.cached_tokens = rec.timings.get("cache_n")
+        if usage and (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") is not None:
+            rec.reasoning_tokens = usage["completion_tokens_details"]["reasoning_tokens"]
         return True
+
+
+def decode_text(payloads: list[bytes], rec: RequestRecord) -> None:
+    """The reply's content and reasoning text from the kept payloads (one ``json.loads`` for all), and
+    the times of the first chunk of each (payloads line up with ``chunk_times``). Reasoning comes as
+    ``delta.reasoning_content`` (llama-server with a thinking template, vLLM) or ``delta.reasoning``;
+    without ``usage`` reasoning tokens, the reasoning chunks are counted instead."""
+    try:
+        chunks = json.loads(b"[" + b",".join(payloads) + b"]")
+    except ValueError:
+        chunks = []
+        for payload in payloads:  # one bad chunk (already recorded as malformed) must not lose the rest
+            try:
+                chunks.append(json.loads(payload))
+            except ValueError:
+                chunks.append({})
+    text: list[str] = []
+    reasoning: list[str] = []
+    for i, chunk in enumerate(chunks):
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            thought = delta.get("reasoning_content") or delta.get("reasoning")
+            if content:
+                text.append(content)
+                if rec.first_text is None and i < len(rec.chunk_times):
+                    rec.first_text = rec.chunk_times[i]
+            if thought:
+                reasoning.append(thought)
+                if rec.first_reasoning is None and i < len(rec.chunk_times):
+                    rec.first_reasoning = rec.chunk_times[i]
+    rec.text, rec.reasoning_text = "".join(text), "".join(reasoning)
+    if rec.reasoning_tokens is None and reasoning:
+        rec.reasoning_tokens = len(reasoning)

@@ -62,7 +62,15 @@ def summarize(records: Sequence[RequestRecord], since: float = 0.0) -> dict[str,
             "p50_s": e2e["p50"], "p95_s": e2e["p95"], "p99_s": e2e["p99"],
             "turns_ok": len(mine_ok), "turns_failed": sum(1 for r in failed if r.role == role),
             "tps": _rate(sum(r.completion_tokens or 0 for r in mine_ok), window),
+            "ttft_s": pcts(r.ttft_s for r in mine_ok), "tpot_s": pcts(r.tpot_s for r in mine_ok),
+            "itl_s": pcts(g for r in mine_ok for g in r.itl_s),
         }
+        thinking = [r for r in mine_ok if r.thinking and (r.first_reasoning or r.first_text)]
+        if thinking:  # keep_text turns only: the TTFT of thinking-on turns, split where the server splits
+            roles[role]["ttft_reasoning_s"] = pcts(r.ttft_reasoning_s for r in thinking)
+            roles[role]["ttft_content_s"] = pcts(r.ttft_text_s for r in thinking)
+        if any(r.reasoning_tokens is not None for r in mine_ok):
+            roles[role]["reasoning_tokens"] = sum(r.reasoning_tokens or 0 for r in mine_ok)
     cached = sum(r.cached_tokens or 0 for r in ok)
     prompt = sum(r.prompt_tokens or 0 for r in ok)
     return {
@@ -82,7 +90,33 @@ def summarize(records: Sequence[RequestRecord], since: float = 0.0) -> dict[str,
         "cut_at_deadline": len(recs) - len(finished),
         "usage_missing": sum(1 for r in ok if r.completion_tokens is None),
         "prefix_cache_hit_rate": cached / prompt if prompt else None,
+        **({"cache_turns": cache_turns(finished)} if any(r.turn > 0 for r in finished) else {}),
     }
+
+
+#: The per-turn table keeps this many turn indices; later turns are folded into the last row.
+MAX_TURN_ROWS = 24
+
+
+def cache_turns(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
+    """Per turn index across agents: turns (``n``), prompt and cached tokens, their hit rate and the
+    compactions done before those turns (multi-turn runs only: a single-turn shape has no history; turns
+    cut at the run deadline are left out, as everywhere in the summary).
+    ``n`` counts the turns whose usage came (a turn that failed before it says nothing of the cache);
+    turns past ``MAX_TURN_ROWS - 1`` share the last row (``turn`` is its first index)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for r in records:
+        t = min(r.turn, MAX_TURN_ROWS - 1)
+        row = rows.setdefault(t, {"turn": t, "n": 0, "prompt_tokens": 0, "cached_tokens": 0, "compactions": 0})
+        row["compactions"] += r.compactions
+        if r.prompt_tokens is None:
+            continue
+        row["n"] += 1
+        row["prompt_tokens"] += r.prompt_tokens
+        row["cached_tokens"] += r.cached_tokens or 0
+    for row in rows.values():
+        row["hit_rate"] = row["cached_tokens"] / row["prompt_tokens"] if row["prompt_tokens"] else None
+    return [rows[t] for t in sorted(rows)]
 
 
 def server_crosscheck(records: Sequence[RequestRecord], since: float, before: dict[str, float],

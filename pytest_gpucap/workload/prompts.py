@@ -1,6 +1,8 @@
 """Deterministic synthetic prompts: tool-result blobs sized in tokens, seeded per agent and turn.
 
-Prompts never depend on what the model answered, so a seed reproduces the exact request stream.
+Tool results never depend on what the model answered, so a seed reproduces them exactly; an agent's
+history holds the server's own replies (``runner.Conversation.commit``), so later turns repeat only
+as far as the server's sampling does.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def tool_blob(seed: int, agent: int, turn: int, n_tokens: int, chars_per_token: 
 
 
 def reply_stub(seed: int, agent: int, turn: int, n_tokens: int, chars_per_token: float) -> str:
-    """Stands in for the model's answer in the history: same size, but independent of sampling."""
+    """A reply-sized text independent of sampling (for compaction-policy checks); agent runs commit
+    the server's real reply instead."""
     rng = random.Random(f"reply:{seed}:{agent}:{turn}")
     return filler(rng, int(n_tokens * chars_per_token))
 

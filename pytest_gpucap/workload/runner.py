@@ -16,7 +16,7 @@ import httpx
 from .client import ErrorClass, RequestRecord, StreamingClient, sleep_until
 from ..promtext import sums
 from .metrics import summarize
-from .prompts import filler, reply_stub, tool_blob
+from .prompts import filler, tool_blob
 from ..matrix import Workload as WorkloadSettings
 from .roles import Role
 
@@ -66,7 +66,8 @@ class Conversation:
     compactions: int = 0
 
     def tokens(self, messages: list[dict[str, str]]) -> int:
-        return sum(int(len(m["content"]) / self.chars_per_token) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+        return sum(int((len(m["content"]) + len(m.get("reasoning_content", ""))) / self.chars_per_token)
+                   + MESSAGE_OVERHEAD_TOKENS for m in messages)
 
     def prepare(self, user: str, max_tokens: int) -> tuple[list[dict[str, str]], bool]:
         """Messages for the next turn: drop the oldest tool results (user/assistant pairs) first;
@@ -83,8 +84,14 @@ class Conversation:
             clipped = True
         return self.messages + [new], clipped
 
-    def commit(self, user: dict[str, str], reply: str) -> None:
-        self.messages += [user, {"role": "assistant", "content": reply}]
+    def commit(self, user: dict[str, str], reply: str, reasoning: str = "") -> None:
+        """The turn into the history, the reply as the server sent it: a real agent's next prompt
+        shares the server's cached prefix. A failed or cut turn commits what arrived (maybe nothing).
+        Reasoning goes back as ``reasoning_content`` (a thinking template renders it where it was)."""
+        reply_msg = {"role": "assistant", "content": reply}
+        if reasoning:
+            reply_msg["reasoning_content"] = reasoning
+        self.messages += [user, reply_msg]
 
 
 async def scrape(url: str) -> dict[str, float]:
@@ -184,7 +191,7 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
     async def agent(i: int, role: Role, client: StreamingClient) -> None:
         nonlocal clipped
         conv, idx = convs[i], first + i
-        turn = 0
+        turn = compacted = 0
         while settings.max_turns is None or turn < settings.max_turns:
             if role.cadence_s:
                 scheduled = t0 + turn * role.cadence_s
@@ -199,10 +206,12 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
             messages, was_clipped = conv.prepare(user, role.max_tokens)
             clipped += was_clipped
             rec = RequestRecord(agent=idx, role=role.name, turn=turn, scheduled=scheduled)
+            rec.compactions = conv.compactions - compacted
+            compacted = conv.compactions
             records.append(rec)
-            await client.chat(rec, messages, role.max_tokens, role.thinking)
-            n_reply = rec.completion_tokens or role.max_tokens
-            conv.commit(messages[-1], reply_stub(settings.seed, idx, turn, n_reply, chars_per_token))
+            await client.chat(rec, messages, role.max_tokens, role.thinking, keep_text=True)
+            conv.commit(messages[-1], rec.text or "", rec.reasoning_text or "")
+            rec.text = rec.reasoning_text = None  # in the history now; records stay small
             turn += 1
             if not rec.ok:
                 await asyncio.sleep(0.5)  # a failing server must not be hammered in a tight loop
