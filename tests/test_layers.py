@@ -33,6 +33,7 @@ LAYERS = {
     "host_routine": 7,  # issue 11: the session's host routine (plugin object)
     "pinning": 0, "strict": 7, "predict_mode": 7,  # issue 10
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
+    "load_keys": 0, "record_vision": 4, "record_burst": 4, "vision": 5, "burst": 5,  # issue 12 (A): images, burst
 }
 
 
