@@ -133,3 +133,21 @@ def test_a_burst_on_a_real_server_records_its_minimum_and_is_judged_on_it(
     assert room.measured == pytest.approx(burst["min_free_mib"] / 1024, abs=0.1 / 1024)  # recorded to 0.1 MiB
     typed = parse(record)
     assert typed.burst.min_free_mib == burst["min_free_mib"] and typed.to_dict() == record
+
+
+def test_a_text_only_config_gets_no_image_and_the_record_says_so() -> None:
+    """No server needed: on a config without a projector the roles lose their images before sending and
+    the section counts the image turns that went as text (a stand-in handle: only ``config.mmproj`` is read)."""
+    from types import SimpleNamespace
+
+    from pytest_gpucap.vision import TEXT_ONLY_NOTE, for_server, section
+    from pytest_gpucap.workload.client import RequestRecord
+
+    handle = SimpleNamespace(config=SimpleNamespace(mmproj=False))
+    roles = [Role("V", None, 10, 10, images_per_turn=1, image_every=2)]
+    assert [r.images_per_turn for r in for_server(roles, handle)] == [0]  # type: ignore[arg-type]
+    recs = [RequestRecord(agent=0, role="V", turn=t, scheduled=0.0) for t in range(5)]
+    vis = section(handle, roles, recs)  # type: ignore[arg-type]
+    assert vis is not None and vis.sent is False and vis.note == TEXT_ONLY_NOTE
+    assert (vis.image_turns, vis.images, vis.image_tokens_per_image) == (3, 3, None)
+    assert section(handle, [Role("T", None, 10, 10)], recs) is None  # type: ignore[arg-type]
