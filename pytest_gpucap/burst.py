@@ -133,8 +133,8 @@ def run_burst(handle: ServerHandle, burst: Burst, workload: Workload) -> BurstRe
     cfg = handle.config
     slot_ctx = int(handle.report.n_ctx_slot or cfg.ctx) if handle.report is not None else cfg.ctx
     image = bool(burst.image and cfg.mmproj)
-    reply = max(1, round(burst.reply_tokens * workload.token_scale))
-    target = min(int(burst.fill * slot_ctx), slot_ctx - reply - SLOT_MARGIN_TOKENS)
+    target = int(burst.fill * slot_ctx)  # the fill first; the reply gets what is left of the slot
+    reply = max(1, min(round(burst.reply_tokens * workload.token_scale), slot_ctx - target - SLOT_MARGIN_TOKENS))
     cpt, _ = calibrate(handle.url, request=lambda text: handle.backend.tokenize_request(handle, text),
                        api_key=handle.api_key)
     text_tokens = max(1, target - _overhead(handle, image, workload.seed))
