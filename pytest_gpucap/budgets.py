@@ -80,3 +80,15 @@ class WatchdogLimits:
     min_free_gib: float = 0.0
     window_s: float = 15.0
     interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class Burst:
+    """The burst ceiling (``[profiles.NAME.burst]``): after the hold, every slot at once gets a prompt
+    filling ``fill`` of its context, an image where mmproj is on, and a ``reply_tokens`` reply (scaled by
+    the workload's ``token_scale``), because headroom at idle is not headroom under load."""
+
+    enabled: bool = True
+    fill: float = 0.9
+    reply_tokens: int = 5000
+    image: bool = True

@@ -24,7 +24,8 @@ from .verdicts import FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, counted_breaches
 FITS, TOO_SLOW, NO_FIT, NOT_MEASURED = "fits", "fits, too slow", "does not fit", "not measured"
 VERDICTS = (FITS, TOO_SLOW, NO_FIT, NOT_MEASURED)
 #: Verdict names that judge memory; every other counted breach judges speed.
-MEMORY_VERDICTS = (FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, "headroom_min")
+MEMORY_VERDICTS = (FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, "headroom_min", "headroom under concurrent images",
+                   "burst requests failed", "concurrent image requests failed")
 
 
 def is_memory(v: Verdict) -> bool:

@@ -19,6 +19,8 @@ from .records import (
 from .backends import ServerError, ServerHandle
 from .depth import DepthResult, depth_sweep
 from .workload.depth import DEFAULT_DEPTHS
+from . import vision
+from .load_keys import DEFAULT_IMAGE_SIZE
 from .repeat import repeated
 from .verdicts import assert_slos, goodput, workload_verdicts
 from .workload import ramp, runner
@@ -129,7 +131,7 @@ class Harness:
         return tl.samples[-1].device.free_mib if tl and tl.samples else None
 
     def _finish(self, name: str, agents: list[str], res: runner.RunResult, verdicts_extra: list[Verdict] = (),
-                **extra: Any) -> WorkloadResult:
+                vision_metrics: Any = None, **extra: Any) -> WorkloadResult:
         summary = res.summary()
         summary["crosscheck"] = server_crosscheck(res.records, res.measure_from, res.server_metrics_before,
                                                   res.server_metrics_after,
@@ -172,6 +174,7 @@ class Harness:
                         f"server usage missing on {metrics.usage_missing} turns",
             slo=SloBudgets.of(self.slo),
             verdicts=tuple(verdicts),
+            vision=vision_metrics,
         )
         record = typed.to_dict()
         self._record(record)
@@ -207,8 +210,9 @@ class Harness:
     def workflow(self, name: str) -> WorkloadResult:
         """The study's Phase 2: one multi-turn agent per role of the workflow, for the duration (a
         built-in workflow fills the config's N slots; a listed one keeps its list: roles.workflow_roles)."""
-        roles = [scale(r, self.settings)
+        asked = [scale(r, self.settings)
                  for r in workflow_roles(name, self.handle.config.n, self.roles, self.workflows)]
+        roles = vision.for_server(asked, self.handle)  # images only where the server has a projector
         cpt = self.chars_per_token
         n_procs = min(self.procs(), len(roles))
         label = f"{self.handle.config.id} workflow {name}"
@@ -221,7 +225,20 @@ class Harness:
                     self.handle.url, roles, self.settings, self.handle.config.ctx, cpt,
                     abort=self._abort, progress=self.progress, free_mib=self._free_mib, label=label,
                     **self.client_kw))
-        return self._finish(name, [r.name for r in roles], res, poller=poller, client_procs=n_procs)
+        return self._finish(name, [r.name for r in roles], res, poller=poller, client_procs=n_procs,
+                            vision_metrics=vision.section(self.handle, asked, res.records))
+
+    def concurrent_images(self, size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> WorkloadResult:
+        """One image on every slot at the same moment, short replies: the study's "two concurrent image
+        inputs likely OOM" as a measured row (minimum free memory, failed requests), recorded as the
+        workload ``concurrent-images``. Text-only configs send the requests without images and say so."""
+        res, vis = vision.concurrent_step(self.handle, self.settings, size)
+        extra = [Verdict("concurrent image requests failed", float(vis.failed or 0), 0.0, "", False)]
+        if vis.min_free_mib is not None:
+            extra.append(Verdict("headroom under concurrent images", vis.min_free_mib / 1024, self.slo.headroom_gib,
+                                 "GiB"))
+        return self._finish("concurrent-images", [f"image x{self.handle.config.n}"], res, extra,
+                            vision_metrics=vis, concurrency=self.handle.config.n)
 
     @repeated
     def fixed(self, concurrency: int, n_requests: int, prompt_tokens: int = 64, max_tokens: int = 32,

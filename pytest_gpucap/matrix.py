@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .budgets import (  # re-exported: the budgets are read as matrix.SLO, matrix.Workload, ...
-    COMFORTABLE_FACTOR, HEADROOM_CLASSES, SLO, Preflight, WatchdogLimits, Workload,
+    COMFORTABLE_FACTOR, HEADROOM_CLASSES, SLO, Burst, Preflight, WatchdogLimits, Workload,
 )
 from .hostspec import CotenantSpec, ServiceSpec, cotenants_from, services_from
+from .load_keys import ROLE_IMAGE_KEYS, burst_from_mapping, check_role_images
 
 if TYPE_CHECKING:
     from .search_space import SearchDecl
@@ -56,6 +57,7 @@ class HostProfile:
     watchdog: WatchdogLimits = WatchdogLimits()
     slo: SLO = SLO()
     workload: Workload = Workload()
+    burst: Burst = Burst()  # the burst ceiling after the hold ([profiles.NAME.burst])
     services: tuple[ServiceSpec, ...] = ()  # stopped before the first boot, restored at the end (hostspec)
     cotenants: tuple[CotenantSpec, ...] = ()  # run beside every config (hostspec)
 
@@ -340,7 +342,8 @@ def profile_from_mapping(name: str, data: Mapping[str, Any], where: str) -> Host
         raise _fail(f"{where}.watchdog", "interval_s must be > 0 (seconds between memory samples)")
     kw["slo"] = slo_from_mapping(data.get("slo", {}), f"{where}.slo")
     kw["workload"] = _workload(data.get("workload", {}), f"{where}.workload")
-    try:  # issue 11: the host routine's services and co-tenants
+    try:  # issue 11: the host routine's services and co-tenants; issue 12: the burst ceiling
+        kw["burst"] = burst_from_mapping(data.get("burst", {}), f"{where}.burst")
         kw["services"] = services_from(data.get("services", []), f"{where}.services")
         kw["cotenants"] = cotenants_from(data.get("cotenants", []), f"{where}.cotenants")
     except ValueError as exc:
@@ -388,9 +391,12 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
     if not isinstance(roles, Mapping) or not all(isinstance(r, Mapping) for r in roles.values()):
         raise _fail(f"{label}: roles", "each [roles.NAME] must be a table: cadence_s, max_tokens, tool_tokens, thinking")
     for rname, role in roles.items():
-        _check_keys(role, {"cadence_s", "max_tokens", "tool_tokens", "thinking"}, f"{label}: roles.{rname}")
+        _check_keys(role, {"cadence_s", "max_tokens", "tool_tokens", "thinking", *ROLE_IMAGE_KEYS},
+                    f"{label}: roles.{rname}")
         for key in ("max_tokens", "tool_tokens"):
             _positive_int(role.get(key), key, f"{label}: roles.{rname}")
+        if problem := check_role_images(role, f"{label}: roles.{rname}"):
+            raise MatrixError(problem)
     workflows = data.get("workflows", {})
     if not isinstance(workflows, Mapping) or not all(
             isinstance(w, list) and all(isinstance(x, str) for x in w) for w in workflows.values()):

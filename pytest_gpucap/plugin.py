@@ -17,6 +17,7 @@ from .matrix import (
     BACKENDS, DEFAULT_MATRIX, SLO, CapacityConfig, HostProfile, Matrix, MatrixError,
     config_from_mapping, load_matrix, merge_defaults, slo_from_mapping,
 )
+from .burst import with_burst
 from .ceiling import Ceiling, ceiling_record
 from .recorder import Recorder
 from .probes import HostProbe, MemoryProbe, NvmlError, NvmlProbe, take_snapshot
@@ -352,6 +353,8 @@ def gpucap_ceiling(request: pytest.FixtureRequest, gpucap_server: ServerHandle, 
     with as_test_failure():
         gpucap_server.hold()
     record, verdicts = ceiling_record(gpucap_server, request.node.nodeid, gpucap_slo)
+    with as_test_failure():  # the burst ceiling: headroom judged under load ([profiles.NAME.burst])
+        record, verdicts = with_burst(gpucap_server, record, verdicts, gpucap_slo)
     attach(request.node, record)
     return Ceiling(record, verdicts)
 

@@ -187,6 +187,8 @@ class CeilingMemory(Section):
     device_samples: int | None = opt()  # fast device readings (every <= 100 ms) behind free_mib / peak
     timeline: list[dict[str, float]] | None = opt()  # those readings, downsampled (t from the first)
     llama_projection: LlamaProjection | None = sub(LlamaProjection, optional=True)
+    free_idle_mib: float | None = opt()  # issue 12: the burst ceiling's two figures (idle = free_mib)
+    free_under_burst_mib: float | None = opt()
 
 
 # ---------------------------------------------------------------- workload

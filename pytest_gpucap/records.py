@@ -23,6 +23,8 @@ from .record_sections import (
     QueueTimes, RecordConfig, RepeatSpread, RoleMetrics, SearchProbe, Section, ServerBuffers, ServerInfo,
     ServerView, SloBudgets, WorkloadInfo, WorkloadMemory, WorkloadMetrics, is_number, number, opt, sub,
 )
+from .record_burst import BurstInfo
+from .record_vision import VisionMetrics
 
 from .record_search import SearchBoundary
 
@@ -126,6 +128,7 @@ class CeilingRecord(MeasuredRecord):
     verdicts: tuple[Verdict, ...] = sub(Verdict, many="list")
     headroom_class: str | None
     search_probe: bool | None = opt()
+    burst: BurstInfo | None = sub(BurstInfo, optional=True)  # the burst ceiling (record_burst)
 
     def _summary(self, head: str) -> str:
         mem = self.memory
@@ -146,6 +149,7 @@ class WorkloadRecord(MeasuredRecord):
     slo: SloBudgets = sub(SloBudgets)
     verdicts: tuple[Verdict, ...] = sub(Verdict, many="list")
     repeat: RepeatSpread | None = sub(RepeatSpread, optional=True)  # --gpucap-repeat K > 1
+    vision: VisionMetrics | None = sub(VisionMetrics, optional=True)  # image turns (record_vision)
 
     def _summary(self, head: str) -> str:
         m = self.metrics

@@ -37,6 +37,7 @@ LAYERS = {
     "repeat": 5,  # issue 14: --gpucap-repeat, the median run and the spread of repeated workloads
     "search_space": 0, "record_search": 4, "search_boundary": 5, "search_known": 5, "search_checks": 5,  # issue 12
     "ramp_sections": 4,  # issue 12 (part E): the ramp record's steps and the evidence for its limit
+    "load_keys": 0, "record_vision": 4, "record_burst": 4, "vision": 5, "burst": 5,  # issue 12 (A): images, burst
 }
 
 

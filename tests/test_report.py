@@ -197,11 +197,12 @@ def test_markdown_tables_equal_the_records(study_dir: Path) -> None:
     phase1 = _section(md, "## Phase 1 — memory ceiling")
     ceiling_md, kv_md = phase1.split("### Per-slot KV cost")
     row = _rows(ceiling_md, "4090-n3-ctx128k-mmproj-q8")[0]
-    assert row == ["4090-n3-ctx128k-mmproj-q8", "3", "131,072", "393,216", "22,980.0", "1,102.0", "20.00", "1.50",
-                   "Risky", "passed"]
-    assert _rows(ceiling_md, "4090-n3-ctx64k-mmproj-q8")[0][4:9] == ["21,110.0", "2,972.0", "10.00", "1.50", "Marginal"]
-    assert _rows(ceiling_md, "4090-n5-ctx32k-mmproj-q8")[0][8] == "Comfortable"
-    assert _rows(ceiling_md, "4090-n5-ctx64k-mmproj-q8")[0][9] == "failed"
+    assert row == ["4090-n3-ctx128k-mmproj-q8", "3", "131,072", "393,216", "22,980.0", "1,102.0", "—", "20.00", "1.50",
+                   "Risky", "passed"]  # no burst in these records: "free under burst" is a dash
+    assert _rows(ceiling_md, "4090-n3-ctx64k-mmproj-q8")[0][4:10] == ["21,110.0", "2,972.0", "—", "10.00", "1.50",
+                                                                     "Marginal"]
+    assert _rows(ceiling_md, "4090-n5-ctx32k-mmproj-q8")[0][9] == "Comfortable"
+    assert _rows(ceiling_md, "4090-n5-ctx64k-mmproj-q8")[0][10] == "failed"
     assert "Comfortable ≥ 2× the headroom SLO, Marginal ≥ the SLO, Risky below" in md
     assert "SLO 1.50 GiB — Comfortable ≥ 3.00 GiB free" in md
 
@@ -286,7 +287,8 @@ def test_html_has_the_same_cells(study_dir: Path) -> None:
     render_report(study_dir)
     html = (study_dir / "capacity.html").read_text()
     assert "<td>4090-n3-ctx128k-mmproj-q8</td>" in html
-    assert '<td class="num">22,980.0</td><td class="num">1,102.0</td><td class="num">20.00</td>' in html
+    assert ('<td class="num">22,980.0</td><td class="num">1,102.0</td><td class="num">—</td>'
+            '<td class="num">20.00</td>') in html
     assert '<td class="bad">Risky</td>' in html and '<td class="ok">Comfortable</td>' in html
     assert html.count('<svg class="chart"') == 7  # two capacity maps, memory, tps, latency, ramp ×2
     assert external_resources(html) == []  # nothing to fetch: self-contained
@@ -676,10 +678,10 @@ def test_vllm_headroom_is_kv_capacity_and_queueing_shown(tmp_path: Path) -> None
     render_report(tmp_path)
     md = (tmp_path / "capacity.md").read_text()
     phase1 = _section(md, "## Phase 1 — memory ceiling")
-    assert _rows(phase1, "4090-vllm-n4-ctx32k-q8")[0][7:9] == [
+    assert _rows(phase1, "4090-vllm-n4-ctx32k-q8")[0][8:10] == [
         "n/a (vLLM)", "KV pool holds 12.5 full-length sequences for N=4"]
-    assert _rows(phase1, "4090-vllm-n16-ctx32k-q8")[0][8] == "KV pool holds 12.5 full-length sequences for N=16"
-    assert _rows(phase1, "4090-n3-ctx64k-mmproj-q8")[0][8] == "Marginal"  # llama.cpp keeps the free-memory class
+    assert _rows(phase1, "4090-vllm-n16-ctx32k-q8")[0][9] == "KV pool holds 12.5 full-length sequences for N=16"
+    assert _rows(phase1, "4090-n3-ctx64k-mmproj-q8")[0][9] == "Marginal"  # llama.cpp keeps the free-memory class
     assert md.count("headroom is how many concurrent full-length sequences the KV pool holds vs N") == 1
     assert "the Comfortable / Marginal / Risky free-memory class does not apply" in phase1
     assert _rows(phase1.split("### Per-slot KV cost")[1], "4090-vllm-n4-ctx32k-q8")[0][6:8] == ["—", "—"]
@@ -729,9 +731,9 @@ def test_unmeasured_records_render_without_figures(tmp_path: Path) -> None:
     phase1 = _section(md, "## Phase 1 — memory ceiling")
     ceiling_md, kv_md = phase1.split("### Per-slot KV cost")
     assert _rows(ceiling_md, "n7-big")[0] == [
-        "n7-big", "7", "65,536", "458,752", "—", "—", "—", "—", "—",
+        "n7-big", "7", "65,536", "458,752", "—", "—", "—", "—", "—", "—",
         "skipped: predicted not to fit: 30,211 MiB needed &gt; 20,682 MiB &lt;script&gt;alert(1)&lt;/script&gt; a\\|b"]
-    assert _rows(ceiling_md, "n9-boom")[0][9] == "failed: ServerError: llama-server exited with status 1"
+    assert _rows(ceiling_md, "n9-boom")[0][10] == "failed: ServerError: llama-server exited with status 1"
     assert _rows(kv_md, "n7-big") == [] and _rows(kv_md, "4090-n3-ctx64k-mmproj-q8")
     not_measured = _section(md, "## Not measured")
     assert [r[:3] for r in _rows(not_measured, "n7-big")] == [

@@ -80,15 +80,15 @@ def test_sort_filter_expand_and_nothing_leaves_the_page(tmp_path: Path, page: An
     assert page.eval_on_selector("#ceiling", "d => d.open") and page.is_visible("#ceiling-table")
 
     # Sort by free memory: ascending, then descending; the Config column moves with it.
-    free = page.locator("#ceiling-table th", has_text="Free (MiB)")
+    free = page.locator("#ceiling-table th", has_text="Free at idle (MiB)")
     assert "memory.free_mib" in free.get_attribute("title")  # the tooltip names the field
-    recorded = _mib(_column(page, "#ceiling-table", "Free (MiB)"))
+    recorded = _mib(_column(page, "#ceiling-table", "Free at idle (MiB)"))
     free.click()
-    assert _mib(_column(page, "#ceiling-table", "Free (MiB)")) == sorted(recorded)
+    assert _mib(_column(page, "#ceiling-table", "Free at idle (MiB)")) == sorted(recorded)
     assert _column(page, "#ceiling-table", "Config")[0] == "4090-n5-ctx64k-mmproj-q8"  # 1,044.0 MiB, the least
     assert free.get_attribute("aria-sort") == "ascending"
     free.click()
-    assert _mib(_column(page, "#ceiling-table", "Free (MiB)")) == sorted(recorded, reverse=True)
+    assert _mib(_column(page, "#ceiling-table", "Free at idle (MiB)")) == sorted(recorded, reverse=True)
     page.locator("#ceiling-table th", has_text="Config").click()
     configs = _column(page, "#ceiling-table", "Config")
     assert configs == sorted(configs)

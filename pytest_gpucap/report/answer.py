@@ -151,6 +151,9 @@ def capacity_maps(records: list[Record]) -> list[CapacityMap]:
         if isinstance(r, CeilingRecord):
             kvh = r.memory.kv_headroom
             e.free_mib = fmt.as_float(r.memory.free_mib)
+            burst = fmt.as_float(r.memory.free_under_burst_mib)  # the burst ceiling (issue 12)
+            if burst is not None:
+                e.burst_free_mib = burst if e.burst_free_mib is None else min(e.burst_free_mib, burst)
             if kvh is not None and kvh.ok is not None:
                 e.verdict = "comfortable" if kvh.ok else "risky"
             else:

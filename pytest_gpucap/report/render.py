@@ -16,6 +16,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
+from .vision import vision_table
 from ..records import MeasuredRecord, RampRecord, Record, SchemaError, SearchRecord, as_record, read_records
 from ..verdicts import HEADROOM_CLASSES, HEADROOM_RULE, headroom_bands, judged_by_kv_capacity
 from . import fmt
@@ -41,7 +42,9 @@ RESULTS_NAME = "results.jsonl"
 SESSION_NAME = "session.json"
 #: Column header → the formula or field behind it (HTML tooltips).
 COLUMN_TIPS = {
-    "Free (MiB)": "memory.free_mib: the lowest free device memory from load through the hold window",
+    "Free at idle (MiB)": "memory.free_mib: the lowest free device memory from load through the hold window",
+    "Free under burst (MiB)": "memory.free_under_burst_mib: the lowest free memory while every slot held a "
+                              "near-full prompt (+ an image on mmproj) and a long reply; the headroom verdict",
     "Used after load (MiB)": "memory.used_after_load_mib",
     "Headroom": HEADROOM_RULE,
     "Measured KV/slot†": "(used after load − baseline − model − compute − output buffers on the GPU) ÷ N",
@@ -280,7 +283,7 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
         "cache_turns": cache_turns_table(records),
         "roles": roles_table(records), "repeats": repeat_table(records), "verdicts": verdicts_table(records),
         "crosscheck": crosscheck_table(records), "crosscheck_flags": crosscheck_flags(records),
-        "goodput": goodput_table(records), "queueing": queueing_table(records),
+        "goodput": goodput_table(records), "queueing": queueing_table(records), "vision": vision_table(records),
         "not_measured": not_measured_table(records), "scaling": scaling_tables(records),
         "memory_chart": mem, "timelines": timelines, "workload_charts": wl_charts, "ramps": ramps,
         "across_hosts": side_by_side(records),

@@ -140,6 +140,7 @@ def ceiling_frame(records: list[Record]) -> pd.DataFrame:
             "mmproj": bool(cfg.mmproj),
             "probe": mem.probe,
             "used": fmt.as_float(mem.used_after_load_mib), "free": fmt.as_float(mem.free_mib),
+            "free_burst": fmt.as_float(mem.free_under_burst_mib),
             "baseline": fmt.as_float(mem.baseline_used_mib),
             "boot": fmt.as_float(measured_rec.boot_s) if measured_rec else None,
             "headroom_class": measured_rec.headroom_class if measured_rec else None,
@@ -178,13 +179,15 @@ def _headroom_cells(row: Any) -> list[Cell]:
 def ceiling_table(records: list[Record]) -> Table:
     df = ceiling_frame(records)
     cols = [("Config", False), ("N", True), ("ctx/slot", True), ("total ctx", True),
-            ("Used after load (MiB)", True), ("Free (MiB)", True), ("Boot (s)", True),
+            ("Used after load (MiB)", True), ("Free at idle (MiB)", True), ("Free under burst (MiB)", True),
+            ("Boot (s)", True),
             ("Headroom SLO (GiB)", True), ("Headroom", False), ("Outcome", False)]
     rows = []
     for row in df.itertuples():
         rows.append([
             Cell(row.config_id), _n(fmt.integer(row.n)), _n(fmt.integer(row.ctx)), _n(fmt.integer(row.total_ctx)),
-            _n(fmt.mib(row.used)), _n(fmt.mib(row.free)), _n(fmt.secs(row.boot)), *_headroom_cells(row),
+            _n(fmt.mib(row.used)), _n(fmt.mib(row.free)), _n(fmt.mib(row.free_burst)), _n(fmt.secs(row.boot)),
+            *_headroom_cells(row),
             _outcome(row.record),
         ])
     table = _table(cols, rows)

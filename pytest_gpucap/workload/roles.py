@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+from ..load_keys import DEFAULT_IMAGE_SIZE
 from ..matrix import Workload
 
 
@@ -17,6 +18,13 @@ class Role:
     max_tokens: int
     tool_tokens: int
     thinking: bool = True
+    images_per_turn: int = 0  # images sent with the tool result on an image turn (mmproj configs only)
+    image_every: int = 1  # every k-th turn (turn 0, k, 2k, ...) carries the images
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+
+    def images_on(self, turn: int) -> int:
+        """How many images turn ``turn`` carries."""
+        return self.images_per_turn if self.images_per_turn and turn % self.image_every == 0 else 0
 
 
 BUILTIN_ROLES: dict[str, Role] = {
@@ -50,7 +58,8 @@ def roles_from_matrix(user: Mapping[str, Mapping[str, Any]]) -> dict[str, Role]:
     roles = dict(BUILTIN_ROLES)
     for name, data in user.items():
         roles[name] = Role(name, data.get("cadence_s"), int(data["max_tokens"]), int(data["tool_tokens"]),
-                           bool(data.get("thinking", True)))
+                           bool(data.get("thinking", True)), int(data.get("images_per_turn", 0)),
+                           int(data.get("image_every", 1)), tuple(data.get("image_size", DEFAULT_IMAGE_SIZE)))
     return roles
 
 

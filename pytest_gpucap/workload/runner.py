@@ -16,6 +16,7 @@ import httpx
 from .client import ErrorClass, RequestRecord, StreamingClient, sleep_until
 from ..promtext import sums
 from .metrics import summarize
+from .images import image_seeds, with_images
 from .prompts import filler, tool_blob
 from ..matrix import Workload as WorkloadSettings
 from .roles import Role
@@ -209,7 +210,8 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
             rec.compactions = conv.compactions - compacted
             compacted = conv.compactions
             records.append(rec)
-            await client.chat(rec, messages, role.max_tokens, role.thinking, keep_text=True)
+            await client.chat(rec, _with_images(messages, role, settings.seed, idx, turn), role.max_tokens,
+                              role.thinking, keep_text=True)
             conv.commit(messages[-1], rec.text or "", rec.reasoning_text or "")
             rec.text = rec.reasoning_text = None  # in the history now; records stay small
             turn += 1
@@ -238,6 +240,17 @@ async def run_agents(url: str, roles: list[Role], settings: WorkloadSettings, sl
                        sum(c.compactions for c in convs), clipped, stalls=watch.note)
     result.server_metrics_before, result.server_metrics_after = before, {} if watch.hung else await scrape(url)
     return result
+
+
+def _with_images(messages: list[dict[str, Any]], role: Role, seed: int, agent: int, turn: int) -> list[dict[str, Any]]:
+    """The turn as sent: on an image turn of the role, its images beside the new tool result (the history
+    keeps the text only, so later turns resend no image; the harness strips images on text-only configs)."""
+    n = role.images_on(turn)
+    if not n:
+        return messages
+    last = dict(messages[-1], content=with_images(messages[-1]["content"], image_seeds(seed, agent, turn, n),
+                                                  role.image_size))
+    return messages[:-1] + [last]
 
 
 def _drain(settings: WorkloadSettings) -> float:
