@@ -6,6 +6,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from .backends import PreflightSkip, ServerError, ServerHandle
+from .burst import with_burst
 from .ceiling import build_ceiling
 from .matrix import SLO, CapacityConfig
 from .probes import HostProbe, NvmlProbe
@@ -45,15 +46,19 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
                 tail = " | " + " / ".join(handle.process.log_tail().strip().splitlines()[-3:])
             return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0,
                            failed=("boot",))
-        record, verdicts = build_ceiling(handle, cfg.id, slo)
-        verdicts = list(verdicts) + run_checks(checks, handle, profile.slo if slo is None else slo)
+        judged = profile.slo if slo is None else slo
+        typed, verdicts = build_ceiling(handle, cfg.id, slo)
+        # headroom under the profile's burst, as the ceiling test judges it ([profiles.NAME.burst])
+        record, verdicts = with_burst(handle, typed.to_dict(), list(verdicts), judged)
+        verdicts = list(verdicts) + run_checks(checks, handle, judged)
         ok = all(v.ok for v in verdicts)
         lines = tuple(v.line() for v in verdicts)
-        reason = f"free {record.memory.free_mib:.0f} MiB ({record.headroom_class})"
+        free = record["memory"].get("free_under_burst_mib") or record["memory"].get("free_mib") or 0.0
+        reason = f"free {free:.0f} MiB ({record.get('headroom_class')})"
         bad = [v.line() for v in verdicts if not v.ok]
         if bad:
             reason += "; " + "; ".join(bad)
-        return Outcome(ok, reason=reason, verdicts=lines, record=record.to_dict(), seconds=time.monotonic() - t0,
+        return Outcome(ok, reason=reason, verdicts=lines, record=record, seconds=time.monotonic() - t0,
                        failed=tuple(dict.fromkeys(v.name for v in verdicts if not v.ok)))
     finally:
         handle.stop()

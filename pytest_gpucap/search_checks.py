@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
 from .backends import ServerError, ServerHandle
+from .depth import depth_sweep
 from .harness import Harness
 from .matrix import SLO, Workload
 from .records import Verdict
@@ -61,12 +62,27 @@ def workflow_check(workflow: str, duration_s: float, settings: Workload, roles: 
 def probe_checks(workflow: str, duration_s: float, settings: Workload, roles: Mapping[str, Any],
                  workflows: Mapping[str, tuple[str, ...]], test_id: str, record: Callable[[dict[str, Any]], None],
                  progress: Any = None) -> list[Check]:
-    """The checks of one search probe, after the headroom verdict: the probe workflow (none when
-    ``workflow`` is empty). Burst headroom and the depth ratio are appended here when they exist."""
+    """The checks of one search probe, after the headroom verdict (judged under the burst by
+    ``search_boot``): the probe workflow (none when ``workflow`` is empty), then the depth sweep when the
+    SLO gates on it."""
     checks: list[Check] = []
     if workflow:
         checks.append(workflow_check(workflow, duration_s, settings, roles, workflows, test_id, record, progress))
+    checks.append(depth_check(settings, test_id, record))
     return checks
 
 
-__all__ = ["Check", "ERROR_PREFIX", "named", "probe_checks", "run_checks", "workflow_check"]
+def depth_check(settings: Workload, test_id: str, record: Callable[[dict[str, Any]], None]) -> Check:
+    """The depth sweep's verdicts (``min_depth_ratio``, ``min_depth_decode_tps``) when the SLO sets one;
+    nothing (and no sweep) otherwise."""
+
+    def check(handle: ServerHandle, slo: SLO) -> Sequence[Verdict]:
+        if slo.min_depth_ratio is None and slo.min_depth_decode_tps is None:
+            return []
+        return depth_sweep(handle, slo, test_id, record, max_tokens=8,
+                           ctx_tokens=settings.depth_ctx_tokens or None).verdicts
+
+    return named("depth sweep", check)
+
+
+__all__ = ["Check", "ERROR_PREFIX", "depth_check", "named", "probe_checks", "run_checks", "workflow_check"]
