@@ -283,3 +283,15 @@ def plugin_server(binary: Path, model: Path, cfg: CapacityConfig, log_dir: Path,
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def restore_nofile() -> Iterator[None]:
+    """The open-file limit as it was before a ramp test raised it."""
+    import resource
+
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)

@@ -13,11 +13,12 @@ from typing import Iterator
 
 import pytest
 
-from pytest_gpucap.backends import LaunchSpec, ServerHandle
+from conftest import plugin_server
+
+from pytest_gpucap.backends import ServerHandle
 from pytest_gpucap.backends.llamacpp import build_argv
-from pytest_gpucap.matrix import CapacityConfig, HostProfile, MatrixError, Workload, config_from_mapping
+from pytest_gpucap.matrix import CapacityConfig, MatrixError, Workload, config_from_mapping
 from pytest_gpucap.modelgen import ModelShape, ensure_model
-from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.record_sections import WorkloadMetrics
 from pytest_gpucap.workload import runner
 from pytest_gpucap.workload.client import RequestRecord, decode_text
@@ -29,27 +30,13 @@ SETTINGS = Workload(duration_s=60, max_turns=3, request_timeout_s=60, stall_s=30
 THINK_KW = '{"enable_thinking":true}'
 
 
-def boot(binary: Path, model: Path, cfg: CapacityConfig, log_dir: Path) -> ServerHandle:
-    spec = LaunchSpec(config=cfg, profile=HostProfile(name="cpu", memory_gib=2.0), log_dir=log_dir,
-                      command=(str(binary),), model=model, boot_timeout_s=60, hold_s=0.2)
-    handle = ServerHandle(spec, HostProbe(2048))
-    try:
-        return handle.boot()
-    except BaseException:
-        handle.stop()
-        raise
-
-
 @pytest.fixture(scope="module")
 def chat_server(llama_server_bin: Path, tiny_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """Two slots of 2,048 tokens: one per agent, no host prompt cache (the slot's own cache only)."""
     cfg = CapacityConfig(profile="cpu", n=2, ctx=2048, threads=2, cache_ram_mib=0)
-    handle = boot(llama_server_bin, tiny_model, cfg, tmp_path_factory.mktemp("agents-logs"))
-    try:
+    with plugin_server(llama_server_bin, tiny_model, cfg, tmp_path_factory.mktemp("agents-logs")) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +44,8 @@ def thinking_server(llama_server_bin: Path, tmp_path_factory: pytest.TempPathFac
     """The tiny model with the thinking chat template, booted with the study's server flag."""
     model = ensure_model(ModelShape(name="gpucap-think", chat_template="thinking"), tmp_path_factory.mktemp("m"))
     cfg = CapacityConfig(profile="cpu", n=2, ctx=1024, threads=2, cache_ram_mib=0, chat_template_kwargs=THINK_KW)
-    handle = boot(llama_server_bin, model, cfg, tmp_path_factory.mktemp("think-logs"))
-    try:
+    with plugin_server(llama_server_bin, model, cfg, tmp_path_factory.mktemp("think-logs")) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def _agents(handle: ServerHandle, roles: list[Role]) -> runner.RunResult:

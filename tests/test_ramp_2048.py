@@ -74,12 +74,3 @@ def test_ramp_to_2048_agents_names_its_limit(slots64: ServerHandle, restore_nofi
     assert any((s.server_deferred_max or 0) > 0 for s in steps if s.n > SLOTS), [vars(s) for s in steps]
 
 
-@pytest.fixture
-def restore_nofile() -> Iterator[None]:
-    import resource
-
-    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, limits)

@@ -560,15 +560,6 @@ def test_slo_breach_fails_with_one_line_per_breach(capacity_run: CapacityRun, ti
 
 # ---------------------------------------------------------------- the agent-connection ramp
 
-@pytest.fixture
-def restore_nofile() -> Iterator[None]:
-    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-
-
 def test_raise_nofile_reports_the_limits(restore_nofile: None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = soft + 16 if hard == resource.RLIM_INFINITY else min(soft + 16, hard)
