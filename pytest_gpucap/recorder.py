@@ -12,6 +12,9 @@ import pytest
 
 from . import benchmarks, compare, prediction, provenance, record_calibration, records
 
+#: The session's derived per-config verdicts, beside results.jsonl.
+VERDICTS_NAME = "verdicts.jsonl"
+
 
 class Recorder:
     """Collects result records on the controller (xdist-safe) and writes them as they arrive."""
@@ -73,15 +76,19 @@ class Recorder:
         self._gate(session)
 
     def _write_verdicts(self) -> None:
-        """One ``config-verdict`` record per config measured this session (capacity_verdict): results.jsonl,
-        the terminal summary and the write-up read the same word."""
+        """One ``config-verdict`` record per config measured this session (capacity_verdict), in
+        ``verdicts.jsonl`` beside results.jsonl: they are derived from the measured records (results.jsonl
+        holds what each test measured, one record per test), and the terminal summary and the write-up
+        read the same word."""
         from .capacity_verdict import verdict_records
 
-        for typed in verdict_records(records.parse(r) for r in list(self.state.records)):
-            record = typed.to_dict()
-            self.state.records.append(record)
-            if self.results_path is not None:
-                records.append_jsonl(self.results_path, record)
+        derived = [typed.to_dict() for typed in verdict_records(records.parse(r) for r in list(self.state.records))]
+        self.state.records.extend(derived)
+        if self.results_path is not None and derived:
+            path = self.results_path.with_name(VERDICTS_NAME)
+            path.unlink(missing_ok=True)
+            for record in derived:
+                records.append_jsonl(path, record)
 
     def _save_sections(self, report_dir: Path, config: pytest.Config) -> None:
         """Sections from ``pytest_gpucap_report_sections`` hooks, saved beside results.jsonl so the

@@ -28,7 +28,8 @@ def test_records_from_two_xdist_workers_end_up_in_one_results_file(capacity_run:
     lines = _lines(capacity_run.pytester.path / "rep" / "results.jsonl")
     records = [r for r in lines if r["kind"] != "config-verdict"]
     assert sorted(r["config_id"] for r in records) == ["cpu-n1-ctx1k-f16", "cpu-n2-ctx1k-f16", "cpu-n3-ctx1k-f16"]
-    assert sorted((r["config_id"], r["verdict"]) for r in lines if r["kind"] == "config-verdict") == [
+    verdicts = _lines(capacity_run.pytester.path / "rep" / "verdicts.jsonl")
+    assert sorted((r["config_id"], r["verdict"]) for r in verdicts if r["kind"] == "config-verdict") == [
         ("cpu-n1-ctx1k-f16", "fits"), ("cpu-n2-ctx1k-f16", "fits"), ("cpu-n3-ctx1k-f16", "fits")]  # one per config
     assert all(r["kind"] == "ceiling" and r["outcome"] == "passed" for r in records)
     session = json.loads((capacity_run.pytester.path / "rep" / "session.json").read_text())

@@ -241,6 +241,10 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
                   session_note: str = "") -> tuple[dict[str, Any], list[Chart]]:
     """Everything both templates show, computed once so the Markdown and HTML cannot disagree."""
     records = [as_record(r) for r in records]
+    if not any(r.kind == "config-verdict" for r in records):  # derived from the measured records (one rule)
+        from ..capacity_verdict import verdict_records
+
+        records += verdict_records(records)
     maps, recs, paragraph = first_screen(records)
     map_charts = [m.chart() for m in maps]
     charts: list[Chart] = list(map_charts)
