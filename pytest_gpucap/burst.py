@@ -181,14 +181,28 @@ def burst_verdicts(verdicts: list[Verdict], result: BurstResult, slo: SLO) -> li
     return out + [Verdict(FAILED_VERDICT, float(result.failed), 0.0, "", higher_is_better=False)]
 
 
+def burst_skip_reason(handle: ServerHandle, verdicts: list[Verdict]) -> str | None:
+    """Why the burst is not sent to this booted config, or None."""
+    if any(v.name == FREE_MEMORY_VERDICT and not v.ok for v in verdicts):
+        return "headroom already breached at idle"
+    if handle.backend.tokenize_request(handle, "x") is None:
+        return f"the {handle.config.backend} backend has no tokenize endpoint to size the fill with"
+    return None
+
+
 def with_burst(handle: ServerHandle, record: dict[str, Any], verdicts: list[Verdict],
                slo: SLO) -> tuple[dict[str, Any], list[Verdict]]:
     """A ceiling record (dict) after the profile's burst: ``memory.free_idle_mib`` (the hold's figure),
     ``memory.free_under_burst_mib``, the ``burst`` section, and the verdicts judged on the burst.
-    Unchanged when the profile's burst is disabled."""
+    Unchanged when the profile's burst is disabled; skipped, with ``memory.burst_skipped`` saying why, when
+    the config already breaches its headroom at idle (loading it further cannot change that verdict) or
+    the server has no tokenizer endpoint to size the fill with (an external endpoint)."""
     settings = handle.profile.burst
     if not settings.enabled:
         return record, verdicts
+    why = burst_skip_reason(handle, verdicts)
+    if why:
+        return dict(record, memory=dict(record["memory"], burst_skipped=why)), verdicts
     result = run_burst(handle, settings, handle.profile.workload)
     verdicts = burst_verdicts(verdicts, result, slo)
     memory = dict(record["memory"], free_idle_mib=record["memory"].get("free_mib"),
@@ -199,4 +213,4 @@ def with_burst(handle: ServerHandle, record: dict[str, Any], verdicts: list[Verd
     return record, verdicts
 
 
-__all__ = ["BurstResult", "burst_verdicts", "run_burst", "with_burst"]
+__all__ = ["BurstResult", "burst_skip_reason", "burst_verdicts", "run_burst", "with_burst"]
