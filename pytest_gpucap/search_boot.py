@@ -6,7 +6,6 @@ import time
 from typing import Any, Callable, Sequence
 
 from .backends import PreflightSkip, ServerError, ServerHandle
-from .burst import with_burst
 from .ceiling import build_ceiling
 from .matrix import SLO, CapacityConfig
 from .probes import HostProbe, NvmlProbe
@@ -48,8 +47,9 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
                            failed=("boot",))
         judged = profile.slo if slo is None else slo
         typed, verdicts = build_ceiling(handle, cfg.id, slo)
-        # headroom under the profile's burst, as the ceiling test judges it ([profiles.NAME.burst])
-        record, verdicts = with_burst(handle, typed.to_dict(), list(verdicts), judged)
+        # headroom at idle: a probe does not run the profile's burst (a 90 % fill of every slot costs
+        # minutes of prefill per probe on a CPU host); the ceiling test judges the burst
+        record, verdicts = typed.to_dict(), list(verdicts)
         verdicts = list(verdicts) + run_checks(checks, handle, judged)
         ok = all(v.ok for v in verdicts)
         lines = tuple(v.line() for v in verdicts)

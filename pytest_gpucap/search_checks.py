@@ -62,8 +62,7 @@ def workflow_check(workflow: str, duration_s: float, settings: Workload, roles: 
 def probe_checks(workflow: str, duration_s: float, settings: Workload, roles: Mapping[str, Any],
                  workflows: Mapping[str, tuple[str, ...]], test_id: str, record: Callable[[dict[str, Any]], None],
                  progress: Any = None) -> list[Check]:
-    """The checks of one search probe, after the headroom verdict (judged under the burst by
-    ``search_boot``): the probe workflow (none when ``workflow`` is empty), then the depth sweep when the
+    """The checks of one search probe, after the headroom verdict (at idle: ``search_boot``): the probe workflow (none when ``workflow`` is empty), then the depth sweep when the
     SLO gates on it."""
     checks: list[Check] = []
     if workflow:
