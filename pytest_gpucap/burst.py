@@ -24,6 +24,7 @@ from .records import Verdict
 from .verdicts import FREE_MEMORY_VERDICT, headroom, headroom_class
 from .workload import runner
 from .workload.client import RequestRecord, StreamingClient
+from .workload.depth import TokenCounter
 from .workload.images import image_seeds, with_images
 from .workload.prompts import calibrate, tool_blob
 
@@ -82,20 +83,10 @@ def _r(value: float | None) -> float | None:
 
 
 def _count(handle: ServerHandle, text: str) -> int | None:
-    """Tokens of ``text`` on the server's own tokenizer (None without a tokenize endpoint)."""
-    call = handle.backend.tokenize_request(handle, text)
-    if call is None:
-        return None
-    path, body = call
-    api_key = handle.api_key
-    try:
-        resp = httpx.post(f"{handle.url}{path}", json=body, timeout=60.0,
-                          headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-        resp.raise_for_status()
-        data = resp.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    return data.get("count") or len(data.get("tokens", [])) or None
+    """Tokens of ``text`` on the server's own tokenizer (None without a tokenize endpoint): the depth
+    sweep's counter, so both size prompts the same way."""
+    counter = TokenCounter(handle.url, lambda t: handle.backend.tokenize_request(handle, t), handle.api_key)
+    return counter(text) or None
 
 
 def _overhead(handle: ServerHandle, image: bool, seed: int) -> int:
