@@ -522,7 +522,9 @@ class TestServer:
         pids = _tree(server.proc)
         assert len(pids) >= 3  # API server, engine core, worker
         left = server.stop()
-        assert any(n.startswith("vllm_dist_") for n in left)  # vLLM leaves them; we remove them
+        # vLLM usually leaves its vllm_dist_ files behind, not always (CI saw a clean stop): whatever it
+        # leaves, the dir goes with our teardown.
+        print(f"vLLM left in its TMPDIR at stop: {left}")
         assert not server.tmp_dir.exists()
         assert not server.proc.group_alive() and not [p for p in pids if psutil.pid_exists(p)]
         assert server.proc.stop_info is not None and not server.proc.stop_info.killed  # TERM was enough

@@ -269,7 +269,8 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
                   "boundary": search_boundary_table(r),
                   "outcome": fmt.text(r.outcome)} for r in records if isinstance(r, SearchRecord)]
     kinds: dict[str, int] = {}
-    for r in records:
+    measured = [r for r in records if r.kind != "config-verdict"]  # verdicts live in verdicts.jsonl, derived
+    for r in measured:
         kinds[str(r.kind)] = kinds.get(str(r.kind), 0) + 1
     profiles = sorted({str(r.profile) for r in records if r.profile})
     passed, gate_why = gate(records)
@@ -277,7 +278,7 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
         "maps": [{"map": m, "table": m.table(), "chart": c, "tips": m.tooltips()} for m, c in zip(maps, map_charts)],
         "verdict_words": VERDICT_WORDS, "paragraph": paragraph,
         "gate": {"passed": passed, "why": gate_why}, "hosts": _host_names(records), "tips": COLUMN_TIPS,
-        "profiles": profiles, "n_records": len(records), "kinds": sorted(kinds.items()),
+        "profiles": profiles, "n_records": len(measured), "kinds": sorted(kinds.items()),
         "other_kinds": sorted((k, v) for k, v in kinds.items() if k not in SHOWN_KINDS),
         "searches": searches, "headroom_rule": HEADROOM_RULE,
         "rounding_note": fmt.ROUNDING_NOTE,
