@@ -774,3 +774,18 @@ def test_only_unmeasured_records_still_render(tmp_path: Path) -> None:
     (row,) = _rows(_section((again / "capacity.md").read_text(), "## Not measured"), "n7-big")
     assert row[1:] == ["t::test_ceiling\\[n7-big\\], t::test_workflow\\[n7-big-A\\]", "skipped", "not enough RAM"]
     assert "No configuration met all SLOs." in md
+
+
+def test_memory_only_pick_breaks_ties_on_free_memory_under_the_burst() -> None:
+    """Headroom is judged on the burst minimum, so the tie between equal N×ctx configs is broken on it too:
+    the config with more idle memory but less under its burst is not the pick."""
+    from pytest_gpucap.report.recommend import recommendations
+
+    roomy_idle = ceiling(3, 65536, 20000.0, 3000.0, 10.0, mmproj=True)
+    roomy_burst = ceiling(3, 65536, 20500.0, 2500.0, 10.0, mmproj=False)
+    recs = [replace(roomy_idle, memory=replace(roomy_idle.memory, free_idle_mib=3000.0, free_under_burst_mib=1800.0)),
+            replace(roomy_burst, memory=replace(roomy_burst.memory, free_idle_mib=2500.0, free_under_burst_mib=2200.0))]
+    [memory_only] = [r for r in recommendations(recs) if r.label == "memory ceiling only"]
+    assert memory_only.tiebreak_name == "Free under burst (MiB)"
+    assert memory_only.pick is not None and memory_only.pick.config_id == roomy_burst.config_id
+    assert memory_only.pick.tiebreak == 2200.0

@@ -114,12 +114,19 @@ def recommendations(records: list[Record]) -> list[Recommendation]:
                            "largest N×ctx (then N) whose workload, depth-sweep and memory ceiling verdicts all pass",
                            cands, "Agg TPS", label=f"workload {label}", profile=profile, tiebreak_unit="tok/s"))
     by_profile: dict[str, list[Candidate]] = {}
+    burst_seen: set[str] = set()
     for r in ceilings.values():
-        cand = _candidate(r, _failures(r), ceiling_memory(r).free_mib)
-        by_profile.setdefault(profile_of(r), []).append(cand)
+        mem = ceiling_memory(r)
+        free = mem.free_under_burst_mib  # the figure the headroom verdict was judged on, where measured
+        if free is None:
+            free = mem.free_mib
+        else:
+            burst_seen.add(profile_of(r))
+        by_profile.setdefault(profile_of(r), []).append(_candidate(r, _failures(r), free))
     for profile, cands in by_profile.items():
+        free_label = "Free under burst (MiB)" if profile in burst_seen else "Free at idle (MiB)"
         out.append(_choose(f"Memory ceiling only (profile {profile})",
                            "largest N×ctx (then N) whose ceiling verdicts pass (headroom SLO; on vLLM, "
-                           "KV capacity ≥ N); says nothing about speed", cands, "Free (MiB)",
+                           "KV capacity ≥ N); says nothing about speed", cands, free_label,
                            label="memory ceiling only", profile=profile, tiebreak_unit="MiB free"))
     return out
