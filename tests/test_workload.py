@@ -28,6 +28,7 @@ from pytest_gpucap.probes import HostProbe
 from pytest_gpucap.modelgen import ModelShape, ensure_model
 from pytest_gpucap.backends import LaunchSpec, ServerHandle
 from pytest_gpucap.backends.process import free_port
+from pytest_gpucap.workload import ramp as ramps
 from pytest_gpucap.workload import runner
 from pytest_gpucap.workload.client import ErrorClass, RequestRecord, StreamingClient
 from pytest_gpucap.workload.prompts import DEFAULT_CHARS_PER_TOKEN, calibrate, reply_stub, tool_blob
@@ -580,7 +581,7 @@ def test_ramp_to_a_ceiling_of_8(server: ServerHandle, cpt: float, restore_nofile
     """N agents at once, each with its own connection, N = 1, 2, 4, 8: all clean on an 8-slot server."""
     settings = Workload(ramp_ceiling=8, ramp_max_tokens=8, ramp_context_tokens=context_tokens, request_timeout_s=60)
     lines: list[str] = []
-    ramp = runner.run(runner.run_ramp(server.url, settings, cpt, lambda: (123.0, None), progress=lines.append))
+    ramp = runner.run(ramps.run_ramp(server.url, settings, cpt, lambda: (123.0, None), progress=lines.append))
     steps = ramp["steps"]
     assert [s["n"] for s in steps] == [1, 2, 4, 8]
     for step in steps:
@@ -599,7 +600,7 @@ def test_ramp_to_a_ceiling_of_8(server: ServerHandle, cpt: float, restore_nofile
 
 def test_ramp_stops_at_the_first_breach(server: ServerHandle, restore_nofile: None) -> None:
     settings = Workload(ramp_ceiling=8, ramp_max_tokens=8, request_timeout_s=60)
-    ramp = runner.run(runner.run_ramp(server.url, settings, 3.5, lambda: (None, None), p95_budget_s=1e-6))
+    ramp = runner.run(ramps.run_ramp(server.url, settings, 3.5, lambda: (None, None), p95_budget_s=1e-6))
     (step,) = ramp["steps"]
     assert step["n"] == 1 and step["ok"] == 1
     assert step["breach"].startswith("turn p95 ") and step["breach"].endswith("> budget 0.00 s")
@@ -609,7 +610,7 @@ def test_ramp_stops_at_the_first_breach(server: ServerHandle, restore_nofile: No
 def test_ramp_stops_when_aborted(server: ServerHandle, restore_nofile: None) -> None:
     settings = Workload(ramp_ceiling=8, ramp_max_tokens=4, request_timeout_s=60)
     calls = iter([None, "server died"])
-    ramp = runner.run(runner.run_ramp(server.url, settings, 3.5, lambda: (None, None), abort=lambda: next(calls)))
+    ramp = runner.run(ramps.run_ramp(server.url, settings, 3.5, lambda: (None, None), abort=lambda: next(calls)))
     assert [s["n"] for s in ramp["steps"]] == [1]
     assert ramp["aborted"] == "server died" and ramp["max_clean_n"] == 1
 

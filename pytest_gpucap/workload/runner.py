@@ -372,12 +372,3 @@ def run(coro: Awaitable[Any]) -> Any:
     except ImportError:
         return asyncio.run(coro)  # type: ignore[arg-type]
     return uvloop.run(coro)  # type: ignore[arg-type]
-
-
-def __getattr__(name: str) -> Any:
-    """The ramp itself moved to ``ramp``; its names stay importable from here."""
-    if name in ("run_ramp", "ramp_limit", "RampStep", "CLIENT_BUSY", "LOW_MEMORY"):
-        from . import ramp
-
-        return getattr(ramp, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
