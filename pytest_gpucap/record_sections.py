@@ -282,6 +282,7 @@ class WorkloadMetrics(Section):
     per_call_tps: float | None
     ttft_s: Percentiles = sub(Percentiles)
     e2e_s: Percentiles = sub(Percentiles)
+    tpot_s: Percentiles | None = sub(Percentiles, optional=True)  # over all finished turns (the TPOT SLO)
     roles: dict[str, RoleMetrics] = sub(RoleMetrics, many="map")
     turns_ok: int | None
     turns_failed: int | None

@@ -75,7 +75,7 @@ def counted_breaches(record: Record) -> list[Verdict]:
 # ---------------------------------------------------------------- workload
 
 def workload_verdicts(metrics: WorkloadMetrics | Mapping[str, Any], slo: SLO) -> list[Verdict]:
-    """Per-role p95 turn latency, TTFT p95, aggregate tokens/s, error rate, goodput and (when the
+    """Per-role p95 turn latency, TTFT and TPOT p95, aggregate tokens/s, error rate, goodput and (when the
     server was polled) server queue time p95 against their budgets."""
     m = metrics if isinstance(metrics, WorkloadMetrics) else WorkloadMetrics.from_dict(metrics)
     out: list[Verdict] = []
@@ -87,6 +87,8 @@ def workload_verdicts(metrics: WorkloadMetrics | Mapping[str, Any], slo: SLO) ->
             out.append(Verdict(f"{role} p95 turn latency (no turn finished)", float("inf"), budget, "s", False))
     if slo.ttft_p95_s is not None and m.ttft_s.p95 is not None:
         out.append(Verdict("TTFT p95", m.ttft_s.p95, slo.ttft_p95_s, "s", higher_is_better=False))
+    if slo.tpot_p95_s is not None and m.tpot_s is not None and m.tpot_s.p95 is not None:
+        out.append(Verdict("TPOT p95", m.tpot_s.p95, slo.tpot_p95_s, "s", higher_is_better=False))
     if slo.min_agg_tps is not None:
         out.append(Verdict("aggregate tokens/s", m.agg_tps, slo.min_agg_tps, "tok/s"))
     if slo.max_error_rate is not None:

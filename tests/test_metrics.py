@@ -6,6 +6,8 @@ counters of a real llama-server after one streamed request.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 import random
 import time
@@ -239,13 +241,16 @@ def test_parse_prometheus_on_a_real_llama_server(llama_server_bin: Path, tiny_mo
 def test_workload_verdicts_and_breach_message(records: list[RequestRecord]) -> None:
     m = summarize(records, since=T0)
     slo = SLO(p95_s=(("Dev", 100.0), ("QA", 1.0), ("Research", 0.5)), min_agg_tps=1000.0,
-              max_error_rate=0.5, ttft_p95_s=10.0)
+              max_error_rate=0.5, ttft_p95_s=10.0, tpot_p95_s=10.0)
     verdicts = workload_verdicts(m, slo)
     by_name = {v.name: v for v in verdicts}
     # QA ran no turn in this workload: no verdict for it
-    assert set(by_name) == {"Dev p95 turn latency", "Research p95 turn latency", "TTFT p95",
+    assert set(by_name) == {"Dev p95 turn latency", "Research p95 turn latency", "TTFT p95", "TPOT p95",
                             "aggregate tokens/s", "error rate"}
     assert by_name["Dev p95 turn latency"].ok and by_name["TTFT p95"].ok and by_name["error rate"].ok
+    assert by_name["TPOT p95"].ok and by_name["TPOT p95"].measured == pytest.approx(m["tpot_s"]["p95"])
+    tight = {v.name: v for v in workload_verdicts(m, replace(slo, tpot_p95_s=m["tpot_s"]["p95"] / 2))}
+    assert not tight["TPOT p95"].ok  # the budget a config's decode pace must meet
     research, agg = by_name["Research p95 turn latency"], by_name["aggregate tokens/s"]
     assert not research.ok and not agg.ok
     assert research.margin == pytest.approx(0.5 - m["roles"]["Research"]["p95_s"])
