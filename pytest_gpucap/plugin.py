@@ -337,8 +337,11 @@ def gpucap_server(request: pytest.FixtureRequest, gpucap_config: CapacityConfig)
 @pytest.fixture
 def gpucap_slo(request: pytest.FixtureRequest, gpucap_config: CapacityConfig) -> SLO:
     """The SLO budgets of this test: profile defaults, overridden by a ``gpucap_slo`` marker."""
-    state = request.config.stash[STATE]
-    slo = state.matrix.profile(gpucap_config.profile).slo
+    return _marked_slo(request, request.config.stash[STATE].matrix.profile(gpucap_config.profile).slo)
+
+
+def _marked_slo(request: pytest.FixtureRequest, slo: SLO) -> SLO:
+    """``slo`` with the test's ``gpucap_slo`` markers applied, nearest last (a mistake is one line)."""
     for mark in reversed(list(request.node.iter_markers("gpucap_slo"))):
         try:
             slo = slo_from_mapping(mark.kwargs, "@pytest.mark.gpucap_slo", base=slo)
@@ -404,11 +407,14 @@ def _search_session(request: pytest.FixtureRequest, base: CapacityConfig) -> Sea
 
 @pytest.fixture
 def gpucap_search(request: pytest.FixtureRequest) -> SearchRun:
-    """Capacity search of the matrix's ``[profiles.NAME.search]`` (or the test's marker); see ``SearchRun.run``."""
-    decl = search_run.declared(request, request.config.stash[STATE].matrix)
+    """Capacity search of the matrix's ``[profiles.NAME.search]`` (or the test's marker), judged on the
+    profile's SLO with the test's ``gpucap_slo`` markers applied; see ``SearchRun.run``."""
+    matrix = request.config.stash[STATE].matrix
+    decl = search_run.declared(request, matrix)
     skip_if_service_up(request.config, decl.profile)
     assert decl.base is not None
-    return SearchRun(decl, lambda: _search_session(request, decl.base))
+    return SearchRun(decl, lambda: _search_session(request, decl.base),
+                     slo=_marked_slo(request, matrix.profile(decl.profile).slo))
 
 
 # ---------------------------------------------------------------- reporting

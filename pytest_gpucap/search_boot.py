@@ -46,7 +46,7 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
             return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0,
                            failed=("boot",))
         judged = profile.slo if slo is None else slo
-        typed, verdicts = build_ceiling(handle, cfg.id, slo)
+        typed, verdicts = build_ceiling(handle, cfg.id, judged)
         # headroom at idle: a probe does not run the profile's burst (a 90 % fill of every slot costs
         # minutes of prefill per probe on a CPU host); the ceiling test judges the burst
         record, verdicts = typed.to_dict(), list(verdicts)

@@ -10,14 +10,14 @@ resolution, the memory probe, the record sink, the roles and workflows, and the 
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import pytest
 
 from . import prediction, records
 from .backends import LaunchSpec
-from .matrix import CapacityConfig, Matrix, MatrixError
+from .matrix import SLO, CapacityConfig, Matrix, MatrixError
 from .probes import MemoryProbe
 from .search import Outcome, SearchResult, SearchSpace, search_capacity
 from .search_boot import boot_and_check
@@ -52,6 +52,7 @@ class SearchRun:
 
     decl: SearchDecl
     session: Callable[[], SearchSession]
+    slo: SLO | None = None  # the profile's SLO with the test's gpucap_slo markers (None: the profile's)
 
     @property
     def base(self) -> CapacityConfig:
@@ -70,7 +71,8 @@ class SearchRun:
         lent = self.session()
         decl, base = self.decl, self.base
         base_spec = lent.spec_for(base)
-        profile, model = base_spec.profile, base_spec.model
+        slo = self.slo if self.slo is not None else base_spec.profile.slo
+        profile, model = replace(base_spec.profile, slo=slo), base_spec.model  # predictions prune on it too
         probe, test_id = lent.probe, lent.test_id
 
         def record_probe(record: dict[str, Any]) -> None:
@@ -80,7 +82,7 @@ class SearchRun:
                               lent.workflows, test_id, record_probe, lent.progress)
 
         def evaluate(cfg: CapacityConfig) -> Outcome:
-            outcome = boot_and_check(cfg, lent.spec_for, probe=probe, checks=checks)
+            outcome = boot_and_check(cfg, lent.spec_for, probe=probe, checks=checks, slo=slo)
             if outcome.record is not None:
                 record_probe(dict(outcome.record))
             return outcome
@@ -92,7 +94,7 @@ class SearchRun:
         workflow = decl.probe.workflow or None
         earlier = reusable_records(lent.previous_records + lent.records, base, host, base_spec.binary_version,
                                    str(model or ""), workload=workflow)
-        known = known_outcomes(earlier, slo=profile.slo, needs_workload=workflow)
+        known = known_outcomes(earlier, slo=slo, needs_workload=workflow)
         result = search_capacity(base, self.space, evaluate, predict=predict, known=known,
                                  prune=prune or decl.prune, strategy=decl.strategy,
                                  max_boots=max_boots if max_boots is not None else decl.boot_budget)

@@ -296,3 +296,30 @@ def test_shipped_suite_runs_on_a_matrix_without_cpu(capacity_run: CapacityRun, t
     assert "binding_slo" in search and len(search["boundary"]) == 2
     probes = [r for r in recs if r.get("search_probe")]
     assert {r["kind"] for r in probes} == {"ceiling", "workload"}
+
+
+MARKED_SEARCH = '''
+import pytest
+
+@pytest.mark.gpucap_slo(min_agg_tps=1e9)
+def test_knee(gpucap_search):
+    result = gpucap_search.run()
+    assert result.knee is None, result.table()
+'''
+
+
+def test_a_gpucap_slo_marker_reaches_the_search_probes(capacity_run: CapacityRun, tiny_model: Path) -> None:
+    """A search test's ``gpucap_slo`` marker is part of the SLO its probes are judged on: with an
+    impossible throughput budget on the marker (the matrix sets none), the first probe fits but fails on
+    aggregate tokens/s, so the search finds no knee and names that SLO."""
+    matrix = matrix_toml(tiny_model, LAB, profile="lab")
+    result = capacity_run.run(matrix, "-m", "lab", "--gpucap-report", "rep", test_src=MARKED_SEARCH, timeout=300)
+    result.assert_outcomes(passed=1)
+    import json
+
+    recs = [json.loads(line) for line in (capacity_run.pytester.path / "rep" / "results.jsonl").read_text().splitlines()]
+    search = next(r for r in recs if r["kind"] == "search")
+    assert search["knee"] is None and search["boots"] >= 1
+    work = [r for r in recs if r.get("search_probe") and r["kind"] == "workload"]
+    assert work and all(r["slo"]["min_agg_tps"] == 1e9 for r in work)
+    assert any(v["name"] == "aggregate tokens/s" and not v["ok"] for r in work for v in r["verdicts"])
