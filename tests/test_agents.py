@@ -97,47 +97,58 @@ def test_chat_template_kwargs_is_a_table_passed_to_llama_server() -> None:
 # ---------------------------------------------------------------- real servers
 
 def test_history_holds_the_servers_reply_so_the_next_turn_hits_its_cache(chat_server: ServerHandle) -> None:
-    """Turn t+1's prompt starts with turn t's prompt *and reply*: the server serves most of both from the
-    slot's cache. With filler in place of the reply, only turn t's prompt would be cached."""
-    roles = [Role(f"Dev{i}", None, 48, 64, thinking=False) for i in range(2)]
-    res = _agents(chat_server, roles)
-    assert all(r.ok for r in res.records), [(r.error, r.detail) for r in res.records if not r.ok]
-    by = {(r.agent, r.turn): r for r in res.records}
-    assert sorted(by) == [(a, t) for a in range(2) for t in range(3)]
+    """Turn t+1's prompt starts with turn t's prompt *and reply*: the server serves all of turn t's prompt
+    and some of the reply from the slot's cache. With filler in place of the reply, only turn t's prompt
+    would be cached.
+
+    One agent at a time: llama-server skips an empty slot when it picks one by prompt similarity (over
+    0.1), so a second agent whose request does not overlap the first's lands in the first agent's slot
+    on the shared system prompt and evicts its cache (seen in its log: "selected slot by LCP similarity"
+    while the other slot was empty). That is the server's policy, measured as it is in real runs; here
+    it would make the test depend on request timing."""
+    runs = [_agents(chat_server, [Role(f"Dev{i}", None, 48, 64, thinking=False)]) for i in range(2)]
+    for res in runs:
+        assert all(r.ok for r in res.records), [(r.error, r.detail) for r in res.records if not r.ok]
+        assert sorted(r.turn for r in res.records) == [0, 1, 2]
+    by = {(i, r.turn): r for i, res in enumerate(runs) for r in res.records}
     # (cached tokens of turn t+1, prompt tokens of turn t): the reply re-tokenizes differently from how
     # the random model sampled it, so the cache reaches only a few tokens into it; filler reaches none
     pairs = [(by[(a, t + 1)].cached_tokens or 0, by[(a, t)].prompt_tokens or 0) for a in range(2) for t in range(2)]
     print("cached vs previous prompt tokens:", pairs)
     assert all(cached >= prompt > 0 for cached, prompt in pairs), pairs
     assert sum(cached > prompt for cached, prompt in pairs) >= len(pairs) // 2, pairs
-    summary = summarize(res.records)
+    summary = summarize([r for res in runs for r in res.records])
     rows = summary["cache_turns"]
     assert [r["turn"] for r in rows] == [0, 1, 2] and all(r["n"] == 2 for r in rows)
-    assert rows[1]["hit_rate"] > 0.5 and rows[2]["hit_rate"] > 0.5
+    for t in (1, 2):  # the table's rate is the turns' own, and covers at least the whole previous prompt
+        cached, prompt = (sum(by[(a, t)].cached_tokens or 0 for a in range(2)),
+                          sum(by[(a, t)].prompt_tokens or 0 for a in range(2)))
+        previous = sum(by[(a, t - 1)].prompt_tokens or 0 for a in range(2))
+        assert rows[t]["hit_rate"] == pytest.approx(cached / prompt) and rows[t]["hit_rate"] >= previous / prompt
     for role in ("Dev0", "Dev1"):
         m = summary["roles"][role]
         assert m["ttft_s"]["n"] == 3 and m["tpot_s"]["n"] == 3 and m["itl_s"]["n"] > 3
         assert m["ttft_s"]["p50"] <= m["ttft_s"]["p95"] <= m["ttft_s"]["p99"]
         assert "ttft_reasoning_s" not in m  # thinking off: no split
-    assert all(r.text is None for r in res.records)  # the reply lives in the history, not in every record
+    assert all(r.text is None for res in runs for r in res.records)  # the reply lives in the history
 
 
 def test_thinking_turns_split_ttft_into_first_reasoning_and_first_content(thinking_server: ServerHandle) -> None:
     """On a template that opens ``<think>``, llama-server streams the random reply as reasoning: the
-    first reasoning token is set and the first content token is None; thinking off gives plain content."""
+    first reasoning token is set and the first content token is None; thinking off gives plain content.
+    One agent at a time, for the slot-selection reason in the history test above."""
     assert THINK_KW in thinking_server.argv
-    roles = [Role("Research", None, 24, 48, thinking=True), Role("ToolStorm", None, 24, 48, thinking=False)]
-    res = _agents(thinking_server, roles)
-    assert all(r.ok for r in res.records), [(r.error, r.detail) for r in res.records if not r.ok]
-    think = [r for r in res.records if r.role == "Research"]
-    plain = [r for r in res.records if r.role == "ToolStorm"]
+    think = _agents(thinking_server, [Role("Research", None, 24, 48, thinking=True)]).records
+    plain = _agents(thinking_server, [Role("ToolStorm", None, 24, 48, thinking=False)]).records
+    assert all(r.ok for r in think + plain), [(r.error, r.detail) for r in think + plain if not r.ok]
+    think, plain = sorted(think, key=lambda r: r.turn), sorted(plain, key=lambda r: r.turn)
     assert len(think) == len(plain) == 3
     assert all(r.first_reasoning is not None and r.first_text is None and r.reasoning_tokens for r in think)
     assert all(r.first_text is not None and r.first_reasoning is None and r.reasoning_tokens is None for r in plain)
     # the reasoning went back into the history, so the next thinking turn hits the cache past it
     pairs = [(b.cached_tokens or 0, a.prompt_tokens or 0) for a, b in zip(think, think[1:])]
     assert all(cached >= prompt > 0 for cached, prompt in pairs) and any(c > p for c, p in pairs), pairs
-    m = WorkloadMetrics.from_dict(summarize(res.records)).roles
+    m = WorkloadMetrics.from_dict(summarize(think + plain)).roles
     assert m["Research"].ttft_reasoning_s.n == 3 and m["Research"].ttft_content_s.n == 0
     assert m["Research"].ttft_content_s.p95 is None and m["Research"].reasoning_tokens >= 3
     assert m["ToolStorm"].ttft_reasoning_s is None and m["ToolStorm"].ttft_s.n == 3
