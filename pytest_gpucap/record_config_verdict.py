@@ -23,9 +23,10 @@ class ConfigVerdictRecord(Record):
     reasons: tuple[str, ...] = ()
     records: int | None = None  # how many records of this config were judged
 
-    def _summary(self, head: str) -> str:
+    def summary_line(self) -> str:
+        """The config and its verdict word: a derived record has no test outcome to show."""
         why = "; ".join(self.reasons)
-        return f"{head} {self.verdict}" + (f": {why}" if why else "")
+        return f"{str(self.config_id):<28} {self.kind}  {self.verdict}" + (f": {why}" if why else "")
 
 
 KINDS["config-verdict"] = ConfigVerdictRecord

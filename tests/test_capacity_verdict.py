@@ -106,3 +106,15 @@ def test_allocated_context_alone_is_compared_at_the_shallow_depth() -> None:
     assert groups[0]["answer"].startswith("allocated context alone slows decoding: 0.50×")
     same = allocated_context([depth("a", 3, 65536, 40.0, 30.0), depth("b", 3, 131072, 39.0, 30.0)])
     assert "does not measurably slow" in same[0]["answer"]
+
+
+def test_the_terminal_line_of_a_verdict_shows_no_test_outcome() -> None:
+    """A derived verdict ran no test: its line reads the verdict word, not the outcome column's "None"."""
+    from pytest_gpucap.record_config_verdict import ConfigVerdictRecord
+    from pytest_gpucap.records import summary_line
+
+    rec = ConfigVerdictRecord.from_dict({"kind": "config-verdict", "test": "", "profile": "cpu",
+                                         "config_id": "cpu-n2-ctx8k-f16", "config": {"n": 2, "ctx": 8192},
+                                         "verdict": "fits, too slow", "reasons": ["workload A: TPOT p95"]})
+    line = summary_line(rec)
+    assert "None" not in line and line.endswith("config-verdict  fits, too slow: workload A: TPOT p95"), line
