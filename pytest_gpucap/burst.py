@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
 from .backends import ServerError, ServerHandle
 from .budgets import SLO, Burst, Workload
+from .depth import slot_context
 from .record_burst import BurstInfo
 from .records import Verdict
 from .verdicts import FREE_MEMORY_VERDICT, headroom, headroom_class
+from .vision import chat_once
 from .workload import runner
 from .workload.client import RequestRecord, StreamingClient
 from .workload.depth import TokenCounter
@@ -82,38 +84,25 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _count(handle: ServerHandle, text: str) -> int | None:
-    """Tokens of ``text`` on the server's own tokenizer (None without a tokenize endpoint): the depth
-    sweep's counter, so both size prompts the same way."""
-    counter = TokenCounter(handle.url, lambda t: handle.backend.tokenize_request(handle, t), handle.api_key)
-    return counter(text) or None
-
-
 def _overhead(handle: ServerHandle, image: bool, seed: int) -> int:
     """Prompt tokens the chat template (and the image) add to a one-token user message."""
-    kw = handle.backend.client_options(handle)
-    body = {"model": kw.get("model", "gpucap"), "max_tokens": 1,
-            "messages": [{"role": "user", "content": with_images("x", image_seeds(seed, AGENT_BASE, 1, 1)
-                                                                 if image else [])}]}
     try:
-        resp = httpx.post(f"{handle.url}/v1/chat/completions", json=body, timeout=120.0,
-                          headers={"Authorization": f"Bearer {kw['api_key']}"} if kw.get("api_key") else {})
-        resp.raise_for_status()
-        return max(0, int(resp.json()["usage"]["prompt_tokens"]) - 1)
+        usage, _, _ = chat_once(handle, with_images("x", image_seeds(seed, AGENT_BASE, 1, 1) if image else []))
+        return max(0, int(usage["prompt_tokens"]) - 1)
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return SLOT_MARGIN_TOKENS
 
 
-def _prompt(handle: ServerHandle, i: int, tokens: int, cpt: float, seed: int) -> str:
+def _prompt(count: Callable[[str], int | None], i: int, tokens: int, cpt: float, seed: int) -> str:
     """Slot ``i``'s text, sized on the server's tokenizer (one correction after the first count)."""
     text = tool_blob(seed, AGENT_BASE + i, 0, tokens, cpt)
-    got = _count(handle, text)
+    got = count(text)
     if got:
         text = tool_blob(seed, AGENT_BASE + i, 0, tokens, cpt * tokens / got)
-        again = _count(handle, text)
+        again = count(text)
         while again and again > tokens and len(text) > 16:  # never over the target: trim the tail
             text = text[: int(len(text) * tokens / again) - 1]
-            again = _count(handle, text)
+            again = count(text)
     return text
 
 
@@ -122,14 +111,16 @@ def run_burst(handle: ServerHandle, burst: Burst, workload: Workload) -> BurstRe
     one image where mmproj is on (and ``burst.image``), and ``burst.reply_tokens x token_scale`` reply
     tokens. Returns the minimum free memory over the burst (sampler timeline, start..end) and what went."""
     cfg = handle.config
-    slot_ctx = int(handle.report.n_ctx_slot or cfg.ctx) if handle.report is not None else cfg.ctx
+    slot_ctx = slot_context(handle)
     image = bool(burst.image and cfg.mmproj)
     target = int(burst.fill * slot_ctx)  # the fill first; the reply gets what is left of the slot
     reply = max(1, min(round(burst.reply_tokens * workload.token_scale), slot_ctx - target - SLOT_MARGIN_TOKENS))
     cpt, _ = calibrate(handle.url, request=lambda text: handle.backend.tokenize_request(handle, text),
                        api_key=handle.api_key)
     text_tokens = max(1, target - _overhead(handle, image, workload.seed))
-    prompts = [_prompt(handle, i, text_tokens, cpt, workload.seed) for i in range(cfg.n)]
+    # the depth sweep's counter, so both size prompts the same way
+    count = TokenCounter(handle.url, lambda t: handle.backend.tokenize_request(handle, t), handle.api_key)
+    prompts = [_prompt(count, i, text_tokens, cpt, workload.seed) for i in range(cfg.n)]
     before = handle.sampler.sample_device() if handle.sampler else None
     t0 = time.monotonic()
     records = [RequestRecord(agent=AGENT_BASE + i, role="burst", turn=0, scheduled=t0) for i in range(cfg.n)]
@@ -149,8 +140,7 @@ def run_burst(handle: ServerHandle, burst: Burst, workload: Workload) -> BurstRe
         handle.check_alive()
     except ServerError as exc:
         aborted = str(exc).splitlines()[0][:300]
-    tl = handle.sampler.timeline if handle.sampler else None
-    window = [p.free_mib for p in (tl.points if tl else []) if t0 <= p.t <= t1]
+    window = [p.free_mib for p in handle.sampler.timeline.between(t0, t1)] if handle.sampler else []
     if handle.sampler and aborted is None:
         window.append(handle.sampler.sample_device().free_mib)
     failed = [r for r in records if not r.ok]

@@ -218,6 +218,10 @@ class Timeline:
     def min_free_mib(self) -> float | None:
         return min((p.free_mib for p in self.points), default=None)
 
+    def between(self, start: float, end: float) -> list[DevicePoint]:
+        """The fast device readings from ``start`` to ``end`` (one burst, one image's encoding)."""
+        return [p for p in list(self.points) if start <= p.t <= end]
+
     @property
     def peak_used_mib(self) -> float | None:
         return max((p.used_mib for p in self.points), default=None)

@@ -37,8 +37,9 @@ def for_server(roles: list[Role], handle: ServerHandle) -> list[Role]:
     return roles if can_see(handle) else [replace(r, images_per_turn=0) for r in roles]
 
 
-def _post(handle: ServerHandle, content: Any, max_tokens: int = 1) -> tuple[dict[str, Any], float, float]:
-    """One non-streamed chat request: (usage, seconds to the answer, when it was sent)."""
+def chat_once(handle: ServerHandle, content: Any, max_tokens: int = 1) -> tuple[dict[str, Any], float, float]:
+    """One non-streamed chat request: (usage, seconds to the answer, when it was sent). Raises
+    httpx.HTTPError for a refused or failed request."""
     kw = handle.backend.client_options(handle)
     headers = {"Authorization": f"Bearer {kw['api_key']}"} if kw.get("api_key") else {}
     body = {"model": kw.get("model", "gpucap"), "max_tokens": max_tokens, "temperature": 0.0,
@@ -56,9 +57,9 @@ def measure_image(handle: ServerHandle, size: tuple[int, int], seed: str = "prob
     """
     text = "Describe the image."
     try:
-        base, base_s, _ = _post(handle, text)
+        base, base_s, _ = chat_once(handle, text)
         before = handle.sampler.sample_device() if handle.sampler else None
-        usage, image_s, t0 = _post(handle, with_images(text, [f"measure:{seed}:{time.time_ns()}"], size))
+        usage, image_s, t0 = chat_once(handle, with_images(text, [f"measure:{seed}:{time.time_ns()}"], size))
         after = handle.sampler.sample_device() if handle.sampler else None
     except (httpx.HTTPError, ValueError) as exc:
         return {"image_tokens_from": f"not measured: {type(exc).__name__}: {str(exc)[:160]}"}
@@ -67,7 +68,7 @@ def measure_image(handle: ServerHandle, size: tuple[int, int], seed: str = "prob
         out["image_tokens_per_image"] = usage["prompt_tokens"] - base["prompt_tokens"]
         out["image_tokens_from"] = "server usage.prompt_tokens: with one image minus without"
     if before is not None and after is not None:
-        window = [p for p in handle.sampler.timeline.points if t0 <= p.t <= after.t] + [after]
+        window = handle.sampler.timeline.between(t0, after.t) + [after]
         out["image_mib"] = round(max(0.0, max(p.used_mib for p in window) - before.used_mib), 1)
         out["image_mib_from"] = (f"{handle.probe.kind} used memory during encoding minus before "
                                  f"({len(window)} readings, ≤ 100 ms apart)")
@@ -109,9 +110,9 @@ def concurrent_step(handle: ServerHandle, settings: Any, size: tuple[int, int]) 
     before = handle.sampler.sample_device() if handle.sampler else None
     res = runner.run(_at_once(handle.url, handle.config.n, size, settings.seed, settings, can_see(handle),
                               **handle.backend.client_options(handle)))
-    tl = handle.sampler.timeline if handle.sampler else None
-    window = [p.free_mib for p in (tl.points if tl else []) if res.started <= p.t <= res.ended]
+    window = []
     if handle.sampler:
+        window = [p.free_mib for p in handle.sampler.timeline.between(res.started, res.ended)]
         window.append(handle.sampler.sample_device().free_mib)
     low = min(window) if window else None
     data: dict[str, Any] = {"sent": can_see(handle), "concurrent": handle.config.n, "image_size": list(size),

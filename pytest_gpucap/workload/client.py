@@ -74,20 +74,24 @@ class RequestRecord:
 
     @property
     def e2e_s(self) -> float | None:
-        return None if self.end is None else self.end - self.scheduled
+        return self._since_scheduled(self.end)
 
     @property
     def ttft_s(self) -> float | None:
-        return None if self.first_content is None else self.first_content - self.scheduled
+        return self._since_scheduled(self.first_content)
 
     @property
     def ttft_reasoning_s(self) -> float | None:
-        return None if self.first_reasoning is None else self.first_reasoning - self.scheduled
+        return self._since_scheduled(self.first_reasoning)
 
     @property
     def ttft_text_s(self) -> float | None:
         """First *content* token (after any reasoning): what a user of a thinking model waits for."""
-        return None if self.first_text is None else self.first_text - self.scheduled
+        return self._since_scheduled(self.first_text)
+
+    def _since_scheduled(self, t: float | None) -> float | None:
+        """Seconds from the scheduled send to ``t`` (None: it never happened)."""
+        return None if t is None else t - self.scheduled
 
     @property
     def itl_s(self) -> list[float]:

@@ -100,7 +100,7 @@ def fit_text(head: str, target: int, count: Callable[[str], int | None], rng: ra
 def _point(depth: float, asked: int, rec: RequestRecord) -> dict[str, Any]:
     """One depth's figures: the server's timings where it sends them, else the client's clock."""
     t = rec.timings or {}
-    gaps = [b - a for a, b in zip(rec.chunk_times, rec.chunk_times[1:])]
+    gaps = rec.itl_s
     decode = t.get("predicted_per_second")
     prefill = t.get("prompt_per_second")
     ttft = rec.ttft_s

@@ -190,7 +190,7 @@ def _step(n: int, recs: list[RequestRecord], busy: float, memory: tuple[float | 
     failed = [r for r in recs if not r.ok]
     create = pcts((r.headers - r.scheduled) for r in ok if r.headers)
     ttft, turn = pcts(r.ttft_s for r in ok), pcts(r.e2e_s for r in ok)
-    step = RampStep(n, len(ok), len(failed), _count(failed), create["p50"], create["p95"], ttft["p50"],
+    step = RampStep(n, len(ok), len(failed), dict(_error_classes(failed)), create["p50"], create["p95"], ttft["p50"],
                     ttft["p95"], turn["p50"], turn["p95"], memory[0], memory[1],
                     decode_tps_p50=pcts(_per_call_rate(r) for r in ok)["p50"], client_busy=round(busy, 3),
                     server_processing_max=queue.processing_max, server_deferred_max=queue.deferred_max,
@@ -240,7 +240,7 @@ def ramp_limit(steps: list[RampStep], failed: list[RequestRecord], context: Ramp
     step, slots = steps[-1], context.slots
     base = _base(steps, slots)
     growth, ratio, queued = _queueing(step, base)
-    classes = Counter((r.error or ErrorClass.SERVER_ERROR).value for r in failed)
+    classes = _error_classes(failed)
     timeouts = classes["timeout"] + classes["stalled"]
     evidence = {"at_n": step.n, "slots": slots, "error_classes": dict(classes), "timeouts": timeouts,
                 "request_timeout_s": context.request_timeout_s, "nofile_soft": context.nofile_soft,
@@ -281,10 +281,11 @@ def _classify(step: RampStep, failed: list[RequestRecord], ctx: RampContext, cla
     if (step.client_busy or 0) >= CLIENT_BUSY:
         return "client", (f"a client process used {step.client_busy:.0%} of a core at N={n:,}: "
                           "raise --gpucap-client-procs")
-    if failed and classes["timeout"] + classes["stalled"] >= len(failed) / 2:
+    timeouts = classes["timeout"] + classes["stalled"]
+    if failed and timeouts >= len(failed) / 2:
         waited = (f"; up to {step.server_deferred_max:.0f} waited for one of {slots} slots"
                   if step.server_deferred_max else "")
-        return "timeouts", (f"{classes['timeout'] + classes['stalled']} of {n:,} turns hit request_timeout_s = "
+        return "timeouts", (f"{timeouts} of {n:,} turns hit request_timeout_s = "
                             f"{ctx.request_timeout_s:g} s at N={n:,}{waited}")
     slots_idle = (slots and n >= slots and step.server_processing_max is not None
                   and step.server_processing_max < slots and not step.server_deferred_max)
@@ -309,12 +310,9 @@ def _common(failed: list[RequestRecord]) -> str | None:
     return common[0][0] if common else None
 
 
-def _count(records: list[RequestRecord]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in records:
-        key = (r.error or ErrorClass.SERVER_ERROR).value
-        out[key] = out.get(key, 0) + 1
-    return out
+def _error_classes(failed: list[RequestRecord]) -> Counter[str]:
+    """Failed turns per error class (a failure without a class counts as a server error)."""
+    return Counter((r.error or ErrorClass.SERVER_ERROR).value for r in failed)
 
 
 def _ramp_summary(steps: list[RampStep], slots: int | None = None) -> dict[str, Any]:
