@@ -23,13 +23,12 @@ from .verdicts import FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, counted_breaches
 
 FITS, TOO_SLOW, NO_FIT, NOT_MEASURED = "fits", "fits, too slow", "does not fit", "not measured"
 VERDICTS = (FITS, TOO_SLOW, NO_FIT, NOT_MEASURED)
-#: Verdict names that judge memory; every other counted breach judges speed.
-MEMORY_VERDICTS = (FREE_MEMORY_VERDICT, KV_CAPACITY_VERDICT, "headroom_min", "headroom under concurrent images",
-                   "burst requests failed", "concurrent image requests failed")
+#: Verdict names that judge memory besides the ``headroom…`` ones; every other counted breach judges speed.
+MEMORY_VERDICTS = (KV_CAPACITY_VERDICT, "burst requests failed", "concurrent image requests failed")
 
 
 def is_memory(v: Verdict) -> bool:
-    return v.name in MEMORY_VERDICTS or v.name.startswith("headroom")
+    return v.name.startswith(FREE_MEMORY_VERDICT) or v.name in MEMORY_VERDICTS
 
 
 def phrase(v: Verdict) -> str:

@@ -82,7 +82,7 @@ class Recorder:
         read the same word."""
         from .capacity_verdict import verdict_records
 
-        derived = [typed.to_dict() for typed in verdict_records(records.parse(r) for r in list(self.state.records))]
+        derived = [typed.to_dict() for typed in verdict_records(list(self.state.records))]  # parsed there
         self.state.records.extend(derived)
         if self.results_path is not None and derived:
             path = self.results_path.with_name(VERDICTS_NAME)

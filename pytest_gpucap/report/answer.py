@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..records import CeilingRecord, Record, SearchRecord, UnmeasuredRecord, WorkloadRecord
-from ..capacity_verdict import MEMORY_VERDICTS, TOO_SLOW, phrase, speed_breaches
+from ..capacity_verdict import TOO_SLOW, phrase, speed_breaches
 from ..verdicts import headroom_bands
 from . import fmt
 from .crosschecks import LOW_EFFICIENCY
@@ -23,7 +23,7 @@ VERDICT_WORDS = {"comfortable": "Comfortable", "marginal": "Marginal", "risky": 
                  "no-fit": "Does not fit (measured)", "no-fit-predicted": "Does not fit (predicted, not booted)",
                  "too-slow": TOO_SLOW.capitalize(), "not-measured": "Not measured"}
 FITS = ("comfortable", "marginal")
-__all__ = ["MEMORY_VERDICTS", "VERDICT_WORDS", "capacity_maps", "gate", "verdict_paragraph"]
+__all__ = ["VERDICT_WORDS", "capacity_maps", "gate", "verdict_paragraph"]
 
 
 @dataclass

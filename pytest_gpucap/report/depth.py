@@ -56,24 +56,26 @@ def _shallow(r: DepthRecord) -> float | None:
 def allocated_context(records: list[Record]) -> list[dict[str, Any]]:
     """Per group of configs differing only in ctx (≥ 2 ctx values): shallow decode tok/s against
     allocated ctx, the ratio to the smallest ctx, and the answer in one sentence."""
-    groups: dict[tuple[Any, ...], list[DepthRecord]] = {}
+    groups: dict[tuple[Any, ...], list[tuple[DepthRecord, float]]] = {}
     for r in latest(records, "depth"):
-        if isinstance(r, DepthRecord) and r.config.ctx is not None and _shallow(r) is not None:
+        rate = _shallow(r) if isinstance(r, DepthRecord) and r.config.ctx is not None else None
+        if rate is not None:
             c = r.config
             key = (r.profile, c.backend, c.n, c.cache_type_k, c.cache_type_v, bool(c.mmproj))
-            groups.setdefault(key, []).append(r)
+            groups.setdefault(key, []).append((r, rate))  # type: ignore[arg-type]
     out = []
-    for (profile, backend, n, k, v, mmproj), recs in groups.items():
-        recs = sorted(recs, key=lambda r: r.config.ctx)
+    for (profile, backend, n, k, v, mmproj), pairs in groups.items():
+        pairs = sorted(pairs, key=lambda pr: pr[0].config.ctx)
+        recs = [r for r, _ in pairs]
         if len({r.config.ctx for r in recs}) < 2:
             continue
-        base = _shallow(recs[0]) or 0.0
+        base = pairs[0][1]
         t = Table(["Config", "Allocated ctx/slot", "Shallow decode tok/s", "÷ smallest ctx"],
                   numeric=[False, True, True, True])
-        for r in recs:
-            t.rows.append([Cell(ident(r)), Cell(fmt.short_ctx(r.config.ctx), "num"), Cell(fmt.tps(_shallow(r)), "num"),
-                           Cell(fmt.num((_shallow(r) or 0.0) / base, 2) if base else fmt.DASH, "num")])
-        last = (_shallow(recs[-1]) or 0.0) / base if base else None
+        for r, rate in pairs:
+            t.rows.append([Cell(ident(r)), Cell(fmt.short_ctx(r.config.ctx), "num"), Cell(fmt.tps(rate), "num"),
+                           Cell(fmt.num(rate / base, 2) if base else fmt.DASH, "num")])
+        last = pairs[-1][1] / base if base else None
         span = f"{fmt.short_ctx(recs[0].config.ctx)} to {fmt.short_ctx(recs[-1].config.ctx)}"
         answer = (f"allocated context alone slows decoding: {fmt.num(last, 2)}× the shallow decode rate from {span}"
                   if last is not None and last < ALLOCATED_SLOWDOWN else
