@@ -7,6 +7,13 @@ from typing import Any, Mapping
 
 from .budgets import Burst
 
+#: The built-in workflows (the study's agent mixes at N=3), which a config's ``workflows`` may name beside the
+#: matrix's own ``[workflows]``; ``workload.roles`` scales them to a config's N.
+BUILTIN_WORKFLOWS: dict[str, tuple[str, ...]] = {
+    "A": ("TL", "Dev", "QA"),
+    "B": ("Research", "Research", "Research"),
+    "ToolStorm": ("ToolStorm", "ToolStorm", "ToolStorm"),
+}
 #: Keys a ``[roles.NAME]`` table may carry beside the text ones.
 ROLE_IMAGE_KEYS = ("images_per_turn", "image_every", "image_size")
 #: The study's screenshot size (width, height).

@@ -18,7 +18,7 @@ from .budgets import (  # re-exported: the budgets are read as matrix.SLO, matri
     COMFORTABLE_FACTOR, HEADROOM_CLASSES, SLO, Burst, Preflight, WatchdogLimits, Workload,
 )
 from .hostspec import CotenantSpec, ServiceSpec, cotenants_from, services_from
-from .load_keys import ROLE_IMAGE_KEYS, burst_from_mapping, check_role_images
+from .load_keys import BUILTIN_WORKFLOWS, ROLE_IMAGE_KEYS, burst_from_mapping, check_role_images
 
 if TYPE_CHECKING:
     from .search_space import SearchDecl
@@ -432,7 +432,7 @@ def parse_matrix(data: Mapping[str, Any], path: Path | None) -> Matrix:
             cfg = config_from_mapping(name, merge_defaults(defaults, entry), ewhere)
             _check_model_ref(cfg.model, models, ewhere)
             configs.append(cfg)
-    known_workflows = {"A", "B", "ToolStorm", *workflows}  # workload.roles.BUILTIN_WORKFLOWS and [workflows]
+    known_workflows = {*BUILTIN_WORKFLOWS, *workflows}
     seen: dict[str, int] = {}
     for cfg in configs:
         unknown = [w for w in cfg.workflows if w not in known_workflows]

@@ -46,19 +46,17 @@ def boot_and_check(cfg: CapacityConfig, spec_factory: Callable[[CapacityConfig],
             return Outcome(False, reason=f"boot failed: {exc}".splitlines()[0] + tail, seconds=time.monotonic() - t0,
                            failed=("boot",))
         judged = profile.slo if slo is None else slo
-        typed, verdicts = build_ceiling(handle, cfg.id, judged)
+        record, verdicts = build_ceiling(handle, cfg.id, judged)
         # headroom at idle: a probe does not run the profile's burst (a 90 % fill of every slot costs
         # minutes of prefill per probe on a CPU host); the ceiling test judges the burst
-        record, verdicts = typed.to_dict(), list(verdicts)
         verdicts = list(verdicts) + run_checks(checks, handle, judged)
         ok = all(v.ok for v in verdicts)
         lines = tuple(v.line() for v in verdicts)
-        free = record["memory"].get("free_under_burst_mib") or record["memory"].get("free_mib") or 0.0
-        reason = f"free {free:.0f} MiB ({record.get('headroom_class')})"
+        reason = f"free {record.memory.free_mib:.0f} MiB ({record.headroom_class})"
         bad = [v.line() for v in verdicts if not v.ok]
         if bad:
             reason += "; " + "; ".join(bad)
-        return Outcome(ok, reason=reason, verdicts=lines, record=record, seconds=time.monotonic() - t0,
+        return Outcome(ok, reason=reason, verdicts=lines, record=record.to_dict(), seconds=time.monotonic() - t0,
                        failed=tuple(dict.fromkeys(v.name for v in verdicts if not v.ok)))
     finally:
         handle.stop()

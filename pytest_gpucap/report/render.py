@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from .vision import vision_table
+from ..capacity_verdict import verdict_records
 from ..records import MeasuredRecord, RampRecord, Record, SchemaError, SearchRecord, as_record, read_records
 from ..verdicts import HEADROOM_CLASSES, HEADROOM_RULE, headroom_bands, judged_by_kv_capacity
 from . import fmt
@@ -242,8 +243,6 @@ def build_context(records: list[Record] | list[dict[str, Any]], session: dict[st
     """Everything both templates show, computed once so the Markdown and HTML cannot disagree."""
     records = [as_record(r) for r in records]
     if not any(r.kind == "config-verdict" for r in records):  # derived from the measured records (one rule)
-        from ..capacity_verdict import verdict_records
-
         records += verdict_records(records)
     maps, recs, paragraph = first_screen(records)
     map_charts = [m.chart() for m in maps]

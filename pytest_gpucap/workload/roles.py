@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from ..load_keys import DEFAULT_IMAGE_SIZE
+from ..load_keys import BUILTIN_WORKFLOWS, DEFAULT_IMAGE_SIZE
 from ..matrix import Workload
 
 
@@ -35,11 +35,6 @@ BUILTIN_ROLES: dict[str, Role] = {
     "ToolStorm": Role("ToolStorm", None, 500, 800, thinking=False),
 }
 
-BUILTIN_WORKFLOWS: dict[str, tuple[str, ...]] = {
-    "A": ("TL", "Dev", "QA"),
-    "B": ("Research", "Research", "Research"),
-    "ToolStorm": ("ToolStorm", "ToolStorm", "ToolStorm"),
-}
 
 
 def scale(role: Role, workload: Workload) -> Role:
